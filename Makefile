@@ -1,0 +1,28 @@
+# The two commands the README opens with: `make demo` and `make test`.
+# Each creates and fills .venv on first use (Python 3.12, pinned packages) and skips that afterwards.
+PYTHON ?= python3.12
+VENV := .venv
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export NO_PROXY := localhost,127.0.0.1
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/demo.gin
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,45 @@
+"""Architecture descriptions shipped with reflow_exp: configs without weights, for offline dry runs
+and parameter counts.
+
+`SmolVLM2-500M-Video-Instruct/` holds that model's exact `config.json` (SmolVLA's default VLM). Its
+tokenizer and processor files are the sandbox's tiny placeholders: LeRobot's SmolVLA constructor
+insists on a processor, and parameter counts do not depend on it. Never train with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+
+HERE = Path(__file__).parent
+SHIPPED = {"HuggingFaceTB/SmolVLM2-500M-Video-Instruct": HERE / "SmolVLM2-500M-Video-Instruct"}
+
+# A 6-DoF arm with one camera, as in SmolVLA's SO-100 data; counts do not depend on it (max dims 32).
+PLACEHOLDER_FEATURES = {
+    "input_features": {
+        "observation.images.camera1": PolicyFeature(FeatureType.VISUAL, (3, 480, 640)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (6,)),
+    },
+    "output_features": {"action": PolicyFeature(FeatureType.ACTION, (6,))},
+}
+
+
+def resolve_vlm(name_or_path: str) -> str:
+    """A local folder as is; a hub id we ship a description of → that description; else unchanged."""
+    if Path(name_or_path).is_dir():
+        return str(name_or_path)
+    return str(SHIPPED.get(name_or_path, name_or_path))
+
+
+def architecture_config(teacher: str) -> SmolVLAConfig:
+    """The teacher's SmolVLA config without reading weights: its config.json when `teacher` is a
+    local policy folder, else SmolVLA's defaults; the VLM resolved with `resolve_vlm`."""
+    from reflow_exp.policy import local_policy_folder
+
+    folder = local_policy_folder(teacher)
+    config = PreTrainedConfig.from_pretrained(folder) if folder else SmolVLAConfig(**PLACEHOLDER_FEATURES)
+    return dataclasses.replace(config, vlm_model_name=resolve_vlm(config.vlm_model_name))

@@ -1,0 +1,114 @@
+"""Couplings: where reflow's (noise z, teacher action x) pairs come from.
+
+Both give pairs in the padded, normalised action space the heads see, (B, chunk, max_action_dim);
+x is the teacher's Euler solution from z (t=1) to t=0 with `teacher_steps` steps.
+- `OnlineCoupling`: fresh noise and a teacher ODE every batch (unlimited pairs, teacher cost per step).
+- `CachedCoupling`: K pairs per training frame generated once into a safetensors file in the run
+  folder and reused every epoch; regenerated when the teacher, the data or the settings change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+
+class OnlineCoupling:
+    """Per batch: z ~ N(0, I), x = teacher(obs, z)."""
+
+    def __init__(self, teacher_steps: int = 10):
+        if teacher_steps < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {teacher_steps}")
+        self.teacher_steps = teacher_steps
+
+    def prepare(self, model, loader, preprocess, run_path: Path, fingerprint: dict) -> None:
+        """Nothing to precompute."""
+
+    def pairs(self, model, batch: dict, shared) -> tuple[Tensor, Tensor]:
+        b, chunk, dim = batch["action"].shape[0], model.student.config.chunk_size, model.student.config.max_action_dim
+        noise = torch.randn(b, chunk, dim, device=batch["action"].device)
+        return noise, model.teacher_actions(batch, noise, self.teacher_steps, shared)
+
+
+class CachedCoupling:
+    """K = `pairs_per_sample` pairs per dataset frame, looked up by the frame's `index`."""
+
+    FILE = "reflow_pairs.safetensors"
+
+    def __init__(self, pairs_per_sample: int = 1, teacher_steps: int = 10, seed: int = 0):
+        if pairs_per_sample < 1 or teacher_steps < 1:
+            raise ValueError(
+                f"pairs_per_sample and teacher_steps must be >= 1, got {pairs_per_sample}, {teacher_steps}"
+            )
+        self.pairs_per_sample, self.teacher_steps, self.seed = pairs_per_sample, teacher_steps, seed
+        self.noise = self.action = self.row = None
+
+    def prepare(self, model, loader, preprocess, run_path: Path, fingerprint: dict) -> None:
+        """Load the pair file if its fingerprint matches, else generate it (progress bar) atomically."""
+        path = Path(run_path) / self.FILE
+        key = self._fingerprint(fingerprint)
+        if path.is_file() and _read_key(path) == key:
+            print(f"[Reflow] Reusing cached pairs {path}")
+        else:
+            print(f"[Reflow] Generating {self.pairs_per_sample} teacher pair(s) per frame into {path}")
+            tensors = self._generate(model, loader, preprocess)
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, str(tmp), metadata={"fingerprint": key})
+            tmp.replace(path)
+        tensors = load_file(str(path))
+        self.noise, self.action = tensors["noise"], tensors["action"]  # (N, K, chunk, D)
+        # dataset index -> row of the file
+        self.row = {int(i): r for r, i in enumerate(tensors["index"].tolist())}
+
+    def pairs(self, model, batch: dict, shared) -> tuple[Tensor, Tensor]:
+        if self.noise is None:
+            raise RuntimeError("CachedCoupling.prepare() must run before training")
+        rows = torch.tensor([self.row[int(i)] for i in batch["index"]])
+        k = torch.randint(self.pairs_per_sample, (len(rows),))
+        device = batch["action"].device
+        return self.noise[rows, k].to(device), self.action[rows, k].to(device)
+
+    @torch.no_grad()
+    def _generate(self, model, loader, preprocess) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        chunk, dim = model.student.config.chunk_size, model.student.config.max_action_dim
+        index, noise, action = [], [], []
+        for raw in tqdm(loader, desc="teacher pairs", unit="batch"):
+            batch = preprocess(raw)
+            shared = model.encode(batch)
+            b = batch["action"].shape[0]
+            z = torch.randn(b, self.pairs_per_sample, chunk, dim, generator=generator)
+            x = torch.stack(
+                [model.teacher_actions(batch, z[:, k].to(batch["action"].device), self.teacher_steps, shared).cpu()
+                 for k in range(self.pairs_per_sample)],
+                dim=1,
+            )
+            index.append(raw["index"])
+            noise.append(z)
+            action.append(x)
+        return {"index": torch.cat(index), "noise": torch.cat(noise), "action": torch.cat(action)}
+
+    def _fingerprint(self, fingerprint: dict) -> str:
+        settings = {"pairs_per_sample": self.pairs_per_sample, "teacher_steps": self.teacher_steps, "seed": self.seed}
+        return hashlib.sha256(json.dumps({**fingerprint, **settings}, sort_keys=True).encode()).hexdigest()
+
+
+def _read_key(path: Path) -> str | None:
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("fingerprint")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB blocks (a 1.8 GB teacher takes a few seconds)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

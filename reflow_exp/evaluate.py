@@ -1,0 +1,471 @@
+"""Evaluation rollouts: a policy in a gymnasium env, for several sampling step counts.
+
+`Evaluator(...).run(policy, step_counts, out_dir, tag) -> {k: metrics}` is the whole contract: it
+returns numbers and writes videos, and never logs (the trainer/run decides what to log).
+
+A policy here is anything with the `ChunkPolicy` interface:
+
+    n_action_steps: int                      actions executed from each chunk before re-planning
+    reset(seeds: list[int]) -> None          a batch of episodes starts, one env seed per row
+    predict_chunk(batch, num_steps) -> (B, chunk, action_dim) unnormalised actions
+
+where `batch` is LeRobot's env-side format (what `lerobot_eval.py` feeds its preprocessor):
+`observation.image` (B, 3, H, W) float in [0, 1], `observation.state` (B, state_dim), `task`
+(list of B strings). `SmolVLAChunkPolicy` puts both our `Policy` and LeRobot's `SmolVLAPolicy`
+(+ its processors) behind it; `ScriptedChunkPolicy` does the same for the sandbox's expert, so the
+rollout loop itself can be checked against a policy known to succeed.
+
+Sampling follows SmolVLA's time convention: `num_steps` Euler steps from t=1 (noise) to t=0
+(action), dt = -1/num_steps. The noise of each chunk is drawn from a generator seeded with the
+episode's env seed, so an evaluation is a pure function of (policy, seed), the same whatever
+`n_envs`, and every step count sees the same noise (common random numbers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import statistics
+import time
+from pathlib import Path
+from typing import Protocol
+
+import av
+import gin
+import gymnasium as gym
+import numpy as np
+import torch
+from lerobot.envs.utils import preprocess_observation
+from PIL import Image
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from reflow_exp.sandbox import ENV_ID as SANDBOX_ENV_ID
+from reflow_exp.sandbox import ScriptedExpert, route_of
+from reflow_exp.sandbox.task import MAX_EPISODE_STEPS, eval_episode_seed
+
+PUSHT_TASK = "Push the T-shaped block onto the T-shaped target."
+
+
+# -- environments --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """How to make one of the supported envs and read what the policy needs from it.
+
+    module: imported first (it registers `gym_id` with gymnasium).
+    kwargs: `gym.make` keyword arguments (the Evaluator's `env_kwargs` override them).
+    max_steps: episode step limit when the Evaluator gives none.
+    task: the instruction for envs that carry none; None reads `env.unwrapped.task`.
+    routes: whether rollouts are classified left/right around the sandbox's bar.
+    """
+
+    gym_id: str
+    module: str
+    kwargs: dict
+    max_steps: int
+    task: str | None = None
+    routes: bool = False
+
+
+ENVS = {
+    SANDBOX_ENV_ID: EnvSpec(SANDBOX_ENV_ID, "reflow_exp.sandbox", {}, MAX_EPISODE_STEPS, routes=True),
+    # Pixels 96x96 + agent position, like LeRobot's PushT datasets; 256 px renders keep videos small.
+    "pusht": EnvSpec(
+        "gym_pusht/PushT-v0", "gym_pusht",
+        {"obs_type": "pixels_agent_pos", "visualization_width": 256, "visualization_height": 256},
+        max_steps=300, task=PUSHT_TASK,
+    ),
+}
+ALIASES = {"sandbox": SANDBOX_ENV_ID, "gym_pusht/PushT-v0": "pusht"}
+
+
+def env_spec(env_id: str) -> EnvSpec:
+    """The EnvSpec of `env_id` (a key of ENVS or an alias)."""
+    key = ALIASES.get(env_id, env_id)
+    if key not in ENVS:
+        known = sorted([*ENVS, *ALIASES])
+        raise ValueError(f"unknown env_id {env_id!r}; choose one of {known}")
+    return ENVS[key]
+
+
+def make_vector_env(spec: EnvSpec, num_envs: int, env_kwargs: dict | None = None) -> gym.vector.SyncVectorEnv:
+    """`num_envs` copies of the env, stepped in lockstep (SyncVectorEnv: 2 cores gain nothing from
+    subprocesses). Finished sub-envs auto-reset on their next step; the rollout ignores them."""
+    importlib.import_module(spec.module)
+    kwargs = spec.kwargs | (env_kwargs or {})
+    return gym.vector.SyncVectorEnv([lambda: gym.make(spec.gym_id, **kwargs) for _ in range(num_envs)])
+
+
+def observation_batch(obs: dict[str, np.ndarray], tasks: list[str]) -> dict:
+    """Vector-env observations -> LeRobot's env-side batch, as in `lerobot_eval.py`:
+    pixels (B, H, W, 3) uint8 -> `observation.image` (B, 3, H, W) float in [0, 1],
+    agent_pos (B, d) -> `observation.state` (B, d) float32, plus `task` (B strings)."""
+    return {**preprocess_observation(obs), "task": list(tasks)}
+
+
+# -- policies ------------------------------------------------------------------------------------
+
+class ChunkPolicy(Protocol):
+    """What the rollout needs from a policy (see the module docstring)."""
+
+    n_action_steps: int
+
+    def reset(self, seeds: list[int]) -> None: ...
+
+    def predict_chunk(self, batch: dict, num_steps: int) -> Tensor: ...
+
+
+class SmolVLAChunkPolicy:
+    """Our `Policy` or LeRobot's `SmolVLAPolicy`, with their pre/post-processors, as a ChunkPolicy.
+
+    Each call normalises and tokenises the batch, samples a chunk from explicit noise
+    (B, chunk_size, max_action_dim) drawn per row from a generator seeded in `reset`, and
+    unnormalises it: (B, chunk_size, action_dim) on the CPU.
+    """
+
+    def __init__(self, model, preprocessor, postprocessor):
+        if preprocessor is None or postprocessor is None:
+            raise ValueError(
+                "the policy has no pre/post-processors; build it with them (Policy(backbone, head, pre, post)) "
+                "or load it from a folder (Policy.from_pretrained / SmolVLAChunkPolicy.from_pretrained)"
+            )
+        self.model = model
+        self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
+        self.config = model.config
+        self.n_action_steps = self.config.n_action_steps
+        self._generators: list[torch.Generator] = []
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> SmolVLAChunkPolicy:
+        """Load a LeRobot SmolVLA folder with LeRobot's own loader and processors."""
+        from lerobot.policies.factory import make_pre_post_processors
+        from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+        model = SmolVLAPolicy.from_pretrained(str(path)).eval()
+        pre, post = make_pre_post_processors(model.config, pretrained_path=str(path))
+        return cls(model, pre, post)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reset(self, seeds: list[int]) -> None:
+        self._generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+    def predict_chunk(self, batch: dict, num_steps: int) -> Tensor:
+        self._check_inputs(batch)
+        noise = self._noise(len(batch["task"]))  # (B, chunk_size, max_action_dim)
+        processed = self.preprocessor(dict(batch))
+        with torch.no_grad():
+            actions = self._sample(processed, noise, num_steps)  # (B, chunk_size, action_dim), normalised
+        return self.postprocessor(actions)
+
+    def _noise(self, batch_size: int) -> Tensor:
+        if len(self._generators) != batch_size:
+            raise ValueError(f"reset(seeds) was given {len(self._generators)} seeds for a batch of {batch_size}")
+        shape = (self.config.chunk_size, self.config.max_action_dim)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in self._generators])
+        return noise.to(self.device)
+
+    def _sample(self, batch: dict, noise: Tensor, num_steps: int) -> Tensor:
+        from reflow_exp.policy import Policy
+
+        if isinstance(self.model, Policy):
+            return self.model.predict_action_chunk(batch, noise=noise, num_steps=num_steps)
+        # LeRobot's SmolVLAPolicy reads the step count from its config.
+        saved = self.config.num_steps
+        self.config.num_steps = num_steps
+        try:
+            return self.model.predict_action_chunk(batch, noise=noise)
+        finally:
+            self.config.num_steps = saved
+
+    def _check_inputs(self, batch: dict) -> None:
+        missing = [key for key in self.config.input_features if key not in batch]
+        if missing:
+            provided = sorted(key for key in batch if key != "task")
+            raise ValueError(
+                f"the policy needs {missing} but the env provides {provided}; evaluate it in an env "
+                "whose observations match the policy's input_features"
+            )
+
+
+class ScriptedChunkPolicy:
+    """The sandbox's ScriptedExpert as a ChunkPolicy: one expert per row, chunks of one action.
+
+    It sees only the batch (agent position, image, instruction), like a learnt policy, and chooses
+    its route with a coin seeded by the episode's env seed.
+    """
+
+    n_action_steps = 1
+
+    def __init__(self, route: str | None = None):
+        self.route = route
+        self.experts: list[ScriptedExpert] = []
+
+    def reset(self, seeds: list[int]) -> None:
+        self.experts = [ScriptedExpert(seed=int(seed), route=self.route) for seed in seeds]
+        for expert in self.experts:
+            expert.reset()
+
+    def predict_chunk(self, batch: dict, num_steps: int) -> Tensor:
+        state = batch["observation.state"].numpy()  # (B, 2)
+        # (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8; exact, the image was uint8 / 255.
+        pixels = (batch["observation.image"] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        actions = [
+            expert.act({"agent_pos": state[i], "pixels": pixels[i]}, batch["task"][i])
+            for i, expert in enumerate(self.experts)
+        ]
+        return torch.from_numpy(np.stack(actions))[:, None]  # (B, 1, 2)
+
+
+def as_chunk_policy(policy) -> ChunkPolicy:
+    """Our `Policy` -> SmolVLAChunkPolicy with its own processors; a ChunkPolicy passes through."""
+    from reflow_exp.policy import Policy
+
+    if isinstance(policy, Policy):
+        return SmolVLAChunkPolicy(policy, policy.preprocessor, policy.postprocessor)
+    if hasattr(policy, "predict_chunk") and hasattr(policy, "reset"):
+        return policy
+    raise TypeError(
+        f"cannot evaluate a {type(policy).__name__}; pass a reflow_exp Policy or a ChunkPolicy, e.g. "
+        "SmolVLAChunkPolicy(smolvla_policy, preprocessor, postprocessor) or SmolVLAChunkPolicy.from_pretrained(dir)"
+    )
+
+
+# -- rollouts ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Episode:
+    """One rollout: its env seed, outcome, and (if recorded) rendered frames (H, W, 3) uint8."""
+
+    seed: int
+    success: bool = False
+    ret: float = 0.0
+    length: int = 0
+    positions: list = dataclasses.field(default_factory=list)  # agent_pos (2,) per step, start included
+    frames: list | None = None
+
+
+def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int], num_steps: int,
+            max_steps: int, default_task: str | None = None, record: int = 0) -> list[Episode]:
+    """Run one episode per sub-env, in lockstep, for at most `max_steps` env steps.
+
+    Every `policy.n_action_steps` steps the policy re-plans from the current observations and the
+    first `n_action_steps` actions of each chunk are executed in turn (LeRobot's action queue).
+    All rows re-plan together because all episodes start together; a finished row keeps being
+    stepped (gymnasium auto-resets it) but its results are frozen. The first `record` rows keep
+    their rendered frames.
+    """
+    policy.reset(seeds)
+    obs, _ = env.reset(seed=seeds)
+    tasks = [default_task if default_task is not None else e.unwrapped.task for e in env.envs]
+    episodes = [Episode(seed, positions=[obs["agent_pos"][i].copy()]) for i, seed in enumerate(seeds)]
+    for i in range(record):
+        episodes[i].frames = [env.envs[i].render()]
+    done = np.zeros(len(seeds), bool)
+    for t in range(max_steps):
+        if t % policy.n_action_steps == 0:
+            chunk = _to_numpy(policy.predict_chunk(observation_batch(obs, tasks), num_steps))  # (B, chunk, d)
+        obs, reward, terminated, truncated, info = env.step(chunk[:, t % policy.n_action_steps])
+        success = info.get("is_success", np.zeros(len(seeds), bool))
+        for i in np.flatnonzero(~done):
+            episode = episodes[i]
+            episode.ret += float(reward[i])
+            episode.length += 1
+            episode.success |= bool(success[i])
+            episode.positions.append(obs["agent_pos"][i].copy())
+            if episode.frames is not None:
+                episode.frames.append(env.envs[i].render())
+        done |= terminated | truncated
+        if done.all():
+            break
+    return episodes
+
+
+def _to_numpy(actions) -> np.ndarray:
+    """Actions as a host float32 array; for a GPU policy this waits for the GPU to finish."""
+    if isinstance(actions, Tensor):
+        actions = actions.detach().cpu().numpy()
+    return np.asarray(actions, np.float32)
+
+
+def measure_latency(policy: ChunkPolicy, env: gym.vector.SyncVectorEnv, seed: int, num_steps: int,
+                    calls: int, default_task: str | None = None) -> float:
+    """Median wall time in ms of one chunk prediction at batch 1, pre/post-processing included,
+    on the first observation of the episode with env seed `seed`. One unmeasured warm-up call."""
+    obs, _ = env.reset(seed=[seed])
+    tasks = [default_task if default_task is not None else env.envs[0].unwrapped.task]
+    batch = observation_batch(obs, tasks)
+    policy.reset([seed])
+    _to_numpy(policy.predict_chunk(batch, num_steps))  # first calls pay lazy initialisation
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        _to_numpy(policy.predict_chunk(batch, num_steps))
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+# -- videos --------------------------------------------------------------------------------------
+
+def write_mp4(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
+    """Frames (H, W, 3) uint8 -> H.264 (libx264, yuv420p) mp4 that browsers and Gradio play."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    # yuv420p halves the chroma resolution: odd sizes are cropped by one pixel.
+    height, width = height - height % 2, width - width % 2
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())  # flush
+    return path
+
+
+def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: int = 96,
+              max_frames: int = 40) -> Path:
+    """A small animated GIF (for Aim, which has no video type): `size` px, at most `max_frames`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stride = max(1, -(-len(frames) // max_frames))  # ceil: keep the whole episode, fewer frames
+    images = [Image.fromarray(f).resize((size, size), Image.Resampling.BILINEAR) for f in frames[::stride]]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 * stride / fps), loop=0)
+    return path
+
+
+# -- the evaluator -------------------------------------------------------------------------------
+
+@gin.configurable
+class Evaluator:
+    """Success rate, return, length and latency of a policy for each sampling step count.
+
+    Args:
+        env_id: a key of ENVS ("reflow_exp/Sandbox-v0", "pusht") or an alias ("sandbox",
+            "gym_pusht/PushT-v0").
+        episodes: rollouts per step count; episode i uses env seed `eval_episode_seed(seed, i)`,
+            which never meets a training seed.
+        seed: evaluation seed in [0, 1000).
+        step_counts: default Euler step counts to evaluate.
+        videos: episodes per step count saved as mp4 (the first ones), when `run` gets an out_dir.
+        n_envs: episodes run side by side in one batch (a vector env).
+        max_steps: env-step limit per episode; None: the env's own (sandbox 60, PushT 300).
+        latency_calls: timed chunk predictions at batch 1 per step count (0: no latency).
+        env_kwargs: extra `gym.make` arguments, over the env's defaults.
+    """
+
+    def __init__(self, env_id: str = SANDBOX_ENV_ID, episodes: int = 20, seed: int = 0,
+                 step_counts=(1, 2, 4, 10), videos: int = 2, n_envs: int = 10, max_steps: int | None = None,
+                 latency_calls: int = 10, env_kwargs: dict | None = None):
+        self.spec = env_spec(env_id)
+        for name, value, low in (("episodes", episodes, 1), ("n_envs", n_envs, 1), ("videos", videos, 0),
+                                 ("latency_calls", latency_calls, 0)):
+            if int(value) != value or value < low:
+                raise ValueError(f"Evaluator.{name} must be an integer >= {low}, got {value!r}")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"Evaluator.max_steps must be None or >= 1, got {max_steps!r}")
+        eval_episode_seed(seed, episodes - 1)  # validates the seed range now, not mid-run
+        self.env_id = env_id
+        self.episodes = episodes
+        self.seed = seed
+        self.step_counts = _check_step_counts(step_counts)
+        self.videos = videos
+        self.n_envs = n_envs
+        self.max_steps = max_steps or self.spec.max_steps
+        self.latency_calls = latency_calls
+        self.env_kwargs = dict(env_kwargs or {})
+
+    def run(self, policy, step_counts=None, out_dir: str | Path | None = None, tag: str = "") -> dict[int, dict]:
+        """Evaluate `policy` (a reflow_exp Policy or a ChunkPolicy) at each step count.
+
+        Returns {k: {"success_rate", "mean_return", "mean_length", "latency_ms", "episodes",
+        "videos": [mp4 paths], "gif": path or None, "routes": {"left", "right", "none"} (sandbox)}}.
+        Videos go to `out_dir/videos/<tag>_steps<k>_ep<i>.mp4` (none without an out_dir).
+        """
+        policy = as_chunk_policy(policy)
+        step_counts = self.step_counts if step_counts is None else _check_step_counts(step_counts)
+        with _train_modes_kept(getattr(policy, "model", None)):
+            return {k: self._evaluate(policy, k, out_dir, tag) for k in step_counts}
+
+    def _evaluate(self, policy: ChunkPolicy, num_steps: int, out_dir, tag: str) -> dict:
+        episodes: list[Episode] = []
+        record = self.videos if out_dir is not None else 0
+        with tqdm(total=self.episodes, desc=f"eval {tag or 'policy'} steps={num_steps}", leave=False) as bar:
+            for start in range(0, self.episodes, self.n_envs):
+                indices = range(start, min(start + self.n_envs, self.episodes))
+                seeds = [eval_episode_seed(self.seed, i) for i in indices]
+                env = make_vector_env(self.spec, len(seeds), self.env_kwargs)
+                fps = int(env.metadata.get("render_fps") or 10)
+                try:
+                    episodes += rollout(env, policy, seeds, num_steps, self.max_steps, self.spec.task,
+                                        record=max(0, min(record - start, len(seeds))))
+                finally:
+                    env.close()
+                bar.update(len(seeds))
+                bar.set_postfix(success=f"{np.mean([e.success for e in episodes]):.2f}")
+        result = _summarise(episodes)
+        if self.latency_calls:
+            env = make_vector_env(self.spec, 1, self.env_kwargs)
+            try:
+                result["latency_ms"] = measure_latency(policy, env, eval_episode_seed(self.seed, 0), num_steps,
+                                                       self.latency_calls, self.spec.task)
+            finally:
+                env.close()
+        if self.spec.routes:
+            result["routes"] = _count_routes(episodes)
+        result |= self._save_videos(episodes, num_steps, out_dir, tag, fps)
+        return result
+
+    def _save_videos(self, episodes: list[Episode], num_steps: int, out_dir, tag: str, fps: int) -> dict:
+        recorded = [(i, e.frames) for i, e in enumerate(episodes) if e.frames]
+        if out_dir is None or not recorded:
+            return {"videos": [], "gif": None}
+        folder = Path(out_dir) / "videos"
+        prefix = f"{tag}_" if tag else ""
+        videos = [str(write_mp4(frames, folder / f"{prefix}steps{num_steps}_ep{i}.mp4", fps)) for i, frames in recorded]
+        gif = write_gif(recorded[0][1], folder / f"{prefix}steps{num_steps}.gif", fps)
+        return {"videos": videos, "gif": str(gif)}
+
+
+@contextlib.contextmanager
+def _train_modes_kept(model):
+    """Give `model` back in the train/eval modes it came in: LeRobot's predict_action_chunk calls
+    eval() on the policy, and the trainer evaluates in the middle of training."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    modes = [module.training for module in modules]
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.training = mode
+
+
+def _check_step_counts(step_counts) -> tuple[int, ...]:
+    counts = (step_counts,) if isinstance(step_counts, int) else tuple(step_counts)
+    if not counts or any(int(k) != k or k < 1 for k in counts):
+        raise ValueError(f"step_counts must be positive integers, e.g. (1, 2, 4, 10); got {step_counts!r}")
+    return tuple(int(k) for k in counts)
+
+
+def _summarise(episodes: list[Episode]) -> dict:
+    """Means over episodes, as native Python numbers (Aim rejects numpy scalars)."""
+    return {
+        "success_rate": float(np.mean([e.success for e in episodes])),
+        "mean_return": float(np.mean([e.ret for e in episodes])),
+        "mean_length": float(np.mean([e.length for e in episodes])),
+        "episodes": len(episodes),
+    }
+
+
+def _count_routes(episodes: list[Episode]) -> dict[str, int]:
+    """How many rollouts went left / right around the sandbox's bar ("none": never got past it)."""
+    counts = {"left": 0, "right": 0, "none": 0}
+    for episode in episodes:
+        counts[route_of(np.stack(episode.positions))] += 1
+    return counts

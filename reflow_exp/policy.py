@@ -1,0 +1,113 @@
+"""Policy: a backbone and one head make a SmolVLA policy; load from and export to LeRobot folders.
+
+Batches are in LeRobot's format after the SmolVLA preprocessor (normalised state/action, tokenised
+task): `observation.image` (B, 3, H, W) in [0, 1], `observation.state` (B, state_dim),
+`observation.language.tokens` / `.attention_mask` (B, L), and for training `action`
+(B, chunk, action_dim) with `action_is_pad` (B, chunk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.factory import make_pre_post_processors
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from reflow_exp.backbone import VLM_PREFIX, Backbone
+from reflow_exp.heads import ActionHead
+
+
+class Policy(nn.Module):
+    """`backbone` (frozen, possibly shared) + `head` = a SmolVLA policy.
+
+    The processors (LeRobot pipelines: normalise + tokenise in, unnormalise out) travel with the
+    policy so that `save_pretrained` writes a folder LeRobot loads unchanged.
+    """
+
+    def __init__(self, backbone: Backbone, head: ActionHead, preprocessor=None, postprocessor=None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
+
+    @property
+    def config(self):
+        return self.head.config
+
+    def loss(self, batch: dict, noise: Tensor | None = None, time: Tensor | None = None):
+        """SmolVLA's flow-matching loss (1-rectified flow): MSE between the predicted velocity and
+        `noise - action` at `x_t = t*noise + (1-t)*action`, over valid dims and steps.
+
+        Returns (scalar loss, {}): no metrics beyond the loss itself.
+        """
+        loss, _ = self.head.lerobot.forward(batch, noise=noise, time=time)
+        return loss, {}
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict, noise: Tensor | None = None, num_steps: int | None = None):
+        """Sample an action chunk (B, chunk, action_dim), still normalised, with `num_steps` Euler
+        steps from t=1 (noise, shape (B, chunk, max_action_dim)) to t=0 (default: config.num_steps)."""
+        with self.head.num_steps(num_steps):
+            return self.head.lerobot.predict_action_chunk(batch, noise=noise)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write an ordinary LeRobot SmolVLA folder: config.json, model.safetensors, processors."""
+        path = Path(path)
+        with self.head.with_vlm_registered() as lerobot_policy:
+            lerobot_policy.save_pretrained(path)
+        if self.preprocessor is not None:
+            self.preprocessor.save_pretrained(path)
+            self.postprocessor.save_pretrained(path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Policy:
+        """Load a LeRobot SmolVLA policy (a folder, a run folder of ours, or a cached hub id; see
+        `resolve_policy_folder`); the VLM weights are read once, straight from the file."""
+        path = resolve_policy_folder(path)
+        weights = path / "model.safetensors"
+        config = PreTrainedConfig.from_pretrained(path)
+        if config.type != "smolvla":
+            raise ValueError(f"{path} holds a '{config.type}' policy; reflow_exp needs a SmolVLA policy")
+        state = load_file(weights)
+        vlm_state = {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
+        head_state = {k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)}
+        backbone = Backbone.from_state_dict(config.vlm_model_name, config.num_vlm_layers, vlm_state, str(path))
+        head = ActionHead(config, backbone, head_state)
+        pre, post = make_pre_post_processors(config, pretrained_path=str(path))
+        return cls(backbone, head, pre, post)
+
+
+def local_policy_folder(name_or_path: str | Path) -> Path | None:
+    """The LeRobot policy folder at `name_or_path`: the folder itself, or inside a run folder of ours
+    (`student/`, `checkpoints/last/pretrained_model/`); None when nothing local matches."""
+    path = Path(name_or_path)
+    for candidate in (path, path / "student", path / "checkpoints" / "last" / "pretrained_model"):
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    if path.exists():
+        raise FileNotFoundError(
+            f"{path} holds no LeRobot policy: no model.safetensors in it, in student/ or in "
+            "checkpoints/last/pretrained_model/"
+        )
+    return None
+
+
+def resolve_policy_folder(name_or_path: str | Path) -> Path:
+    """A local policy folder (see `local_policy_folder`) or a hub id from the local Hugging Face cache."""
+    folder = local_policy_folder(name_or_path)
+    if folder is not None:
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path)))
+    except Exception as error:  # offline, unknown id, no access: one message for all
+        raise FileNotFoundError(
+            f"Cannot find the policy {name_or_path!r}: no such local folder, and the hub gave: {error}. "
+            "Pass a LeRobot policy folder or a run folder of ours, or download the hub id first."
+        ) from error

@@ -1,0 +1,288 @@
+"""The run folder: everything one job run writes, and the ``run`` settings gin binds.
+
+``<runs_dir>/<name>/`` holds::
+
+    config.gin             the gin files + --gin_param bindings exactly as given
+    operative_config.gin   the values actually used (saved after build and at the end)
+    log.txt                everything printed to stdout/stderr (line-buffered: tail it live)
+    metrics.jsonl          one JSON object per log_metrics call
+    summary.json           machine-readable results (DESIGN.md §5)
+    checkpoints/           see checkpoint.py
+    aim_run_hash.txt       the Aim run this folder logs to
+
+Running again with the same ``run.name`` resumes: the folder is reopened, logs are appended to
+and the trainer continues from ``checkpoints/last``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, TextIO
+
+import gin
+
+from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
+from reflow_exp.tracking import Tracker
+
+CONFIG_FILE = "config.gin"
+OPERATIVE_CONFIG_FILE = "operative_config.gin"
+LOG_FILE = "log.txt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What ``run.*`` in gin resolves to. ``job`` is the configured job callable."""
+
+    job: Callable[..., Any]
+    name: str
+    runs_dir: Path
+    seed: int
+
+    @property
+    def path(self) -> Path:
+        return self.runs_dir / self.name
+
+
+@gin.configurable("run")
+def run_settings(job=gin.REQUIRED, name: str | None = None, runs_dir: str = "runs", seed: int = 0) -> RunSettings:
+    """Settings of a run, bound in gin as ``run.job = @train_teacher``, ``run.name = "x"``, ...
+
+    Args:
+        job: the job to run (a gin reference, e.g. ``@train_teacher``); called as
+            ``job(run_dir)``, or ``job(None, dry_run=True)`` for ``--dry_run``.
+        name: run folder name under ``runs_dir``; None → a timestamp ``YYYYmmdd-HHMMSS``.
+            An existing folder with that name is resumed.
+        runs_dir: folder that holds all run folders (also the Aim repo by default).
+        seed: seeds python, numpy and torch before the job starts.
+    """
+    if not callable(job):
+        raise TypeError(f"run.job must be a job reference like `@train_teacher`, got {job!r}")
+    name = name or time.strftime("%Y%m%d-%H%M%S")
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"run.name must be a plain folder name, got {name!r}")
+    return RunSettings(job=job, name=name, runs_dir=Path(runs_dir), seed=int(seed))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class RunDir:
+    """One run folder: files, stdout/stderr tee into ``log.txt``, metrics, summary and tracker.
+
+    Use as a context manager (or call ``close()``): it restores stdout/stderr and closes the
+    Aim run even when the job fails.
+
+    Args:
+        path: the run folder; created if missing, resumed if it has ``checkpoints/``.
+        seed: the run's seed (recorded; the caller seeds).
+        config_text: text for ``config.gin`` (the gin files and bindings as given).
+        hparams: nested dict of hyper-parameters for Aim (e.g. the parsed gin bindings).
+        tracker: a ready Tracker; None → ``Tracker(path)`` configured by gin.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        seed: int = 0,
+        config_text: str | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        tracker: Tracker | None = None,
+    ):
+        self.path = Path(path)
+        self.seed = seed
+        self.checkpoints_dir = self.path / CHECKPOINTS_DIR
+        resuming = self.checkpoints_dir.is_dir()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.tracker: Tracker | None = None
+        self._log = open(self.path / LOG_FILE, "a", buffering=1, encoding="utf-8")
+        self._stdout, self._stderr = sys.stdout, sys.stderr
+        sys.stdout = _Tee(self._stdout, self._log)
+        sys.stderr = _Tee(self._stderr, self._log)
+        try:
+            self.resume_from = latest_checkpoint(self.checkpoints_dir) if resuming else None
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            if self.resume_from is not None:
+                step = checkpoint_step(self.resume_from)
+                print(f"[{stamp}] Resuming from {self.resume_from} (step {step})")
+            elif resuming:
+                print(f"[{stamp}] Run folder {self.path} has no complete checkpoint; starting at step 0")
+            else:
+                print(f"[{stamp}] Run folder {self.path}")
+            if config_text is not None:
+                self._write_config(config_text)
+            self.summary: dict = _read_json(self.path / SUMMARY_FILE)
+            self.tracker = tracker if tracker is not None else Tracker(self.path)
+            if hparams:
+                self.tracker.log_params(hparams)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any], **context: Any) -> None:
+        """Append ``{"step", "time", "context", **metrics}`` to metrics.jsonl and track in Aim.
+
+        ``context`` becomes the Aim context, e.g. ``subset="train", head="student"``.
+        """
+        values = {name: _to_float(name, value) for name, value in metrics.items()}
+        reserved = {"step", "time", "context"} & values.keys()
+        if reserved:
+            raise ValueError(f"metric names {sorted(reserved)} are reserved in metrics.jsonl; rename them")
+        context = {k: _jsonable(v) for k, v in context.items()}
+        record = {"step": int(step), "time": time.time(), "context": context, **values}
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in values.items():
+            self.tracker.track(name, value, step=step, context=context)
+
+    def update_summary(self, update: Mapping[str, Any]) -> dict:
+        """Deep-merge ``update`` into summary.json (written atomically) and return the summary."""
+        self.summary = _deep_merge(self.summary, _jsonable(update))
+        _write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
+        return self.summary
+
+    def save_operative_config(self) -> str:
+        """Write operative_config.gin (values of every configurable called so far) and log it."""
+        text = gin.operative_config_str()
+        _write_atomic(self.path / OPERATIVE_CONFIG_FILE, text)
+        self.tracker.log_text("operative_config", text)
+        return text
+
+    def _write_config(self, text: str) -> None:
+        config = self.path / CONFIG_FILE
+        if not config.exists():
+            _write_atomic(config, text)
+        elif config.read_text() != text:
+            # Resumed with a different config: keep the original, record the new one beside it.
+            other = self.path / f"config.{time.strftime('%Y%m%d-%H%M%S')}.gin"
+            _write_atomic(other, text)
+            print(f"Note: the gin config differs from this run's {CONFIG_FILE}; saved it as {other.name}")
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the tracker, restore stdout/stderr, close log.txt. Safe to call twice."""
+        try:
+            if self.tracker is not None:
+                self.tracker.close()
+        finally:
+            if isinstance(sys.stdout, _Tee) and sys.stdout.log is self._log:
+                sys.stdout.flush_pending()
+                sys.stdout = self._stdout
+            if isinstance(sys.stderr, _Tee) and sys.stderr.log is self._log:
+                sys.stderr.flush_pending()
+                sys.stderr = self._stderr
+            self._log.close()
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Tee:
+    """Writes to a stream and, line by line, to a log file.
+
+    Progress bars redraw a line with ``\\r``; the log keeps only what the line finally shows,
+    so log.txt stays readable (tqdm's final bar line, not thousands of redraws).
+    """
+
+    def __init__(self, stream: TextIO, log: TextIO):
+        self.stream = stream
+        self.log = log
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if not self.log.closed:
+            self._pending += text
+            if "\n" in self._pending:
+                *lines, self._pending = self._pending.split("\n")
+                self.log.write("".join(line.rsplit("\r", 1)[-1] + "\n" for line in lines))
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush_pending(self) -> None:
+        """Write a trailing partial line (no newline yet) to the log."""
+        tail = self._pending.rsplit("\r", 1)[-1]
+        self._pending = ""
+        if tail.strip() and not self.log.closed:
+            self.log.write(tail + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+        if not self.log.closed:
+            self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, errors, buffer, ...
+        return getattr(self.stream, name)
+
+
+def _to_float(name: str, value: Any) -> float:
+    if hasattr(value, "item"):
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}: {value!r}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    """Nested dicts/lists with numpy/torch scalars and paths turned into JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            base[key] = _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + os.replace, so readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,215 @@
+"""A tiny SmolVLM written to disk, and the SmolVLA config that runs on it.
+
+No model hub is reachable, so the sandbox makes its own backbone: a SmolVLM with a 4-layer llama
+text model (hidden 64) and a 2-layer SigLIP-like vision encoder (64x64 images, patch 16, pixel
+shuffle 2 -> 4 image tokens), seeded random weights, a word-level tokenizer covering the task's
+instructions, and the SmolVLM image/video processors. LeRobot's SmolVLA loads it like the real
+SmolVLM2 through `vlm_model_name=<folder>`.
+
+Also here: `build_once`, the write-once helper for cached sandbox folders (this one and the
+dataset): a folder is built in a temporary sibling and renamed into place with a marker file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessor,
+    SmolVLMProcessor,
+    SmolVLMVideoProcessor,
+)
+from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+from .task import IMAGE_SIZE, INSTRUCTIONS
+
+MARKER = "reflow_exp_sandbox.json"
+VLM_VERSION = 1  # bump when the architecture or vocabulary below changes: cached folders rebuild
+
+# Sizes of the tiny SmolVLM.
+TEXT_HIDDEN = 64
+TEXT_LAYERS = 4
+TEXT_HEADS = 4
+TEXT_KV_HEADS = 2
+VISION_HIDDEN = 32
+VISION_LAYERS = 2
+VISION_HEADS = 2
+PATCH_SIZE = 16
+SCALE_FACTOR = 2
+CHUNK_SIZE = 16
+
+# SmolVLA reads `tokenizer.fake_image_token_id` / `global_image_token_id`; the SmolVLM processor
+# needs the image and end-of-utterance tokens.
+IMAGE_TOKENS = {
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "image_token": "<image>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+PAD, UNK = "<pad>", "<unk>"
+
+
+# -- cached, atomic folders ---------------------------------------------------------------------
+
+def build_once(dest: str | Path, marker: dict, build: Callable[[Path], dict]) -> dict:
+    """Make folder `dest` with `build(work_dir) -> report` unless it already holds `marker`.
+
+    The marker file (MARKER) stores {"args": marker, "report": report}; the stored report is
+    returned when the args match. `build` creates `work_dir`, a fresh path in a temporary sibling
+    of `dest`, which is then renamed into place, so `dest` is either complete or absent. A
+    non-empty `dest` without our marker is never overwritten.
+    """
+    dest = Path(dest)
+    marker = json.loads(json.dumps(marker))  # compare as stored (tuples become lists)
+    stored = _read_marker(dest)
+    if stored is not None and stored["args"] == marker:
+        return stored["report"]
+    if dest.exists() and stored is None and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest} exists and was not made by reflow_exp.sandbox; choose another path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))  # same filesystem
+    try:
+        work = scratch / dest.name  # not created yet: some writers insist on making it themselves
+        report = build(work)
+        (work / MARKER).write_text(json.dumps({"args": marker, "report": report}, indent=2))
+        _replace(work, dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def _replace(work: Path, dest: Path) -> None:
+    """Move `work` to `dest`; an older sandbox folder at `dest` is moved aside first."""
+    if dest.exists():
+        old = work.parent / "old"
+        dest.rename(old)  # removed with the scratch folder
+    work.rename(dest)
+
+
+# -- the tiny SmolVLM ---------------------------------------------------------------------------
+
+def vocabulary() -> list[str]:
+    """Pad, unk, the image special tokens, punctuation, then every word of the instructions."""
+    words = sorted({word for text in INSTRUCTIONS for word in text.lower().split()})
+    return [PAD, UNK, *IMAGE_TOKENS.values(), ".", ",", *words]
+
+
+def make_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    """Write the tiny SmolVLM (weights, config, tokenizer, processors) to `path`; return `path`.
+
+    Idempotent: a folder already made with the same arguments is reused as is.
+    """
+    if image_size % (PATCH_SIZE * SCALE_FACTOR):
+        raise ValueError(f"image_size must be a multiple of {PATCH_SIZE * SCALE_FACTOR}, got {image_size}")
+    path = Path(path)
+    marker = {"kind": "tiny_smolvlm", "version": VLM_VERSION, "seed": seed, "image_size": image_size,
+              "vocabulary": vocabulary()}
+    build_once(path, marker, lambda tmp: _write_vlm(tmp, seed, image_size))
+    return path
+
+
+def _write_vlm(folder: Path, seed: int, image_size: int) -> dict:
+    tokenizer = _tokenizer()
+    model = _model(tokenizer, seed, image_size)
+    model.save_pretrained(folder)
+    _processor(tokenizer, image_size).save_pretrained(folder)
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """Lower-casing word-level tokenizer; unknown words map to <unk>."""
+    vocab = vocabulary()
+    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation; drops "\n"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, unk_token=UNK, extra_special_tokens=IMAGE_TOKENS
+    )
+
+
+def _model(tokenizer: PreTrainedTokenizerFast, seed: int, image_size: int) -> SmolVLMForConditionalGeneration:
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_KV_HEADS,
+        head_dim=TEXT_HIDDEN // TEXT_HEADS,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    vision = SmolVLMVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=2 * VISION_HIDDEN,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=image_size,
+        patch_size=PATCH_SIZE,
+    )
+    config = SmolVLMConfig(
+        text_config=text,
+        vision_config=vision,
+        scale_factor=SCALE_FACTOR,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)  # the weights are a pure function of the seed
+    return SmolVLMForConditionalGeneration(config).eval()
+
+
+def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> SmolVLMProcessor:
+    """Whole images only (no tiling): each image becomes image_seq_len <image> tokens."""
+    size = {"longest_edge": image_size}
+    image_processor = SmolVLMImageProcessor(do_image_splitting=False, size=size, max_image_size=size)
+    video_processor = SmolVLMVideoProcessor(size=size, max_image_size=size)
+    image_seq_len = (image_size // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+    return SmolVLMProcessor(image_processor, tokenizer, video_processor, image_seq_len=image_seq_len)
+
+
+# -- SmolVLA on the tiny SmolVLM ---------------------------------------------------------------
+
+def tiny_smolvla_config(vlm_path: str | Path, **overrides) -> SmolVLAConfig:
+    """SmolVLA config for the sandbox on the tiny SmolVLM at `vlm_path`.
+
+    Features: observation.image (3, 64, 64) VISUAL, observation.state (2,) STATE, action (2,)
+    ACTION; chunks of 16 actions, all executed. `overrides` are SmolVLAConfig fields.
+    """
+    defaults = dict(
+        vlm_model_name=str(vlm_path),
+        load_vlm_weights=True,
+        num_vlm_layers=TEXT_LAYERS,
+        resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE),
+        chunk_size=CHUNK_SIZE,
+        n_action_steps=CHUNK_SIZE,
+        tokenizer_max_length=16,
+        push_to_hub=False,
+        input_features={
+            "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE)),
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
+        },
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))},
+    )
+    return SmolVLAConfig(**(defaults | overrides))

@@ -1,0 +1,162 @@
+"""Aim tracking. The only module that imports ``aim`` (lazily: a disabled tracker costs nothing).
+
+One Aim run per run folder. The Aim repo defaults to the runs folder (the run folder's parent),
+so ``aim up --repo runs`` shows every run. The Aim run hash is stored in the run folder
+(``aim_run_hash.txt``), so a resumed run keeps appending to the same Aim run.
+
+Aim facts this module works around (see PITFALLS.md):
+- values must be native Python types (``np.float32`` raises): everything goes through ``float``;
+- the SDK's terminal capture and system tracking wrap stdout/start threads: both off, our own
+  tee in ``RunDir`` keeps the log;
+- at interpreter exit Aim's cleanup starts a thread, which Python 3.12 refuses: we close
+  explicitly and run Aim's remaining cleanup inline at exit instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import numbers
+from pathlib import Path
+from typing import Any, Mapping
+
+import gin
+
+HASH_FILE = "aim_run_hash.txt"
+
+
+@gin.configurable
+class Tracker:
+    """Logs hyper-parameters, metrics, texts and images of one run to Aim.
+
+    Args:
+        run_dir: the run folder (holds ``aim_run_hash.txt``).
+        repo: Aim repo folder; None → the runs folder, i.e. ``run_dir.parent``.
+        experiment: Aim experiment name (groups runs in the UI).
+        run_name: Aim run name; None → the run folder's name.
+        enabled: False makes every method a no-op (and never imports aim).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        repo: str | Path | None = None,
+        experiment: str = "reflow_exp",
+        run_name: str | None = None,
+        enabled: bool = True,
+    ):
+        self.run_dir = Path(run_dir)
+        self.repo = Path(repo) if repo is not None else self.run_dir.parent
+        self.enabled = enabled
+        self._run = None
+        if not enabled:
+            return
+
+        import aim
+
+        self.repo.mkdir(parents=True, exist_ok=True)
+        hash_file = self.run_dir / HASH_FILE
+        run_hash = hash_file.read_text().strip() if hash_file.exists() else None
+        self._run = aim.Run(
+            run_hash=run_hash,  # None → new run; else reopen (resume) the same Aim run
+            repo=str(self.repo),
+            experiment=experiment,
+            system_tracking_interval=None,
+            capture_terminal_logs=False,
+        )
+        _run_aim_cleanup_inline_at_exit()
+        self._run.name = run_name or self.run_dir.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        hash_file.write_text(self._run.hash + "\n")
+
+    @property
+    def run_hash(self) -> str | None:
+        """The Aim run hash (None when disabled)."""
+        return self._run.hash if self._run is not None else None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Merge ``params`` into the run's ``hparams`` (nested dicts of native Python values)."""
+        if self._run is None:
+            return
+        current = self._run.get("hparams") or {}
+        self._run["hparams"] = _deep_merge(dict(current), _native(params))
+
+    def log_text(self, name: str, text: str, step: int | None = None) -> None:
+        """Track a text (e.g. the operative gin config); step None → Aim's next step."""
+        if self._run is None:
+            return
+        import aim
+
+        self._run.track(aim.Text(text), name=name, step=step)
+
+    def track(self, name: str, value: Any, step: int, context: Mapping[str, Any] | None = None) -> None:
+        """Track one scalar; numpy/torch scalars are converted to float."""
+        if self._run is None:
+            return
+        self._run.track(_scalar(name, value), name=name, step=int(step), context=_native(context or {}))
+
+    def track_image(self, name: str, image: Any, step: int, context: Mapping[str, Any] | None = None) -> None:
+        """Track an image: a PIL image, or an ``(H, W[, C])`` uint8 / [0, 1] float numpy array."""
+        if self._run is None:
+            return
+        import aim
+        import numpy as np
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+            image = Image.fromarray(image)
+        self._run.track(
+            aim.Image(image, format="png"), name=name, step=int(step), context=_native(context or {})
+        )
+
+    def close(self) -> None:
+        """Finalise the Aim run (safe to call twice)."""
+        if self._run is not None:
+            run, self._run = self._run, None
+            run.close()
+
+
+def _scalar(name: str, value: Any) -> float:
+    """``value`` as a Python float (Aim rejects numpy/torch scalars)."""
+    if hasattr(value, "item"):  # numpy / torch scalars and 1-element tensors
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"metric {name!r} must be a real number, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+def _native(value: Any) -> Any:
+    """Recursively convert to types Aim accepts: dict/list/str/int/float/bool/None."""
+    if isinstance(value, Mapping):
+        return {str(k): _native(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_native(v) for v in value]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return str(value)  # paths, enums, objects: readable beats a TypeError
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            base[key] = _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _run_aim_cleanup_inline_at_exit() -> None:
+    """Aim's atexit hook runs its cleanup in a new thread, which Python 3.12 forbids at shutdown
+    ("can't create new thread at interpreter shutdown"); run the same cleanup inline instead."""
+    from aim.ext.cleanup import AutoClean
+
+    atexit.unregister(AutoClean.cleanup)
+    atexit.unregister(AutoClean._cleanup)
+    atexit.register(AutoClean._cleanup)

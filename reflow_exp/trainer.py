@@ -1,0 +1,316 @@
+"""The training loop: AdamW + cosine decay with warm-up (SmolVLA's presets) on accelerate.
+
+The model contract is small::
+
+    model.loss(batch) -> (loss_tensor, {"name": float, ...})   # metrics of this batch
+    model.save_pretrained(dir)                                  # writes a LeRobot policy folder
+
+Only parameters with ``requires_grad`` are optimised and checkpointed. A run folder with a
+checkpoint is resumed: trainable parameters, optimizer, scheduler, RNG and the position in the
+data (epoch, batch) are restored, and training continues to the same total ``steps``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import gin
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from lerobot.optim import load_optimizer_state, load_scheduler_state, save_optimizer_state, save_scheduler_state
+from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
+from lerobot.utils.random_utils import load_rng_state, save_rng_state
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from reflow_exp.checkpoint import latest_checkpoint, save_checkpoint
+from reflow_exp.rundir import RunDir
+
+PRETRAINED_MODEL_DIR = "pretrained_model"
+TRAINING_STATE_DIR = "training_state"
+TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
+TRAINING_STEP_FILE = "training_step.json"  # LeRobot's name; we add epoch/batch/first_loss
+
+
+@gin.configurable
+class Trainer:
+    """Trains ``model`` for ``steps`` optimizer steps; defaults are SmolVLA's optimizer presets.
+
+    Args:
+        steps: total optimizer steps (a resumed run stops at the same total).
+        lr, betas, eps, weight_decay: AdamW.
+        grad_clip_norm: clip the global gradient norm to this (None or 0: no clipping).
+        warmup_steps: linear warm-up steps.
+        decay_steps: cosine decay length to ``decay_lr``; None → ``steps``. As in LeRobot, a
+            schedule longer than ``steps`` is scaled down to fit.
+        decay_lr: final learning rate of the cosine decay.
+        log_every: log train metrics every this many steps (plus the first loss, at step 0).
+        save_every: checkpoint every this many steps (None or 0: only at the end).
+        keep_last_checkpoints: keep only this many newest checkpoints (None: keep all).
+        eval_every: call ``fit``'s ``evaluate(step)`` every this many steps (None or 0: never;
+            the job evaluates at the end itself).
+        mixed_precision: accelerate's "no", "fp16" or "bf16".
+    """
+
+    def __init__(
+        self,
+        steps: int = 2000,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-10,
+        grad_clip_norm: float | None = 10.0,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        decay_lr: float = 2.5e-6,
+        log_every: int = 10,
+        save_every: int | None = 500,
+        keep_last_checkpoints: int | None = None,
+        eval_every: int | None = None,
+        mixed_precision: str = "no",
+    ):
+        if steps < 1:
+            raise ValueError(f"Trainer.steps must be >= 1, got {steps}")
+        if log_every < 1:
+            raise ValueError(f"Trainer.log_every must be >= 1, got {log_every}")
+        if warmup_steps < 0:
+            raise ValueError(f"Trainer.warmup_steps must be >= 0, got {warmup_steps}")
+        if decay_steps is not None and decay_steps < 1:
+            raise ValueError(f"Trainer.decay_steps must be >= 1 or None (= steps), got {decay_steps}")
+        if mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"Trainer.mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+        self.steps = steps
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.grad_clip_norm = grad_clip_norm
+        self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps if decay_steps is not None else steps
+        self.decay_lr = decay_lr
+        self.log_every = log_every
+        self.save_every = save_every or None
+        self.keep_last_checkpoints = keep_last_checkpoints
+        self.eval_every = eval_every or None
+        self.mixed_precision = mixed_precision
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        dataloader: torch.utils.data.DataLoader,
+        run: RunDir,
+        preprocess: Callable[[Any], Any] = lambda batch: batch,
+        context: Mapping[str, Any] | None = None,
+        evaluate: Callable[[int], Any] | None = None,
+    ) -> dict:
+        """Train (or resume training) and checkpoint into ``run.path/checkpoints``.
+
+        Args:
+            model: ``nn.Module`` with ``loss(batch)`` and ``save_pretrained(dir)``.
+            dataloader: a shuffling DataLoader; cycled over epochs, reshuffled each epoch.
+            run: the run folder (metrics, checkpoints).
+            preprocess: applied to each batch after the dataloader (on the device), e.g. the
+                teacher making (noise, action) pairs.
+            context: extra Aim context for the metrics, e.g. ``{"head": "student"}``.
+            evaluate: called as ``evaluate(step)`` every ``eval_every`` steps, under ``torch.no_grad``
+                and before that step's checkpoint; it logs its own results.
+
+        Returns:
+            ``{"steps", "first_loss", "last_loss", "steps_per_s", "checkpoint"}``; ``last_loss`` is
+            the mean loss of the last logging window, ``steps_per_s`` this session's speed.
+        """
+        context = dict(context or {})
+        accelerator = Accelerator(
+            mixed_precision=self.mixed_precision,
+            # One scheduler step per optimizer step, whatever the number of processes.
+            step_scheduler_with_optimizer=False,
+            # The shuffle order depends on (seed, epoch) only, so a resumed run can find its place.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed),
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameters with requires_grad=True; nothing to train")
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        scheduler = CosineDecayWithWarmupSchedulerConfig(
+            num_warmup_steps=self.warmup_steps, num_decay_steps=self.decay_steps, peak_lr=self.lr, decay_lr=self.decay_lr
+        ).build(optimizer, self.steps)
+        wrapped, optimizer, dataloader, scheduler = accelerator.prepare(_LossForward(model), optimizer, dataloader, scheduler)
+
+        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "first_loss": None}
+        ckpt = latest_checkpoint(run.checkpoints_dir, clean=accelerator.is_main_process)
+        if ckpt is not None:
+            state = _load_training_state(ckpt / TRAINING_STATE_DIR, model, optimizer, scheduler)
+            print(f"Resuming training from {ckpt} (step {state['step']} of {self.steps})")
+        batches = _Batches(dataloader, accelerator, run.seed, state["epoch"], state["batch_in_epoch"])
+
+        # ---- the loop ----------------------------------------------------------------------
+        step, start = state["step"], state["step"]
+        window = _Window()
+        bar = tqdm(total=self.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+        t_start = t_log = time.perf_counter()
+        wrapped.train()
+        while step < self.steps:
+            batch = preprocess(next(batches))
+            loss, metrics = wrapped(batch)  # prepare() already wrapped forward in autocast
+            loss_value = loss.item()
+            if state["first_loss"] is None:  # "loss at start", before any update
+                state["first_loss"] = loss_value
+                self._log(run, accelerator, 0, {"loss": loss_value, **metrics}, context)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(params, self.grad_clip_norm or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window.add(loss=loss_value, grad_norm=grad_norm.item(), **metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4g}")
+
+            if step % self.log_every == 0 or step == self.steps:
+                now = time.perf_counter()
+                logged = window.means() | {"lr": scheduler.get_last_lr()[0], "steps_per_s": window.count / (now - t_log)}
+                self._log(run, accelerator, step, logged, context)
+                state["last_loss"], t_log, window = logged["loss"], now, _Window()
+            if evaluate and self.eval_every and step % self.eval_every == 0 and step < self.steps:
+                with torch.no_grad():
+                    evaluate(step)
+                wrapped.train()  # evaluate may have switched the model to eval mode
+            if (self.save_every and step % self.save_every == 0) or step == self.steps:
+                state.update(step=step, epoch=batches.epoch, batch_in_epoch=batches.index)
+                self._save(run, accelerator, wrapped, optimizer, scheduler, state)
+        bar.close()
+        # ---------------------------------------------------------------------------------------
+
+        elapsed = time.perf_counter() - t_start
+        return {
+            "steps": step,
+            "first_loss": state["first_loss"],
+            "last_loss": state.get("last_loss"),
+            "steps_per_s": (step - start) / elapsed if step > start else 0.0,
+            "checkpoint": latest_checkpoint(run.checkpoints_dir),
+        }
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _log(self, run: RunDir, accelerator: Accelerator, step: int, metrics: dict, context: dict) -> None:
+        if not accelerator.is_main_process:
+            return
+        run.log_metrics(step, metrics, subset="train", **context)
+        line = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        tqdm.write(f"step {step}/{self.steps} | {line}")
+
+    def _save(self, run, accelerator, wrapped, optimizer, scheduler, state: dict) -> Path:
+        """Checkpoint ``pretrained_model/`` + ``training_state/`` (main process writes)."""
+        accelerator.wait_for_everyone()
+        model = accelerator.unwrap_model(wrapped).model
+
+        def write(ckpt: Path) -> None:
+            (ckpt / PRETRAINED_MODEL_DIR).mkdir()
+            model.save_pretrained(ckpt / PRETRAINED_MODEL_DIR)
+            state_dir = ckpt / TRAINING_STATE_DIR
+            state_dir.mkdir()
+            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, state_dir / TRAINABLE_PARAMS_FILE)
+            save_optimizer_state(optimizer, state_dir)
+            save_scheduler_state(scheduler, state_dir)
+            save_rng_state(state_dir)
+            fields = {k: state.get(k) for k in ("step", "epoch", "batch_in_epoch", "first_loss", "last_loss")}
+            (state_dir / TRAINING_STEP_FILE).write_text(json.dumps(fields, indent=2) + "\n")
+            (ckpt / "operative_config.gin").write_text(gin.operative_config_str())
+
+        path = None
+        if accelerator.is_main_process:
+            path = save_checkpoint(run.checkpoints_dir, state["step"], write, keep_last=self.keep_last_checkpoints)
+            tqdm.write(f"Saved checkpoint {path}")
+        accelerator.wait_for_everyone()
+        return path
+
+
+class _LossForward(torch.nn.Module):
+    """Routes ``forward`` to ``model.loss``, so accelerate's wrappers (DDP, autocast) see the call."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        loss, metrics = self.model.loss(batch)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+
+class _Window:
+    """Running means of the metrics since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, **values: float) -> None:
+        self.count += 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
+class _Batches:
+    """Endless batches over epochs; knows its place (epoch, batch index) for checkpoints.
+
+    Data loading draws from its own torch RNG stream, kept apart from the global one the model
+    uses (noise, time samples): where epoch boundaries and prefetching fall then cannot shift
+    the model's random draws, so a resumed run repeats the uninterrupted one exactly (given
+    deterministic data). The shuffle order is a function of (seed, epoch), see ``fit``.
+    """
+
+    def __init__(self, dataloader, accelerator: Accelerator, seed: int, epoch: int = 0, index: int = 0):
+        self.dataloader, self.accelerator = dataloader, accelerator
+        self.epoch, self.index = epoch, index
+        self._rng_state = torch.Generator().manual_seed(seed + 1).get_state()
+        self._iter: Iterator | None = None
+
+    def __next__(self):
+        model_rng = torch.get_rng_state()
+        torch.set_rng_state(self._rng_state)
+        try:
+            return self._next()
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(model_rng)
+
+    def _next(self):
+        while True:
+            if self._iter is None:
+                self.dataloader.set_epoch(self.epoch)
+                loader = self.accelerator.skip_first_batches(self.dataloader, self.index) if self.index else self.dataloader
+                self._iter = iter(loader)
+            try:
+                batch = next(self._iter)
+                self.index += 1
+                return batch
+            except StopIteration:
+                if self.index == 0:
+                    raise ValueError("the dataloader yielded no batches; check the dataset and batch size") from None
+                self._iter, self.epoch, self.index = None, self.epoch + 1, 0
+
+
+def _load_training_state(state_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    """Restore trainable parameters, optimizer, scheduler and RNG; return the step record."""
+    saved = load_file(state_dir / TRAINABLE_PARAMS_FILE)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != trainable.keys():
+        missing, unexpected = sorted(trainable.keys() - saved.keys()), sorted(saved.keys() - trainable.keys())
+        raise ValueError(
+            f"checkpoint {state_dir} does not match the model's trainable parameters "
+            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); was the model or its freezing changed? "
+            "Use a new run.name to start afresh."
+        )
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
+    load_optimizer_state(optimizer, state_dir)
+    load_scheduler_state(scheduler, state_dir)
+    load_rng_state(state_dir)
+    return json.loads((state_dir / TRAINING_STEP_FILE).read_text())

@@ -1,0 +1,150 @@
+"""Evaluator: rollout numbers, H.264 videos, determinism, the scripted expert, PushT, LeRobot parity, plots."""
+
+import av
+import numpy as np
+import pytest
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
+from PIL import Image
+
+from reflow_exp.backbone import VLM_PREFIX, Backbone
+from reflow_exp.evaluate import (
+    Evaluator,
+    ScriptedChunkPolicy,
+    SmolVLAChunkPolicy,
+    env_spec,
+    make_vector_env,
+    observation_batch,
+)
+from reflow_exp.heads import ActionHead
+from reflow_exp.plots import success_latency_plot
+from reflow_exp.policy import Policy
+from reflow_exp.sandbox import tiny_smolvla_config
+
+SANDBOX_STATS = {
+    "observation.state": {"mean": torch.full((2,), 0.5), "std": torch.full((2,), 0.3)},
+    "action": {"mean": torch.zeros(2), "std": torch.full((2,), 0.03)},
+}
+# PushT: positions in [0, 512] px for both the agent and the action; the stats of a uniform law.
+PUSHT_STATS = {key: {"mean": torch.full((2,), 256.0), "std": torch.full((2,), 148.0)}
+               for key in ("observation.state", "action")}
+
+
+def tiny_policy(vlm, stats, seed=0, **overrides) -> Policy:
+    """A random-weight tiny SmolVLA composed as our Policy (backbone + head + processors)."""
+    torch.manual_seed(seed)
+    config = tiny_smolvla_config(vlm, load_vlm_weights=False, device="cpu", **overrides)
+    state = SmolVLAPolicy(config).state_dict()
+    vlm_state = {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
+    head_state = {k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)}
+    backbone = Backbone.from_state_dict(config.vlm_model_name, config.num_vlm_layers, vlm_state, "test")
+    head = ActionHead(config, backbone, head_state)
+    return Policy(backbone, head, *make_smolvla_pre_post_processors(config, stats)).eval()
+
+
+def probe_mp4(path) -> tuple[str, str, int]:
+    """(codec, pixel format, number of decoded frames) of a video file."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return stream.codec_context.name, stream.codec_context.pix_fmt, frames
+
+
+def outcome(result: dict) -> dict:
+    """The rollout numbers of a `run` result (no timings, no file paths)."""
+    keys = ("success_rate", "mean_return", "mean_length", "episodes", "routes")
+    return {k: {key: r[key] for key in keys if key in r} for k, r in result.items()}
+
+
+@pytest.fixture(scope="module")
+def sandbox_policy(tiny_vlm):
+    return tiny_policy(tiny_vlm, SANDBOX_STATS)
+
+
+def test_sandbox_numbers_videos_and_determinism(sandbox_policy, tmp_path):
+    evaluator = Evaluator(episodes=3, n_envs=2, videos=1, latency_calls=2)  # batches of 2 + 1
+    sandbox_policy.head.train()  # as in the middle of training
+    result = evaluator.run(sandbox_policy, step_counts=(1, 2), out_dir=tmp_path, tag="student")
+    assert sandbox_policy.head.training  # LeRobot's eval() inside sampling was undone
+
+    assert set(result) == {1, 2}
+    for k, r in result.items():
+        assert r["episodes"] == 3
+        assert 0.0 <= r["success_rate"] <= 1.0 and 0.0 <= r["mean_return"] <= 1.0
+        assert 1 <= r["mean_length"] <= 60
+        assert r["latency_ms"] > 0
+        assert sum(r["routes"].values()) == 3
+        assert all(type(v) in (int, float) for v in (r["success_rate"], r["mean_return"], r["latency_ms"]))
+        assert r["videos"] == [str(tmp_path / "videos" / f"student_steps{k}_ep0.mp4")]
+        codec, pix_fmt, frames = probe_mp4(r["videos"][0])
+        assert (codec, pix_fmt) == ("h264", "yuv420p") and frames >= 2  # reset frame + >= 1 step
+        with Image.open(r["gif"]) as gif:
+            assert gif.format == "GIF" and gif.n_frames >= 2
+
+    # Same seed, other batching (per-episode noise): the same rollouts.
+    again = Evaluator(episodes=3, n_envs=3, videos=0, latency_calls=0).run(sandbox_policy, step_counts=(1, 2))
+    assert outcome(again) == outcome(result)
+    assert again[1]["videos"] == [] and "latency_ms" not in again[1]
+
+
+def test_scripted_expert_succeeds_through_the_rollout_loop():
+    result = Evaluator(episodes=10, n_envs=5, videos=0, latency_calls=0).run(ScriptedChunkPolicy(), step_counts=(1,))
+    assert result[1]["success_rate"] >= 0.9
+    assert result[1]["mean_return"] == result[1]["success_rate"]  # reward 1 on success only
+    assert result[1]["routes"]["left"] > 0 and result[1]["routes"]["right"] > 0
+
+
+def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tmp_path):
+    policy = tiny_policy(
+        tiny_vlm, PUSHT_STATS, seed=1, n_action_steps=8,
+        input_features={
+            "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 96, 96)),  # resized to 64
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
+        },
+    )
+    evaluator = Evaluator(env_id="pusht", episodes=2, n_envs=2, max_steps=20, videos=1, latency_calls=1)
+    ours = evaluator.run(policy, step_counts=(2,), out_dir=tmp_path, tag="pusht")[2]
+    assert ours["episodes"] == 2 and ours["mean_length"] == 20 and 0 <= ours["success_rate"] <= 1
+    assert "routes" not in ours
+    codec, _, frames = probe_mp4(ours["videos"][0])
+    assert codec == "h264" and frames == 21
+
+    # The exported folder, loaded by LeRobot's own loader and processors, acts the same.
+    lerobot = SmolVLAChunkPolicy.from_pretrained(policy.save_pretrained(tmp_path / "pusht_policy"))
+    assert isinstance(lerobot.model, SmolVLAPolicy)
+    env = make_vector_env(env_spec("pusht"), 1)
+    obs, _ = env.reset(seed=[7])
+    env.close()
+    batch = observation_batch(obs, ["Push the T-shaped block onto the T-shaped target."])
+    ours_adapter = SmolVLAChunkPolicy(policy, policy.preprocessor, policy.postprocessor)
+    for adapter in (ours_adapter, lerobot):
+        adapter.reset([7])
+    expected = ours_adapter.predict_chunk(batch, 2)
+    assert expected.shape == (1, 16, 2)
+    assert torch.allclose(lerobot.predict_chunk(batch, 2), expected, atol=1e-4)  # pixels: 1e-4 of 512
+
+    evaluator = Evaluator(env_id="pusht", episodes=2, n_envs=2, max_steps=20, videos=0, latency_calls=0)
+    theirs = evaluator.run(lerobot, step_counts=(2,))[2]
+    assert theirs["success_rate"] == ours["success_rate"] and theirs["mean_length"] == ours["mean_length"]
+    assert theirs["mean_return"] == pytest.approx(ours["mean_return"], abs=1e-6)
+
+
+def test_unknown_env_and_policy_are_named():
+    with pytest.raises(ValueError, match=r"unknown env_id 'CartPole-v1'.*pusht"):
+        Evaluator(env_id="CartPole-v1")
+    with pytest.raises(TypeError, match="cannot evaluate a str"):
+        Evaluator(episodes=1).run("not a policy")
+
+
+def test_success_latency_plot(tmp_path):
+    results = {
+        "teacher": {10: {"success_rate": 0.9, "latency_ms": 120.0}, 1: {"success_rate": 0.2, "latency_ms": 30.0}},
+        "student": {"1": {"success_rate": 0.85, "latency_ms": 31.0}, "2": {"success_rate": 0.9, "latency_ms": 40.0}},
+    }
+    path = success_latency_plot(results, tmp_path / "plots" / "success_latency.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 10_000 < path.stat().st_size < 1_000_000
+    with Image.open(path) as image:
+        assert image.size == (1000, 400)

@@ -1,0 +1,131 @@
+"""Reflow end to end at the tiny size: one VLM load, the start-up log, export, couplings, dry run."""
+
+import json
+import re
+
+import pytest
+import torch
+from lerobot.policies.factory import get_policy_class
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+from reflow_exp import coupling, flow, run
+from reflow_exp.heads import ActionHead
+from reflow_exp.policy import Policy
+from reflow_exp.reflow import Reflow
+from tests.test_policy import B, CHUNK, make_batch
+
+EXPECTED_LOG = [
+    "[Reflow] Loading teacher model from",
+    "Loading ",
+    "[Reflow] ✓ Teacher loaded and frozen",
+    "[Reflow] Creating student model (copying weights from teacher)",
+    "[Reflow] ✓ Student initialized from teacher",
+    "[Reflow] Total parameters:",
+    "[Reflow] Trainable parameters:",
+]
+
+
+def run_job(tmp_path, *gin_params, gin_file="gin/sandbox/tiny.gin"):
+    params = [f'run.runs_dir = "{tmp_path / "runs"}"', f'sandbox_source.root = "{tmp_path / "sandbox"}"', *gin_params]
+    argv = ["--gin_file", gin_file] + [x for p in params for x in ("--gin_param", p)]
+    assert run.main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny teacher, then a tiny reflow run from it (module-scoped: both take a while)."""
+    tmp = tmp_path_factory.mktemp("reflow")
+    run_job(tmp)
+    run_job(tmp, f'reflow.teacher = "{tmp / "runs" / "tiny-teacher"}"', gin_file="gin/sandbox/tiny_reflow.gin")
+    return tmp / "runs"
+
+
+def test_reflow_loads_the_vlm_once_and_reports_params(runs):
+    summary = json.loads((runs / "tiny-reflow" / "summary.json").read_text())
+    assert summary["vlm_load_count"] == 1
+    params = summary["params"]
+    assert params["total"] == params["backbone"] + params["student_head"]
+    assert params["trainable"] == params["student_head"] == params["teacher_head"]
+    assert set(summary["offline"]["student"]) == {"1", "2", "4"}
+    assert summary["offline"]["straightness"]["teacher"] >= 0
+
+
+def test_startup_log_lines_in_order(runs):
+    log = (runs / "tiny-reflow" / "log.txt").read_text().splitlines()
+    positions = [next(i for i, line in enumerate(log) if line.startswith(prefix)) for prefix in EXPECTED_LOG]
+    assert positions == sorted(positions)
+    assert sum(line.startswith("Loading ") and line.endswith("weights ...") for line in log) == 1
+    total = next(line for line in log if line.startswith("[Reflow] Total parameters:"))
+    assert re.fullmatch(r"\[Reflow\] Total parameters: [\d,]+", total)
+
+
+def test_metrics_carry_head_and_time_bins(runs):
+    rows = [json.loads(line) for line in (runs / "tiny-reflow" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["context"].get("subset") == "train"]
+    assert train and all(r["context"]["head"] == "student" for r in train)
+    assert any(key.startswith("loss_t") for r in train for key in r)
+    evals = [r for r in rows if r["context"].get("subset") == "eval"]
+    assert {r["context"]["steps"] for r in evals if "steps" in r["context"]} == {1, 2, 4}
+
+
+def test_exported_student_is_an_ordinary_lerobot_checkpoint(runs):
+    summary = json.loads((runs / "tiny-reflow" / "summary.json").read_text())
+    folder = summary["student_checkpoint"]
+    config = json.loads((runs / "tiny-reflow" / "student" / "config.json").read_text())
+    assert config["type"] == "smolvla" and config["num_steps"] == 1
+    lerobot_student = get_policy_class("smolvla").from_pretrained(folder).eval()
+    ours = Policy.from_pretrained(folder)
+    batch, noise = make_batch(5), torch.randn(B, CHUNK, 32)
+    assert isinstance(lerobot_student, SmolVLAPolicy)
+    assert torch.allclose(
+        lerobot_student.predict_action_chunk(dict(batch), noise=noise), ours.predict_action_chunk(dict(batch), noise=noise),
+        atol=1e-6,
+    )
+
+
+def test_student_can_teach_a_third_round(runs, tmp_path):
+    """k-rectified flow through gin alone: the student folder is a valid teacher."""
+    (tmp_path / "runs").mkdir()
+    student = runs / "tiny-reflow" / "student"
+    run_job(tmp_path, f'reflow.teacher = "{student}"', 'run.name = "round3"', gin_file="gin/sandbox/tiny_reflow.gin")
+    assert json.loads((tmp_path / "runs" / "round3" / "summary.json").read_text())["vlm_load_count"] == 1
+
+
+def test_legacy_flags_warn(runs, tmp_path):
+    with pytest.warns(UserWarning, match="load_vlm_weights.*handles it automatically"):
+        assert run.main([
+            "--gin_file", "gin/sandbox/tiny_reflow.gin", "--dry_run",
+            "--gin_param", f'reflow.teacher = "{runs / "tiny-teacher"}"',
+            "--gin_param", "reflow.load_vlm_weights = False",
+        ]) == 0
+
+
+def test_real_architecture_dry_run_numbers(capsys):
+    assert run.main(["--gin_file", "gin/smolvla/reflow.gin", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "[Reflow] Total parameters: 450,046,176" in out
+    assert "[Reflow] Trainable parameters: 99,880,992 (22.19%)" in out
+
+
+def test_shared_and_plain_paths_give_the_same_loss(runs):
+    teacher = Policy.from_pretrained(runs / "tiny-teacher")
+    student = ActionHead(teacher.config, teacher.backbone, teacher.head.lerobot.state_dict())
+    batch = teacher.preprocessor(_raw_batch())
+    losses = []
+    for shared in (True, False):
+        model = Reflow(teacher.backbone, teacher.head, student, coupling.OnlineCoupling(teacher_steps=3),
+                       flow.uniform_time, shared_prefix=shared)
+        torch.manual_seed(0)
+        losses.append(model.loss(batch)[0])
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+
+
+def _raw_batch():
+    batch = make_batch(6)
+    return {
+        "observation.image": batch["observation.image"],
+        "observation.state": batch["observation.state"],
+        "action": batch["action"],
+        "action_is_pad": batch["action_is_pad"],
+        "task": ["go to the red goal"] * B,
+    }

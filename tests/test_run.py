@@ -1,0 +1,227 @@
+"""The CLI end to end, in-process: gin files → checks → run folder → job."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import gin
+import pytest
+
+from reflow_exp import run as run_cli
+from reflow_exp.checkpoint import save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin_config():
+    """main() leaves its config bound (and locked); other tests build configurables directly."""
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+# Toy configurables. They live here, not in run.py (which runs as __main__; see PITFALLS).
+@gin.configurable
+def toy_run_part(width=gin.REQUIRED, depth=1):
+    return {"width": width, "depth": depth}
+
+
+@gin.configurable
+def toy_run_job(run, value=gin.REQUIRED, part=None, fail=False, dry_run=False):
+    if dry_run:
+        print(f"toy_run_job dry run: value={value}")
+        return
+    print(f"toy job got value={value}")
+    if fail:
+        raise RuntimeError("toy job failed on purpose")
+    run.log_metrics(0, {"loss": 1.5}, subset="train", head="student")
+    run.update_summary({"value": value, "part": part})
+    run.update_summary({"params": {"total": 3}})
+    run.update_summary({"params": {"trainable": 1}})  # deep-merged
+
+
+@gin.configurable
+def toy_run_wait_job(run, seconds=60.0):
+    print("toy job waiting", flush=True)
+    time.sleep(seconds)
+
+
+@gin.configurable
+def toy_run_job_without_dry_run(run):
+    raise AssertionError("must not be called by --dry_run")
+
+
+def _gin(tmp_path, body: str, name: str = "toy.gin") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body).lstrip())
+    return str(path)
+
+
+def _config(tmp_path, extra: str = "", tracker: bool = False) -> str:
+    return _gin(
+        tmp_path,
+        f"""
+        include 'base.gin'
+        run.job = @toy_run_job
+        run.name = "demo"
+        run.runs_dir = "{tmp_path / 'runs'}"
+        Tracker.enabled = {tracker}
+        toy_run_job.value = 1
+        """
+        + textwrap.dedent(extra),
+    )
+
+
+def test_run_writes_the_run_folder(tmp_path, capsys):
+    config = _config(tmp_path, tracker=True)
+    rc = run_cli.main(["--gin_file", config, "--gin_param", "toy_run_job.value = 7"])
+    assert rc == 0, capsys.readouterr().err
+    folder = tmp_path / "runs" / "demo"
+
+    config_gin = (folder / "config.gin").read_text()
+    assert "include 'base.gin'" in config_gin and "toy_run_job.value = 7" in config_gin
+    assert "toy_run_job.value = 7" in (folder / "operative_config.gin").read_text()
+    assert "toy job got value=7" in (folder / "log.txt").read_text()
+    assert "toy job got value=7" in capsys.readouterr().out  # tee'd, not swallowed
+
+    (record,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 0 and record["loss"] == 1.5
+    assert record["context"] == {"subset": "train", "head": "student"}
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary == {"value": 7, "part": None, "params": {"total": 3, "trainable": 1}}
+    assert (folder / "aim_run_hash.txt").exists()
+    assert (tmp_path / "runs" / ".aim").is_dir()
+
+
+def test_same_name_resumes_and_keeps_history(tmp_path, capsys):
+    config = _config(tmp_path)
+    assert run_cli.main(["--gin_file", config]) == 0
+    folder = tmp_path / "runs" / "demo"
+    save_checkpoint(folder / "checkpoints", 3, lambda tmp: None)
+
+    assert run_cli.main(["--gin_file", config, "--gin_param", "toy_run_job.value = 1"]) == 0
+    log = (folder / "log.txt").read_text()
+    assert f"Resuming from {folder / 'checkpoints' / '000003'} (step 3)" in log
+    assert log.count("toy job got value=1") == 2  # appended, not truncated
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
+    # The config given on resume differs (an extra --gin_param): kept beside the original.
+    assert "--gin_param" not in (folder / "config.gin").read_text()
+    (other,) = folder.glob("config.*.gin")
+    assert "toy_run_job.value = 1" in other.read_text()
+
+
+def test_scoped_reference_and_required_binding(tmp_path):
+    config = _config(tmp_path, "toy_run_job.part = @teacher/toy_run_part()\nteacher/toy_run_part.width = 4\n")
+    assert run_cli.main(["--gin_file", config, "--gin_param", "run.name = 'scoped'"]) == 0
+    summary = json.loads((tmp_path / "runs" / "scoped" / "summary.json").read_text())
+    assert summary["part"] == {"width": 4, "depth": 1}
+
+
+BROKEN = {
+    "unclosed bracket": ("toy_run_job.value = (1,\n", 7, "syntax"),
+    "two values": ("toy_run_job.value = 1 2\n", 7, "syntax"),
+    "unknown configurable": ("no_such_thing.x = 1\n", 7, "no_such_thing"),
+    "unknown parameter": ("toy_run_job.colour = 1\n", 7, "colour"),
+    "unknown reference": ("toy_run_job.part = @no_such_part()\n", 7, "no_such_part"),
+    "missing required of a referenced configurable": (
+        "toy_run_job.part = @student/toy_run_part()\nteacher/toy_run_part.width = 4\n",
+        7,
+        "student/toy_run_part.width is required",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_broken_config_fails_before_writing(tmp_path, capsys, case):
+    extra, line, words = BROKEN[case]
+    config = _config(tmp_path, extra)
+    assert run_cli.main(["--gin_file", config]) == run_cli.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert f"{config}:{line}" in err and words in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_required_names_the_binding_to_add(tmp_path, capsys):
+    config = _gin(tmp_path, f"run.job = @toy_run_job\nrun.runs_dir = '{tmp_path / 'runs'}'\n")
+    assert run_cli.main(["--gin_file", config]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}:1: toy_run_job.value is required; add `toy_run_job.value = ...`" in err
+    # The same value given on the command line is enough.
+    assert run_cli.main(["--gin_file", config, "--gin_param", "toy_run_job.value=2", "--dry_run"]) == 0
+    assert not (tmp_path / "runs").exists()
+
+    # run.job itself: base.gin alone has no job.
+    assert run_cli.main(["--gin_file", "base.gin", "--dry_run"]) == 2
+    assert "run.job is required" in capsys.readouterr().err
+
+
+def test_errors_in_included_files_and_params_name_their_source(tmp_path, capsys):
+    _gin(tmp_path, "toy_run_job.value = [1,\n", name="inner.gin")
+    config = _gin(tmp_path, f"include '{tmp_path / 'inner.gin'}'\nrun.job = @toy_run_job\n")
+    assert run_cli.main(["--gin_file", config]) == 2
+    assert f"{tmp_path / 'inner.gin'}:1: gin syntax error" in capsys.readouterr().err
+
+    assert run_cli.main(["--gin_file", _config(tmp_path), "--gin_param", "toy_run_job.nope=1"]) == 2
+    assert "--gin_param 'toy_run_job.nope=1'" in capsys.readouterr().err
+    assert run_cli.main(["--gin_file", str(tmp_path / "missing.gin")]) == 2
+    assert "cannot find gin file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_calls_the_job_and_writes_nothing(tmp_path, capsys):
+    config = _config(tmp_path)
+    assert run_cli.main(["--gin_file", config, "--gin_param", "toy_run_job.value=5", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "toy_run_job dry run: value=5" in out and "Dry run: job toy_run_job" in out
+    assert not (tmp_path / "runs").exists()
+
+    param = "run.job = @toy_run_job_without_dry_run"
+    assert run_cli.main(["--gin_file", config, "--gin_param", param, "--dry_run"]) == 0
+    assert "has no dry_run parameter" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failing_job_exits_non_zero_with_traceback_in_log(tmp_path):
+    config = _config(tmp_path, "toy_run_job.fail = True\n")
+    assert run_cli.main(["--gin_file", config]) == run_cli.EXIT_JOB_FAILED
+    log = (tmp_path / "runs" / "demo" / "log.txt").read_text()
+    assert "RuntimeError: toy job failed on purpose" in log
+    assert (tmp_path / "runs" / "demo" / "operative_config.gin").exists()
+
+
+def test_cli_process_stops_cleanly_on_sigterm(tmp_path):
+    """`python -m reflow_exp.run` as users (and the dashboard) start it; SIGTERM unwinds the job."""
+    repo = Path(__file__).resolve().parent.parent
+    config = _gin(
+        tmp_path,
+        f"""
+        import test_run
+        include 'base.gin'
+        run.job = @toy_run_wait_job
+        run.name = "cli"
+        run.runs_dir = "{tmp_path / 'runs'}"
+        Tracker.enabled = False
+        """,
+    )
+    env = os.environ | {"PYTHONPATH": f"{repo / 'tests'}{os.pathsep}{repo}", "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "reflow_exp.run", "--gin_file", config],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    log = tmp_path / "runs" / "cli" / "log.txt"
+    deadline = time.time() + 50
+    while not (log.exists() and "toy job waiting" in log.read_text()):
+        assert child.poll() is None, child.communicate()
+        assert time.time() < deadline, "the job did not start within 50 s"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == run_cli.EXIT_INTERRUPTED, err
+    assert "toy job waiting" in out
+    assert "Interrupted" in log.read_text()
+    assert "toy_run_wait_job.seconds = 60.0" in (log.parent / "operative_config.gin").read_text()
+    assert "Exception ignored" not in err  # no noise at interpreter exit
