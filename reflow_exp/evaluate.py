@@ -18,7 +18,8 @@ rollout loop itself can be checked against a policy known to succeed.
 Sampling follows SmolVLA's time convention: `num_steps` Euler steps from t=1 (noise) to t=0
 (action), dt = -1/num_steps. The noise of each chunk is drawn from a generator seeded with the
 episode's env seed, so an evaluation is a pure function of (policy, seed), the same whatever
-`n_envs`, and every step count sees the same noise (common random numbers).
+`n_envs` (up to float rounding of batched maths), and every step count sees the same noise
+(common random numbers).
 """
 
 from __future__ import annotations
@@ -394,35 +395,35 @@ class Evaluator:
             return {k: self._evaluate(policy, k, out_dir, tag) for k in step_counts}
 
     def _evaluate(self, policy: ChunkPolicy, num_steps: int, out_dir, tag: str) -> dict:
-        episodes: list[Episode] = []
-        record = self.videos if out_dir is not None else 0
-        with tqdm(total=self.episodes, desc=f"eval {tag or 'policy'} steps={num_steps}", leave=False) as bar:
-            for start in range(0, self.episodes, self.n_envs):
-                indices = range(start, min(start + self.n_envs, self.episodes))
-                seeds = [eval_episode_seed(self.seed, i) for i in indices]
-                env = make_vector_env(self.spec, len(seeds), self.env_kwargs)
-                fps = int(env.metadata.get("render_fps") or 10)
-                try:
-                    episodes += rollout(env, policy, seeds, num_steps, self.max_steps, self.spec.task,
-                                        record=max(0, min(record - start, len(seeds))))
-                finally:
-                    env.close()
-                bar.update(len(seeds))
-                bar.set_postfix(success=f"{np.mean([e.success for e in episodes]):.2f}")
+        """The metrics dict of one step count (see `run`)."""
+        episodes, fps = self._rollouts(policy, num_steps, record=self.videos if out_dir is not None else 0, tag=tag)
         result = _summarise(episodes)
         if self.latency_calls:
-            env = make_vector_env(self.spec, 1, self.env_kwargs)
-            try:
-                result["latency_ms"] = measure_latency(policy, env, eval_episode_seed(self.seed, 0), num_steps,
-                                                       self.latency_calls, self.spec.task)
-            finally:
-                env.close()
+            with contextlib.closing(make_vector_env(self.spec, 1, self.env_kwargs)) as env:
+                result["latency_ms"] = measure_latency(
+                    policy, env, eval_episode_seed(self.seed, 0), num_steps, self.latency_calls, self.spec.task
+                )
         if self.spec.routes:
             result["routes"] = _count_routes(episodes)
-        result |= self._save_videos(episodes, num_steps, out_dir, tag, fps)
-        return result
+        return result | self._save_videos(episodes, num_steps, out_dir, tag, fps)
+
+    def _rollouts(self, policy: ChunkPolicy, num_steps: int, record: int, tag: str) -> tuple[list[Episode], int]:
+        """All episodes, `n_envs` at a time, the first `record` with frames; and the env's render fps."""
+        episodes: list[Episode] = []
+        fps = 10
+        with tqdm(total=self.episodes, desc=f"eval {tag or 'policy'} steps={num_steps}", leave=False) as bar:
+            for start in range(0, self.episodes, self.n_envs):
+                seeds = [eval_episode_seed(self.seed, i) for i in range(start, min(start + self.n_envs, self.episodes))]
+                with contextlib.closing(make_vector_env(self.spec, len(seeds), self.env_kwargs)) as env:
+                    fps = int(env.metadata.get("render_fps") or fps)
+                    episodes += rollout(env, policy, seeds, num_steps, self.max_steps, self.spec.task,
+                                        record=max(0, min(record - start, len(seeds))))
+                bar.update(len(seeds))
+                bar.set_postfix(success=f"{np.mean([e.success for e in episodes]):.2f}")
+        return episodes, fps
 
     def _save_videos(self, episodes: list[Episode], num_steps: int, out_dir, tag: str, fps: int) -> dict:
+        """mp4s of the recorded episodes and a GIF of the first: {"videos": [paths], "gif": path}."""
         recorded = [(i, e.frames) for i, e in enumerate(episodes) if e.frames]
         if out_dir is None or not recorded:
             return {"videos": [], "gif": None}
