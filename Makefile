@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
+# The embedded CPU demo: tiny SmolVLM + sandbox data -> teacher (1-RF) -> reflow student, evaluated.
+# Run folders: runs/sandbox-teacher, runs/sandbox-reflow (running again resumes / re-evaluates).
 demo: $(STAMP)
-	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/demo.gin
+	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/teacher.gin
+	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/reflow.gin
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import gin
 import torch
@@ -24,7 +25,9 @@ from reflow_exp.data import (
     DataSource, dataset_digest, load_dataset, make_dataloader, open_metadata, policy_features, split_episodes,
 )
 from reflow_exp.heads import ActionHead
+from reflow_exp.evaluate import Evaluator
 from reflow_exp.offline import offline_metrics
+from reflow_exp.plots import success_latency_plot
 from reflow_exp.policy import Policy, resolve_policy_folder
 from reflow_exp.reflow import Reflow
 from reflow_exp.rundir import RunDir
@@ -171,6 +174,8 @@ def reflow(
     num_workers: int = 0,
     holdout_episodes: int = 10,
     offline_batches: int = 4,
+    teacher_eval_steps: tuple[int, ...] = (1, 2, 4, 10),
+    student_eval_steps: tuple[int, ...] = (1, 2, 4),
     freeze_vision_encoder: bool | None = None,
     load_vlm_weights: bool | None = None,
     train_expert_only: bool | None = None,
@@ -181,7 +186,9 @@ def reflow(
 
     The backbone is loaded once from the teacher and shared; the student head starts as a copy of
     the teacher head and is the only trainable part. `freeze_vision_encoder` is written into the
-    student's config (the whole backbone stays frozen here either way).
+    student's config (the whole backbone stays frozen here either way). At the end, teacher and
+    student are rolled out with the gin-configured `Evaluator` at their `*_eval_steps` (no rollouts
+    when both are empty).
     """
     for flag, value in (("load_vlm_weights", load_vlm_weights), ("train_expert_only", train_expert_only)):
         if value is not None:
@@ -241,6 +248,8 @@ def reflow(
     student_dir = model.student_policy().save_pretrained(run.path / "student")
     print(f"[Reflow] Student saved to {student_dir} (num_steps={student_steps})")
     run.update_summary({"train": result, "offline": offline, "student_checkpoint": str(student_dir)})
+    policies = {"teacher": (model.teacher_policy(), teacher_eval_steps), "student": (model.student_policy(), student_eval_steps)}
+    evaluate_rollouts(run, result["steps"], policies)
     run.save_operative_config()
 
 
@@ -288,3 +297,83 @@ def _log_offline(run: RunDir, step: int, metrics: dict) -> None:
         f"{head}@{k} {values['error']:.4f}" for head in ("student", "teacher") for k, values in metrics[head].items()
     )
     print(f"[Reflow] step {step}: error against the teacher's reference solution: {errors}")
+
+
+# ----------------------------------------------------------------------------- rollouts
+def evaluate_rollouts(run: RunDir, step: int, policies: dict) -> dict:
+    """Roll out each `name: (policy, step_counts)` with the gin-configured Evaluator; log to
+    metrics.jsonl/Aim (contexts head, steps), write `eval` into summary.json, the success/latency
+    plot and the rollout videos into the run folder, and print the table."""
+    policies = {name: value for name, value in policies.items() if value[1]}
+    if not policies:
+        return {}
+    evaluator = Evaluator()
+    results = {name: evaluator.run(policy, steps, out_dir=run.path, tag=name) for name, (policy, steps) in policies.items()}
+    for name, by_steps in results.items():
+        for k, metrics in by_steps.items():
+            numbers = {key: metrics[key] for key in ("success_rate", "mean_return", "mean_length", "latency_ms") if key in metrics}
+            run.log_metrics(step, numbers, subset="eval", head=name, steps=k)
+            if metrics.get("gif"):
+                run.tracker.track_image("rollout", metrics["gif"], step, {"head": name, "steps": k})
+    plot = success_latency_plot(results, run.path / "eval_plot.png")
+    run.tracker.track_image("success_latency", plot, step)
+    summary = {name: {str(k): _relative(m, run.path) for k, m in by_steps.items()} for name, by_steps in results.items()}
+    run.update_summary({"eval": summary})
+    print(eval_table(summary))
+    bar = quality_bar(summary)
+    if bar is not None:
+        run.update_summary({"quality_bar": bar})
+        print("Quality bar: " + "; ".join(f"{check}: {'PASS' if ok else 'FAIL'}" for check, ok in bar.items()))
+    return results
+
+
+def _relative(metrics: dict, root) -> dict:
+    """Paths under the run folder relative to it, so the folder can move."""
+    def rel(path):
+        return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else str(path)
+
+    out = {k: v for k, v in metrics.items() if k not in ("videos", "gif")}
+    out["videos"] = [rel(p) for p in metrics.get("videos", [])]
+    if metrics.get("gif"):
+        out["gif"] = rel(metrics["gif"])
+    return out
+
+
+def eval_table(summary: dict) -> str:
+    """A plain-text table of summary.json's `eval` section."""
+    lines = [f"{'head':<8} {'steps':>5} {'success':>8} {'return':>8} {'length':>7} {'latency ms':>11} {'routes L/R/none':>16}"]
+    for name, by_steps in summary.items():
+        for k, m in sorted(by_steps.items(), key=lambda item: int(item[0])):
+            latency = f"{m['latency_ms']:.1f}" if "latency_ms" in m else "-"
+            routes = "/".join(str(m["routes"][r]) for r in ("left", "right", "none")) if "routes" in m else "-"
+            lines.append(
+                f"{name:<8} {k:>5} {m['success_rate']:>8.3f} {m['mean_return']:>8.3f} {m['mean_length']:>7.1f} "
+                f"{latency:>11} {routes:>16}"
+            )
+    return "\n".join(lines)
+
+
+def quality_bar(summary: dict) -> dict[str, bool] | None:
+    """The sandbox's bar: teacher@10 >= 0.80, student@1 >= 0.95 x teacher@10, and
+    teacher@1 <= student@1 - 0.20 (reflow, not an easy task, makes one step work)."""
+    try:
+        t10 = summary["teacher"]["10"]["success_rate"]
+        t1 = summary["teacher"]["1"]["success_rate"]
+        s1 = summary["student"]["1"]["success_rate"]
+    except KeyError:
+        return None
+    return {
+        "teacher@10 >= 0.80": t10 >= 0.80,
+        "student@1 >= 0.95 x teacher@10": s1 >= 0.95 * t10,
+        "teacher@1 <= student@1 - 0.20": t1 <= s1 - 0.20,
+    }
+
+
+@gin.configurable
+def evaluate_policies(run: RunDir, policies: dict = gin.REQUIRED, dry_run: bool = False) -> None:
+    """Evaluate saved policies: `policies = {"name": ("<policy folder or run folder>", [steps, ...])}`."""
+    if dry_run:
+        print(f"[Eval] would evaluate {sorted(policies)} with {Evaluator().env_id}")
+        return
+    loaded = {name: (Policy.from_pretrained(path), tuple(steps)) for name, (path, steps) in policies.items()}
+    evaluate_rollouts(run, 0, loaded)

@@ -1,6 +1,6 @@
 """Run one configured job::
 
-    python -m reflow_exp.run --gin_file gin/sandbox/demo.gin [--gin_file G ...] \\
+    python -m reflow_exp.run --gin_file gin/sandbox/teacher.gin [--gin_file G ...] \\
         [--gin_param 'Trainer.steps=100' ...] [--dry_run]
 
 Gin files are found relative to the working directory or the repo's ``gin/`` folder (so are
@@ -37,7 +37,7 @@ from typing import Any, Iterator, NamedTuple
 import gin
 from gin import config_parser
 
-from reflow_exp import rundir, trainer, tracking  # noqa: F401  register run, Trainer, Tracker
+from reflow_exp import jobs, rundir, trainer, tracking  # noqa: F401  register the configurables
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 EXIT_CONFIG_ERROR = 2
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parse and check the gin config, then run the job. Returns the process exit code."""
     args = _parse_args(argv)
     gin.clear_config()
-    _import_jobs()
     try:
         config = load_config(args.gin_file, args.gin_param)
         settings = rundir.run_settings()
@@ -99,15 +98,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gin_param", action="append", default=[], help="binding like 'Trainer.steps=10'")
     parser.add_argument("--dry_run", action="store_true", help="parse, check and summarise; write nothing")
     return parser.parse_args(argv)
-
-
-def _import_jobs() -> None:
-    """Import the job configurables (they must be registered before parsing)."""
-    try:
-        importlib.import_module("reflow_exp.jobs")
-    except ModuleNotFoundError as e:
-        if e.name != "reflow_exp.jobs":
-            raise  # jobs exists but one of its imports is missing: show that
 
 
 def _dry_run(settings: rundir.RunSettings) -> int:

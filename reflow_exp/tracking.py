@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import numbers
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -95,19 +96,23 @@ class Tracker:
         self._run.track(_scalar(name, value), name=name, step=int(step), context=_native(context or {}))
 
     def track_image(self, name: str, image: Any, step: int, context: Mapping[str, Any] | None = None) -> None:
-        """Track an image: a PIL image, or an ``(H, W[, C])`` uint8 / [0, 1] float numpy array."""
+        """Track an image: a PIL image, an image file (an animated GIF stays animated), or an
+        ``(H, W[, C])`` uint8 / [0, 1] float numpy array."""
         if self._run is None:
             return
         import aim
         import numpy as np
         from PIL import Image
 
+        if isinstance(image, (str, os.PathLike)):
+            image = Image.open(image)
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8:
                 image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
             image = Image.fromarray(image)
+        animated = getattr(image, "n_frames", 1) > 1
         self._run.track(
-            aim.Image(image, format="png"), name=name, step=int(step), context=_native(context or {})
+            aim.Image(image, format="gif" if animated else "png"), name=name, step=int(step), context=_native(context or {})
         )
 
     def close(self) -> None:

@@ -15,3 +15,13 @@ def tiny_vlm(tmp_path_factory):
     from reflow_exp.sandbox import make_tiny_vlm
 
     return make_tiny_vlm(tmp_path_factory.mktemp("sandbox") / "vlm", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    """`run.main` leaves its config bound and locked; every test starts and ends with none."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()

@@ -9,6 +9,7 @@ from lerobot.policies.factory import get_policy_class
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
 from reflow_exp import coupling, flow, run
+from reflow_exp.data import DataSource, load_dataset, make_dataloader, open_metadata
 from reflow_exp.heads import ActionHead
 from reflow_exp.policy import Policy
 from reflow_exp.reflow import Reflow
@@ -65,7 +66,20 @@ def test_metrics_carry_head_and_time_bins(runs):
     assert train and all(r["context"]["head"] == "student" for r in train)
     assert any(key.startswith("loss_t") for r in train for key in r)
     evals = [r for r in rows if r["context"].get("subset") == "eval"]
-    assert {r["context"]["steps"] for r in evals if "steps" in r["context"]} == {1, 2, 4}
+    assert {r["context"]["steps"] for r in evals if "offline_error" in r} == {1, 2, 4}
+    rollouts = {(r["context"]["head"], r["context"]["steps"]) for r in evals if "success_rate" in r}
+    assert rollouts == {("teacher", 1), ("teacher", 10), ("student", 1)}  # tiny_reflow.gin's eval steps
+
+
+def test_rollouts_fill_summary_plot_and_videos(runs):
+    folder = runs / "tiny-reflow"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["eval"]["teacher"]) == {"1", "10"} and set(summary["eval"]["student"]) == {"1"}
+    student_1 = summary["eval"]["student"]["1"]
+    assert 0 <= student_1["success_rate"] <= 1 and student_1["episodes"] == 2 and student_1["latency_ms"] > 0
+    assert all((folder / video).is_file() for video in student_1["videos"]) and student_1["videos"]
+    assert (folder / "eval_plot.png").stat().st_size > 10_000
+    assert "quality_bar" in summary
 
 
 def test_exported_student_is_an_ordinary_lerobot_checkpoint(runs):
@@ -87,8 +101,12 @@ def test_student_can_teach_a_third_round(runs, tmp_path):
     """k-rectified flow through gin alone: the student folder is a valid teacher."""
     (tmp_path / "runs").mkdir()
     student = runs / "tiny-reflow" / "student"
-    run_job(tmp_path, f'reflow.teacher = "{student}"', 'run.name = "round3"', gin_file="gin/sandbox/tiny_reflow.gin")
+    run_job(
+        tmp_path, f'reflow.teacher = "{student}"', 'run.name = "round3"', "reflow.coupling = @CachedCoupling()",
+        f'sandbox_source.root = "{runs.parent / "sandbox"}"', gin_file="gin/sandbox/tiny_reflow.gin",
+    )
     assert json.loads((tmp_path / "runs" / "round3" / "summary.json").read_text())["vlm_load_count"] == 1
+    assert (tmp_path / "runs" / "round3" / coupling.CachedCoupling.FILE).is_file()
 
 
 def test_legacy_flags_warn(runs, tmp_path):
@@ -129,3 +147,27 @@ def _raw_batch():
         "action_is_pad": batch["action_is_pad"],
         "task": ["go to the red goal"] * B,
     }
+
+
+def test_cached_pairs_are_teacher_solutions_reused_until_the_fingerprint_changes(runs, tmp_path):
+    teacher = Policy.from_pretrained(runs / "tiny-teacher")
+    student = ActionHead(teacher.config, teacher.backbone, teacher.head.lerobot.state_dict())
+    cached = coupling.CachedCoupling(pairs_per_sample=2, teacher_steps=3)
+    model = Reflow(teacher.backbone, teacher.head, student, cached, flow.uniform_time)
+    source = DataSource("unused", "reflow_exp/sandbox", str(runs.parent / "sandbox" / "data"))
+    meta = open_metadata(source)
+    loader = make_dataloader(load_dataset(source, meta, teacher.config.chunk_size, [0]), 8, seed=0, shuffle=False)
+
+    cached.prepare(model, loader, teacher.preprocessor, tmp_path, {"teacher": "a"})
+    file = tmp_path / coupling.CachedCoupling.FILE
+    assert cached.noise.shape == (len(loader.dataset), 2, teacher.config.chunk_size, teacher.config.max_action_dim)
+    batch = teacher.preprocessor(next(iter(loader)))
+    noise, action = cached.pairs(model, batch, None)
+    expected = model.teacher_actions(batch, noise, 3, None)
+    assert torch.allclose(action, expected, atol=1e-5)  # the stored x is the teacher's ODE solution from z
+
+    stamp = file.stat().st_mtime_ns
+    cached.prepare(model, loader, teacher.preprocessor, tmp_path, {"teacher": "a"})
+    assert file.stat().st_mtime_ns == stamp  # reused
+    cached.prepare(model, loader, teacher.preprocessor, tmp_path, {"teacher": "b"})
+    assert file.stat().st_mtime_ns != stamp  # the teacher changed: regenerated

@@ -36,17 +36,17 @@ from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfi
 from .task import IMAGE_SIZE, INSTRUCTIONS
 
 MARKER = "reflow_exp_sandbox.json"
-VLM_VERSION = 1  # bump when the architecture or vocabulary below changes: cached folders rebuild
+VLM_VERSION = 2  # bump when the architecture or vocabulary below changes: cached folders rebuild
 
 # Sizes of the tiny SmolVLM.
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 4
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
-VISION_HIDDEN = 32
+VISION_HIDDEN = 64
 VISION_LAYERS = 2
 VISION_HEADS = 2
-PATCH_SIZE = 16
+PATCH_SIZE = 8  # 64 patches -> 16 image tokens: goals are small, 16-pixel patches blurred them
 SCALE_FACTOR = 2
 CHUNK_SIZE = 16
 

@@ -1,0 +1,68 @@
+"""Command line: `python -m reflow_exp.bench {startup,train_step,latency,gpu} [options]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from reflow_exp.bench import common
+
+DEFAULT_SIZES = {"startup": ["real"], "train_step": ["tiny", "mid", "real"], "latency": ["real"], "gpu": ["real"]}
+DEFAULT_REPEATS = {"startup": 3, "train_step": 5, "latency": 5, "gpu": 5}
+# ratio fields copied to the top of <name>.json from the largest size that ran
+HEADLINE = {
+    "startup": ["time_ratio", "memory_ratio", "load_count_ours", "load_count_naive"],
+    "train_step": ["step_ratio"],
+    "latency": ["expert_ratio", "end_to_end_ratio", "limit_ratio"],
+}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m reflow_exp.bench", description=__doc__)
+    parser.add_argument("name", choices=sorted(DEFAULT_SIZES))
+    parser.add_argument("--size", nargs="+", choices=["tiny", "mid", "real"],
+                        help="one or more sizes (default: real; train_step: tiny mid real)")
+    parser.add_argument("--repeats", type=int, help="alternating repetitions per side (default 3-5)")
+    parser.add_argument("--batch", type=int, help="train_step: batch; latency: throughput batch")
+    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="where <name>.json goes")
+    parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE, help="cached teacher checkpoints")
+    parser.add_argument("--plot", type=Path, help="latency/gpu: write the latency-vs-steps PNG here")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    args.size = args.size or DEFAULT_SIZES[args.name]
+    args.repeats = args.repeats or DEFAULT_REPEATS[args.name]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from reflow_exp.bench import gpu, latency, startup, train_step
+
+    results = {}
+    for size in args.size:
+        if args.name == "startup":
+            results[size] = startup.run(size, args.repeats, args.cache)
+        elif args.name == "train_step":
+            results[size] = train_step.run(size, args.repeats, args.cache, batch=args.batch)
+        elif args.name == "latency":
+            results[size] = latency.run(size, args.repeats, args.cache, throughput_batch=args.batch, plot=args.plot)
+        else:
+            results[size] = gpu.run(size, args.repeats, args.cache, plot=args.plot)
+    last = results[args.size[-1]]
+    summary = {"bench": args.name, "command": common.command_line(),
+               **{k: last[k] for k in HEADLINE.get(args.name, []) if k in last}}
+    if args.name == "gpu":
+        summary |= last
+    else:
+        summary["sizes"] = results
+    path = common.write_result(args.out, args.name, summary)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Light helpers shared by the benchmarks: timing, alternation, tables, machine info, result files.
+
+Nothing here imports torch at module level: the start-up benchmark's child process imports this
+before it starts its clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_OUT = Path("runs/bench")
+DEFAULT_CACHE = DEFAULT_OUT / "cache"
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Wall seconds of one call of `fn` (with `sync()` before and after, e.g. CUDA's synchronize)."""
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None) -> dict[str, list[float]]:
+    """Time every function once per repeat; the order rotates each repeat, so with two sides each
+    goes first half of the time and slow drift in the machine's load hits both alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(fns[name], sync))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (other processes on the machine show up here)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def memory_total_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on; the load average is taken now (call at start and end)."""
+    import torch  # only the parent calls this, after its own imports
+
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "memory_total_gb": memory_total_gb(),
+        "load_average": load_average(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def command_line() -> str:
+    """The command as a user would type it."""
+    return "python -m reflow_exp.bench " + " ".join(sys.argv[1:])
+
+
+def write_result(out_dir: Path, name: str, result: dict) -> Path:
+    """Write `<out_dir>/<name>.json` (atomically) and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def check(targets: dict[str, tuple[str, float]], values: dict[str, float]) -> dict[str, bool]:
+    """{name: value meets its target} for targets {name: ("<=" | ">=" | "==", bound)}."""
+    ops = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "==": lambda a, b: a == b}
+    return {name: bool(ops[op](values[name], bound)) for name, (op, bound) in targets.items()}
+
+
+def print_table(title: str, header: list[str], rows: list[list], targets: dict | None = None, met=None) -> None:
+    """A plain aligned text table, then one line per target with OK / MISSED."""
+    cells = [[_fmt(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+    for name, (op, bound) in (targets or {}).items():
+        status = "OK" if met and met.get(name) else "MISSED"
+        print(f"  target {name} {op} {bound}: {status}")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)

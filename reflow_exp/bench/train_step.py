@@ -1,0 +1,118 @@
+"""One reflow training step: teacher ODE (10 Euler steps) + student forward/backward/AdamW update.
+
+- ours: `Reflow(shared_prefix=True).loss(batch)`: one no-grad prefix pass over images + language,
+  shared by the teacher's ODE and the student's velocity; only the student's state token goes
+  through the VLM with gradients.
+- naive: LeRobot's `SmolVLAPolicy` objects composed as a user would: `teacher.predict_action_chunk`
+  (its own prefix pass, then 10 steps), then `student.forward` on the teacher's actions (LeRobot's
+  joint prefix+suffix forward; the backward runs through the whole VLM prefix because the trainable
+  `state_proj` feeds the state token into it).
+
+Both sides train the same parameters (the student's expert and projections) from the same weights
+with the same optimizer; the naive objects alias our frozen VLM tensors to save RAM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reflow_exp.bench import common
+
+TARGETS = {"step_ratio": ("<=", 0.6)}
+
+
+def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_steps: int = 10,
+        device: str = "cpu", amp=None) -> dict:
+    """Time `repeats` alternating steps of each side (after one untimed warm-up step each)."""
+    import torch
+
+    from reflow_exp.bench.models import get_size, make_batch
+    from reflow_exp.coupling import OnlineCoupling
+    from reflow_exp.reflow import Reflow
+
+    spec = get_size(size)
+    batch = batch or spec.train_batch
+    machine = common.machine_info()
+    teacher, student, naive_teacher, naive_student = load_sides(spec, cache, device)
+    ours = Reflow(teacher.backbone, teacher.head, student, OnlineCoupling(teacher_steps), shared_prefix=True)
+    ours.train()
+    data = make_batch(teacher.config, spec, batch, device=device)
+    steps = {"ours": _ours_step(ours, data, amp), "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp)}
+    sync = torch.cuda.synchronize if device != "cpu" else None
+    common.alternate(steps, 1, sync)  # warm-up: allocator, first-call overheads, optimizer state
+    times = common.alternate(steps, repeats, sync)
+    med = {side: common.median(t) for side, t in times.items()}
+    result = {
+        "bench": "train_step", "size": size, "device": device, "amp": str(amp), "batch": batch,
+        "teacher_steps": teacher_steps, "repeats": repeats,
+        "step_ratio": common.ratio(med["ours"], med["naive"]),
+        "ours_s": med["ours"], "naive_s": med["naive"], "times": times,
+        "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
+    }
+    result["met"] = common.check(TARGETS, result)
+    rows = [["step (s)", med["ours"], med["naive"], result["step_ratio"]]]
+    common.print_table(f"train_step ({size}, batch {batch}, {teacher_steps} teacher steps, {device}, median of {repeats})",
+                       ["", "ours", "naive", "ours/naive"], rows, TARGETS, result["met"])
+    return result
+
+
+def load_sides(spec, cache: Path, device: str):
+    """Our teacher policy and student head on one backbone, and LeRobot's two policies on the same
+    weights (same trainable parameter count, checked)."""
+    from reflow_exp.bench.models import lerobot_policy, load_ours, trainable_count
+
+    teacher, student = load_ours(spec, cache, device)
+    head_state = teacher.head.lerobot.state_dict()
+    naive_teacher = lerobot_policy(teacher.config, teacher.backbone, head_state, trainable=False)
+    naive_student = lerobot_policy(student.config, teacher.backbone, head_state, trainable=True)
+    if trainable_count(student) != trainable_count(naive_student):
+        raise RuntimeError(f"sides train different parameters: {trainable_count(student)} vs {trainable_count(naive_student)}")
+    return teacher, student, naive_teacher, naive_student
+
+
+def _ours_step(model, batch: dict, amp):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with _autocast(batch, amp):
+            loss, _ = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _naive_step(teacher, student, batch: dict, teacher_steps: int, amp):
+    import torch
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    teacher.config.num_steps = teacher_steps
+    student.train()
+    chunk, dim = student.config.chunk_size, student.config.max_action_dim
+
+    def step():
+        noise = torch.randn(batch["action"].shape[0], chunk, dim, device=batch["action"].device)
+        with _autocast(batch, amp):
+            actions = teacher.predict_action_chunk(dict(batch), noise=noise)  # no_grad inside
+            loss, _ = student.forward({**batch, "action": actions.float()}, noise=noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _autocast(batch: dict, amp):
+    """bf16 autocast on the batch's device when `amp` is a dtype, else nothing."""
+    import contextlib
+
+    import torch
+
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=batch["action"].device.type, dtype=amp)

@@ -1,0 +1,72 @@
+"""Each benchmark runs end to end at the tiny size and writes its JSON (timings are not checked)."""
+
+import json
+
+import pytest
+import torch
+
+from reflow_exp.bench import common
+from reflow_exp.bench.__main__ import main, parse
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """One output folder and one checkpoint cache for the module (the tiny teacher is made once)."""
+    root = tmp_path_factory.mktemp("bench")
+    return root / "out", root / "cache"
+
+
+def run_bench(dirs, name, *extra):
+    out, cache = dirs
+    assert main([name, "--size", "tiny", "--repeats", "1", "--out", str(out), "--cache", str(cache), *extra]) == 0
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_startup_counts_one_vlm_load_against_two(dirs):
+    result = run_bench(dirs, "startup")
+    assert result["load_count_ours"] == 1 and result["load_count_naive"] == 2
+    assert result["time_ratio"] > 0 and result["memory_ratio"] > 0
+    tiny = result["sizes"]["tiny"]
+    assert tiny["median"]["ours"]["vlm_load_count"] == 1  # our own counter agrees
+    assert tiny["median"]["ours"]["trainable"] == tiny["median"]["naive"]["trainable"]
+    assert set(tiny["met"]) == {"time_ratio", "memory_ratio", "load_count_ours", "load_count_naive"}
+
+
+def test_train_step_runs_both_sides(dirs):
+    result = run_bench(dirs, "train_step")
+    tiny = result["sizes"]["tiny"]
+    assert result["step_ratio"] == tiny["step_ratio"] > 0
+    assert len(tiny["times"]["ours"]) == len(tiny["times"]["naive"]) == 1
+    assert tiny["machine"]["nproc"] >= 1 and tiny["command"].startswith("python -m reflow_exp.bench train_step")
+
+
+def test_latency_splits_prefix_and_steps_and_plots(dirs):
+    plot = dirs[0] / "latency.png"
+    result = run_bench(dirs, "latency", "--batch", "2", "--plot", str(plot))
+    assert {"expert_ratio", "end_to_end_ratio", "limit_ratio"} <= set(result)
+    tiny = result["sizes"]["tiny"]
+    assert 0 < tiny["limit_ratio"] < 1
+    assert {"prefix", "expert teacher@10", "chunk student@1", "lerobot@10"} <= set(tiny["median_s"])
+    assert set(tiny["throughput_chunks_per_s"]) == {"teacher@10", "student@1"}
+    assert plot.stat().st_size > 0
+
+
+def test_gpu_says_it_skipped_without_cuda(dirs, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run_bench(dirs, "gpu")
+    assert result["skipped"] is True and "no CUDA device" in result["reason"]
+    assert "gpu: skipped" in capsys.readouterr().out
+
+
+def test_alternate_rotates_the_order():
+    calls = []
+    times = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert [len(t) for t in times.values()] == [3, 3]
+
+
+def test_command_line_defaults_and_checks():
+    assert parse(["train_step"]).size == ["tiny", "mid", "real"]
+    assert parse(["startup"]).size == ["real"]
+    with pytest.raises(SystemExit):
+        parse(["latency", "--repeats", "0"])
