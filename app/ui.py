@@ -282,7 +282,7 @@ class Dashboard:
         """Every part of the run page; parts whose fingerprint is unchanged are ``gr.skip()``.
 
         Returns (header, vlm badge, stop button, params, train stats, loss plot, by-t plot,
-        offline plot, eval table, eval note, plots gallery, video choice, video, config,
+        offline plot, eval table, eval note, plot choice, plot, video choice, video, config,
         operative config, summary, fingerprints).
         """
         old = dict(fingerprints or {})
@@ -345,13 +345,17 @@ class Dashboard:
         note = part("eval_note", lambda: gr.update(visible=not table and not pngs and not mp4s))
 
         def media():
+            images = [(p.relative_to(run_dir).as_posix(), str(p)) for p in pngs]
             videos = [(p.relative_to(run_dir).as_posix(), str(p)) for p in mp4s]
-            return (gr.update(value=[str(p) for p in pngs] or None, visible=bool(pngs)),
-                    gr.update(choices=videos, value=videos[0][1] if videos else None, visible=bool(videos)),
-                    gr.update(value=videos[0][1] if videos else None, visible=bool(videos)))
+            first_image = images[0][1] if images else None
+            first_video = videos[0][1] if videos else None
+            return (gr.update(choices=images, value=first_image, visible=len(images) > 1),
+                    gr.update(value=first_image, visible=bool(images)),
+                    gr.update(choices=videos, value=first_video, visible=bool(videos)),
+                    gr.update(value=first_video, visible=bool(videos)))
 
         made = part("media", media)
-        return (evaluation, note, *(made if isinstance(made, tuple) else (made, made, made)))
+        return (evaluation, note, *(made if isinstance(made, tuple) else (made,) * 4))
 
     def _configs(self, run_dir, summary, part):
         def make():
@@ -490,20 +494,24 @@ class Dashboard:
                             eval_table = gr.Dataframe(pd.DataFrame([], columns=EVAL_COLUMNS), interactive=False,
                                                       label="Evaluation (rollouts; offline error on held-out frames)",
                                                       visible=False, elem_id="eval-table")
-                            plots = gr.Gallery(label="Plots", columns=1, height="auto", object_fit="contain",
-                                               visible=False, elem_id="eval-plots")
+                            plot_choice = gr.Dropdown([], label="Plot", visible=False)
+                            plot = gr.Image(label="Success and latency vs sampling steps", type="filepath",
+                                            interactive=False, visible=False, elem_id="eval-plot", height=400,
+                                            show_label=False)
                             with gr.Row():
                                 video_choice = gr.Dropdown([], label="Rollout video", visible=False, scale=1)
                                 video = gr.Video(label="Rollout", visible=False, autoplay=True, loop=True, scale=2,
                                                  height=320)
                         with gr.Tab("Config", id="config"):
-                            config = gr.Code(label="config.gin (as given)", language="python", interactive=False)
-                            operative = gr.Code(label="operative_config.gin (values used)", language="python",
-                                                interactive=False)
+                            with gr.Row():
+                                config = gr.Code(label="config.gin (as given)", language="python", interactive=False,
+                                                 max_lines=32)
+                                operative = gr.Code(label="operative_config.gin (values used)", language="python",
+                                                    interactive=False, max_lines=32)
                             summary_json = gr.JSON(label="summary.json")
 
             page_outputs = [header, badge, stop_button, params, train_stats, loss_plot, by_t_plot, offline_plot,
-                            eval_table, eval_note, plots, video_choice, video, config, operative, summary_json,
+                            eval_table, eval_note, plot_choice, plot, video_choice, video, config, operative, summary_json,
                             fingerprints]
 
             # ---- events
@@ -520,7 +528,8 @@ class Dashboard:
                                 [launch_msg, run, tabs], api_name="launch", show_progress="minimal")
             stop_button.click(self.stop, run, stop_msg, api_name="stop", concurrency_limit=None)
             run.change(lambda: "", None, stop_msg, api_visibility="private", show_progress="hidden")
-            video_choice.change(lambda v: v, video_choice, video, api_visibility="private")
+            video_choice.input(lambda v: v, video_choice, video, api_visibility="private")
+            plot_choice.input(lambda v: v, plot_choice, plot, api_visibility="private")
             gpu_refresh.click(lambda: gr.update(choices=self.device_choices()), None, device, api_name="devices")
             aim_button.click(self.aim_link, None, aim_html, api_name="aim", show_progress="minimal")
             gr.api(self.runs_table_rows, api_name="runs")

@@ -190,6 +190,9 @@ def reflow(
     student are rolled out with the gin-configured `Evaluator` at their `*_eval_steps` (no rollouts
     when both are empty).
     """
+    for name, value in (("student_steps", student_steps), ("batch_size", batch_size), ("offline_batches", offline_batches)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"reflow.{name} must be an integer >= 1, got {value!r}")
     for flag, value in (("load_vlm_weights", load_vlm_weights), ("train_expert_only", train_expert_only)):
         if value is not None:
             warnings.warn(f"reflow.{flag}={value} is ignored: reflow handles it automatically ({_HANDLED[flag]})")

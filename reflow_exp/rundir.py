@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, TextIO
 import gin
 
 from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
-from reflow_exp.tracking import Tracker
+from reflow_exp.tracking import Tracker, deep_merge
 
 CONFIG_FILE = "config.gin"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
@@ -155,7 +155,7 @@ class RunDir:
 
     def update_summary(self, update: Mapping[str, Any]) -> dict:
         """Deep-merge ``update`` into summary.json (written atomically) and return the summary."""
-        self.summary = _deep_merge(self.summary, _jsonable(update))
+        self.summary = deep_merge(self.summary, _jsonable(update))
         _write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
         return self.summary
 
@@ -266,15 +266,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         return value.item()
     return value
-
-
-def _deep_merge(base: dict, update: Mapping) -> dict:
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            base[key] = _deep_merge(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def _read_json(path: Path) -> dict:

@@ -57,13 +57,13 @@ class Tracker:
         self.repo.mkdir(parents=True, exist_ok=True)
         hash_file = self.run_dir / HASH_FILE
         run_hash = hash_file.read_text().strip() if hash_file.exists() else None
-        self._run = aim.Run(
-            run_hash=run_hash,  # None → new run; else reopen (resume) the same Aim run
-            repo=str(self.repo),
-            experiment=experiment,
-            system_tracking_interval=None,
-            capture_terminal_logs=False,
-        )
+        settings = dict(repo=str(self.repo), experiment=experiment, system_tracking_interval=None,
+                        capture_terminal_logs=False)
+        try:
+            self._run = aim.Run(run_hash=run_hash, **settings)  # None → new run; else resume it
+        except aim.sdk.errors.MissingRunError:  # the folder moved to another runs dir, or the repo went
+            print(f"Aim run {run_hash} is not in {self.repo}; logging to a new Aim run")
+            self._run = aim.Run(**settings)
         _run_aim_cleanup_inline_at_exit()
         self._run.name = run_name or self.run_dir.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ class Tracker:
         if self._run is None:
             return
         current = self._run.get("hparams") or {}
-        self._run["hparams"] = _deep_merge(dict(current), _native(params))
+        self._run["hparams"] = deep_merge(dict(current), _native(params))
 
     def log_text(self, name: str, text: str, step: int | None = None) -> None:
         """Track a text (e.g. the operative gin config); step None → Aim's next step."""
@@ -148,10 +148,11 @@ def _native(value: Any) -> Any:
     return str(value)  # paths, enums, objects: readable beats a TypeError
 
 
-def _deep_merge(base: dict, update: Mapping) -> dict:
+def deep_merge(base: dict, update: Mapping) -> dict:
+    """Merge `update` into `base` recursively (nested dicts merge, other values replace); returns base."""
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            base[key] = _deep_merge(base[key], value)
+            base[key] = deep_merge(base[key], value)
         else:
             base[key] = value
     return base

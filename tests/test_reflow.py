@@ -171,3 +171,15 @@ def test_cached_pairs_are_teacher_solutions_reused_until_the_fingerprint_changes
     assert file.stat().st_mtime_ns == stamp  # reused
     cached.prepare(model, loader, teacher.preprocessor, tmp_path, {"teacher": "b"})
     assert file.stat().st_mtime_ns != stamp  # the teacher changed: regenerated
+
+
+def test_a_finished_teacher_run_resumes_from_its_last_checkpoint(runs, tmp_path):
+    """Same run name, more steps: training continues from checkpoint 6, not from scratch."""
+    import shutil
+
+    shutil.copytree(runs / "tiny-teacher", tmp_path / "runs" / "tiny-teacher", symlinks=True)
+    run_job(tmp_path, "Trainer.steps = 8", f'sandbox_source.root = "{runs.parent / "sandbox"}"')
+    log = (tmp_path / "runs" / "tiny-teacher" / "log.txt").read_text()
+    assert "Resuming training from" in log and "(step 6 of 8)" in log
+    summary = json.loads((tmp_path / "runs" / "tiny-teacher" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 8

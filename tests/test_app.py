@@ -1,0 +1,426 @@
+"""The dashboard: its pure logic directly, then the running app through ``gradio_client``
+(launch the tiny sandbox config, follow its log to the end, read back the VLM load count and the
+parameter table; bad form input gets a clear message and starts nothing)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app import gpus, runs
+from app.launcher import main as launcher_main
+from app.runner import LaunchPlan, Runner
+from app.runs import LaunchError
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+# -- gin files and overrides -----------------------------------------------------------------
+
+
+@pytest.fixture
+def gin_dir(tmp_path):
+    root = tmp_path / "gin"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "base.gin").write_text("run.seed = 0\n")
+    (root / "sub" / "a.gin").write_text("")
+    (root / "sub" / "deeper" / "b.gin").write_text("")
+    (root / "sub" / "notes.txt").write_text("")
+    (tmp_path / "outside.gin").write_text("")
+    (root / "sub" / "link.gin").symlink_to(tmp_path / "outside.gin")
+    return root
+
+
+def test_list_gin_files_is_recursive(gin_dir):
+    assert runs.list_gin_files(gin_dir) == ["base.gin", "sub/a.gin", "sub/link.gin", "sub/deeper/b.gin"]
+    assert "sandbox/tiny.gin" in runs.list_gin_files()  # the repo's own
+
+
+def test_resolve_gin_file_stays_inside_gin(gin_dir):
+    assert runs.resolve_gin_file("sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
+    assert runs.resolve_gin_file("gin/sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
+    for bad, words in [("../outside.gin", "outside gin/"), (str(gin_dir / "base.gin"), "outside gin/"),
+                       ("sub/link.gin", "outside gin/"), ("sub/../../outside.gin", "outside gin/"),
+                       ("sub/notes.txt", "not a .gin file"), ("nope.gin", "Unknown gin file"),
+                       ("", "Choose a gin file")]:
+        with pytest.raises(LaunchError, match=words):
+            runs.resolve_gin_file(bad, gin_dir)
+
+
+def test_parse_overrides():
+    text = "Trainer.steps = 100\n\n# a comment\n teacher/ActionHead.x = @uniform \nreflow.teacher = 'runs/t'\n"
+    assert runs.parse_overrides(text) == ["Trainer.steps = 100", "teacher/ActionHead.x = @uniform",
+                                          "reflow.teacher = 'runs/t'"]
+    assert runs.parse_overrides("") == [] and runs.parse_overrides(None) == []
+    for bad, words in [("Trainer.steps 100", "line 1.*configurable.parameter = value"),
+                       ("Trainer.lr = 1\nTrainer.steps = [1, 2", "line 2.*close brackets"),
+                       ("a.b = 'unclosed", "not a valid gin binding"),
+                       ("Trainer.steps = 1 2", "not a valid gin binding"),
+                       ("FOO = 3", "has no parameter"),
+                       ("run.name = 'x'", "Run name field"),
+                       ("run.runs_dir = '/tmp'", "--runs-dir")]:
+        with pytest.raises(LaunchError, match=words):
+            runs.parse_overrides(bad)
+
+
+def test_run_names_and_command(tmp_path):
+    assert runs.check_run_name(" my-run_1.b ") == "my-run_1.b"
+    for bad in ["../x", "a/b", ".hidden", "a b", "x" * 101]:
+        with pytest.raises(LaunchError, match="not allowed"):
+            runs.check_run_name(bad)
+    now = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
+    assert runs.default_run_name(tmp_path, now) == "20260102-030405"
+    (tmp_path / "20260102-030405").mkdir()
+    assert runs.default_run_name(tmp_path, now) == "20260102-030405-2"
+
+    cmd = runs.build_command(["gin/a.gin", "gin/b.gin"], ["X.y = 1"], "r1", Path("/r"), python="py", dry_run=True)
+    assert cmd == ["py", "-m", "reflow_exp.run", "--gin_file", "gin/a.gin", "--gin_file", "gin/b.gin",
+                   "--gin_param", "X.y = 1", "--gin_param", 'run.name = "r1"', "--gin_param", 'run.runs_dir = "/r"',
+                   "--dry_run"]
+
+
+def test_config_error_message_never_shows_a_traceback():
+    assert runs.config_error_message("error: gin/x.gin:3: Trainer has no parameter 'stepz'\n") == \
+        "gin/x.gin:3: Trainer has no parameter 'stepz'"
+    assert runs.config_error_message("error: two problems\nA.b is required\nC.d is required\n") == \
+        "two problems\nA.b is required\nC.d is required"
+    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    boom()\nFileNotFoundError: no teacher at runs/t\n'
+    assert runs.config_error_message(traceback) == "FileNotFoundError: no teacher at runs/t"
+
+
+# -- GPUs ------------------------------------------------------------------------------------
+
+
+def test_gpus_parse_and_device_checks():
+    text = "0, GPU-aaa, NVIDIA H100 80GB HBM3, 81559, 1234, 7\n1, GPU-bbb, NVIDIA A10, 24564, [N/A], 0\nbad line\n"
+    found = gpus.parse_nvidia_smi(text)
+    assert [(g.index, g.name, g.memory_total_mib, g.memory_used_mib, g.utilization_pct) for g in found] == [
+        (0, "NVIDIA H100 80GB HBM3", 81559.0, 1234.0, 7.0), (1, "NVIDIA A10", 24564.0, None, 0.0)]
+    assert found[0].label == "GPU 0 · NVIDIA H100 80GB HBM3 · 1.2/79.6 GiB · 7% busy"
+    assert gpus.device_choices(found)[-1] == ("CPU", "cpu") and gpus.device_choices([]) == [("CPU", "cpu")]
+    assert gpus.resolve_device("cpu", found) == "" and gpus.resolve_device("CPU", []) == ""
+    assert gpus.resolve_device("1", found) == "1" and gpus.resolve_device("cuda:0", found) == "0"
+    with pytest.raises(ValueError, match="GPU 2 does not exist: this machine has GPUs 0, 1"):
+        gpus.resolve_device("2", found)
+    with pytest.raises(ValueError, match="no GPU"):
+        gpus.resolve_device("0", [])
+    with pytest.raises(ValueError, match="Unknown device"):
+        gpus.resolve_device("tpu", found)
+
+
+def test_list_gpus_without_nvidia_smi(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert gpus.list_gpus() == []
+
+
+# -- reading run folders ---------------------------------------------------------------------
+
+
+def _metrics(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "half-writ')
+
+
+METRICS = [
+    {"step": 0, "time": 1, "context": {"subset": "setup"}, "vlm_load_count": 1.0},
+    {"step": 0, "time": 1, "context": {"subset": "eval", "head": "student", "steps": 1}, "offline_error": 0.5},
+    {"step": 0, "time": 2, "context": {"subset": "train", "head": "student"}, "loss": 1.0, "loss_t0.00-0.50": 2.0},
+    {"step": 2, "time": 3, "context": {"subset": "train", "head": "student"}, "loss": 0.5, "lr": 1e-3,
+     "loss_t0.00-0.50": 1.0, "loss_t0.50-1.00": 0.25},
+]
+
+
+def test_metrics_and_summary_readers(tmp_path):
+    _metrics(tmp_path / "metrics.jsonl", METRICS)
+    rows = runs.read_metrics(tmp_path)
+    assert len(rows) == 4  # the half-written line is skipped
+    assert runs.train_progress(rows) == (2, 0.5)
+    assert runs.vlm_load_count({}, rows) == 1 and runs.vlm_load_count({"vlm_load_count": 2}, rows) == 2
+    assert runs.vlm_load_count({}, []) is None
+    points = runs.curve_points(rows)
+    assert [(p["step"], p["value"]) for p in points["loss"]] == [(0, 1.0), (2, 0.5)]
+    assert {p["series"] for p in points["loss_by_t"]} == {"t ∈ [0.00, 0.50)", "t ∈ [0.50, 1.00)"}
+    assert points["offline"] == [{"step": 0, "value": 0.5, "series": "student @1 steps"}]
+
+    summary = {"params": {"total": 1000, "trainable": 250, "backbone": 750, "teacher_head": 250},
+               "eval": {"teacher": {"10": {"success_rate": 0.9, "mean_return": 0.8, "latency_ms": 36.25, "episodes": 20}},
+                        "student": {"1": {"success_rate": 0.85, "latency_ms": 9.0, "episodes": 20}}},
+               "offline": {"student": {"1": {"error": 0.14}, "2": {"error": 0.02}}, "straightness": {"student": 0.3}}}
+    assert runs.params_rows(summary) == [["Total", "1,000", ""], ["Trainable", "250", "25.00%"],
+                                         ["Backbone (VLM)", "750", "75.00%"], ["Teacher head", "250", "25.00%"],
+                                         ["Student head", "—", ""]]
+    assert runs.eval_rows(summary) == [
+        ["teacher", 10, "90%", "0.800", "36.2", "20", "—"],
+        ["student", 1, "85%", "—", "9.0", "20", "0.1400"],
+        ["student", 2, "—", "—", "—", "—", "0.0200"],
+    ]
+    (tmp_path / "operative_config.gin").write_text("Trainer.lr = 0.1\nTrainer.steps = 6\n")
+    assert runs.total_steps(tmp_path) == 6
+
+    (tmp_path / "eval" / "videos").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "000001").mkdir(parents=True)
+    for f in ["eval_plot.png", "eval/videos/s1_ep0.mp4", "checkpoints/000001/x.png", "eval/.hidden.mp4"]:
+        (tmp_path / f).write_bytes(b"")
+    assert runs.find_media(tmp_path, (".png",)) == [tmp_path / "eval_plot.png"]
+    assert runs.find_media(tmp_path, (".mp4",)) == [tmp_path / "eval/videos/s1_ep0.mp4"]
+
+
+def _launched(run_dir: Path, pid: int, **extra) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"pid": pid, "pgid": pid, "proc_start": runs.process_start_time(pid), "cuda_visible_devices": "0",
+              "started": 1000.0, "stop_requested": None, **extra}
+    runs.write_json_atomic(run_dir / runs.LAUNCH_FILE, record)
+
+
+def test_run_status(tmp_path):
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+
+    _launched(tmp_path / "alive", os.getpid())
+    _launched(tmp_path / "done", dead.pid)
+    runs.write_json_atomic(tmp_path / "done" / runs.EXIT_FILE, {"exit_code": 0, "ended": 1})
+    _launched(tmp_path / "crashed", dead.pid)
+    runs.write_json_atomic(tmp_path / "crashed" / runs.EXIT_FILE, {"exit_code": 1, "ended": 1})
+    _launched(tmp_path / "stopped", dead.pid, stop_requested=5.0)
+    runs.write_json_atomic(tmp_path / "stopped" / runs.EXIT_FILE, {"exit_code": 130, "ended": 1})
+    _launched(tmp_path / "killed", dead.pid, stop_requested=5.0)  # SIGKILLed: no exit file
+    _launched(tmp_path / "lost", dead.pid)  # died without a word
+    # Same pid, other process (pid reuse): the recorded start time does not match.
+    _launched(tmp_path / "reused", os.getpid(), proc_start=1)
+    # Started from the CLI: no dashboard files.
+    for name, log, summary in [("cli-done", "step 6/6\n", {"train": {}}),
+                               ("cli-stopped", "Interrupted; the run resumes from its last checkpoint\n", {}),
+                               ("cli-failed", "Traceback (most recent call last):\nValueError: x\n", {})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.txt").write_text(log)
+        runs.write_json_atomic(tmp_path / name / "summary.json", summary)
+    (tmp_path / "sandbox" / "data").mkdir(parents=True)  # a data cache, not a run
+    (tmp_path / ".aim").mkdir()
+
+    found = {r.name: r for r in runs.list_runs(tmp_path)}
+    assert {n: r.status for n, r in found.items()} == {
+        "alive": "running", "done": "finished", "crashed": "failed", "stopped": "stopped", "killed": "stopped",
+        "lost": "failed", "reused": "failed", "cli-done": "finished", "cli-stopped": "stopped",
+        "cli-failed": "failed",
+    }
+    assert found["alive"].device == "GPU 0" and found["cli-done"].device == "—"
+    assert found["crashed"].detail == "exit code 1"
+    assert found["alive"].alive and not found["done"].alive
+
+
+# -- the launcher wrapper and the runner (no torch: plain python children) -------------------
+
+
+def test_launcher_records_exit_code_and_console(tmp_path):
+    code = "import sys; print('hello from the run'); sys.exit(3)"
+    assert launcher_main([str(tmp_path / "r"), "--", PY, "-c", code]) == 0
+    assert runs.read_json(tmp_path / "r" / runs.EXIT_FILE)["exit_code"] == 3
+    assert "hello from the run" in (tmp_path / "r" / runs.CONSOLE_FILE).read_text()
+    assert runs.read_log(tmp_path / "r").startswith("hello from the run")  # no log.txt yet: the console
+
+
+CHILD = textwrap.dedent("""
+    import os, sys, time, signal
+    if sys.argv[1] == "ignore_int":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("CUDA_VISIBLE_DEVICES=%r ORDER=%s UNBUFFERED=%s" % (os.environ.get("CUDA_VISIBLE_DEVICES"),
+          os.environ.get("CUDA_DEVICE_ORDER"), os.environ.get("PYTHONUNBUFFERED")))
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("interrupted cleanly")
+        sys.exit(130)
+""")
+
+
+def _start_plain(runner: Runner, name: str, mode: str, cuda: str = "") -> runs.RunInfo:
+    run_dir = runner.runs_dir / name
+    plan = LaunchPlan(name, run_dir, [], [], cuda, [PY, "-u", "-c", CHILD, mode], resume=False)
+    info = runner.start(plan)
+    deadline = time.monotonic() + 20
+    while "CUDA_VISIBLE_DEVICES" not in runs.read_log(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return info
+
+
+def _wait_status(run_dir: Path, status: str, timeout: float = 20) -> runs.RunInfo:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = runs.run_status(run_dir)
+        if info.status == status:
+            return info
+        time.sleep(0.1)
+    return runs.run_status(run_dir)
+
+
+def test_runner_start_env_and_stop(tmp_path):
+    runner = Runner(tmp_path / "runs", stop_grace=(1.0, 1.0))
+    info = _start_plain(runner, "gentle", "normal", cuda="")
+    assert info.status == "running" and info.device == "CPU"
+    launch = runs.read_json(info.path / runs.LAUNCH_FILE)
+    assert launch["pid"] == launch["pgid"] and launch["cuda_visible_devices"] == ""
+    assert os.getpgid(launch["pid"]) == launch["pid"] != os.getpgid(0)  # its own process group
+    console = runs.read_log(info.path)
+    assert "CUDA_VISIBLE_DEVICES=''" in console and "ORDER=PCI_BUS_ID" in console and "UNBUFFERED=1" in console
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] != ""  # parent untouched
+
+    assert "sent SIGINT" in runner.stop("gentle")
+    stopped = _wait_status(info.path, "stopped")
+    assert stopped.status == "stopped" and stopped.exit_code == 130
+    assert "interrupted cleanly" in runs.read_log(info.path)
+    assert "not running" in runner.stop("gentle")
+
+    # A run that ignores SIGINT gets SIGTERM after the grace period.
+    stubborn = _start_plain(runner, "stubborn", "ignore_int")
+    runner.stop("stubborn")
+    assert _wait_status(stubborn.path, "stopped", timeout=15).exit_code == -signal.SIGTERM
+    with pytest.raises(LaunchError, match="No run named"):
+        runner.stop("nope")
+
+
+def test_runner_plan_refuses_a_running_name_and_non_runs(tmp_path):
+    runner = Runner(tmp_path / "runs", list_gpus=lambda: [])
+    (runner.runs_dir / "sandbox" / "data").mkdir(parents=True)
+    with pytest.raises(LaunchError, match="not a run folder"):
+        runner.plan("sandbox/tiny.gin", [], "", "cpu", "sandbox")
+    _launched(runner.runs_dir / "busy", os.getpid())
+    with pytest.raises(LaunchError, match="already running"):
+        runner.plan("sandbox/tiny.gin", [], "", "cpu", "busy")
+    plan = runner.plan("sandbox/tiny.gin", ["sandbox/data.gin"], "Trainer.steps = 2", "cpu", "")
+    assert plan.gin_files == ["gin/sandbox/tiny.gin", "gin/sandbox/data.gin"] and not plan.resume
+    assert plan.command[-4:] == ["--gin_param", f'run.name = "{plan.name}"', "--gin_param",
+                                 f'run.runs_dir = "{runner.runs_dir}"']
+
+
+def test_auth_from_env():
+    from app.main import auth_from_env, parse_args
+
+    assert auth_from_env({}) is None
+    assert auth_from_env({"REFLOW_DASHBOARD_USER": "u", "REFLOW_DASHBOARD_PASSWORD": "p"}) == ("u", "p")
+    with pytest.raises(SystemExit, match="both"):
+        auth_from_env({"REFLOW_DASHBOARD_USER": "u"})
+    args = parse_args([])
+    assert args.host == "127.0.0.1" and args.port is None and args.runs_dir.endswith("runs")
+
+
+# -- the running app, through gradio_client --------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sandbox_root(tmp_path_factory):
+    """One sandbox cache (tiny VLM + data) for every dashboard test of the session."""
+    return tmp_path_factory.getbasetemp() / "dashboard-sandbox"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    os.environ.setdefault("NO_PROXY", "localhost,127.0.0.1")
+    from gradio_client import Client
+
+    from app.ui import build_demo, launch_kwargs
+
+    runs_dir = tmp_path_factory.mktemp("dashboard-api") / "runs"
+    demo = build_demo(runs_dir)
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                    quiet=True, **launch_kwargs(runs_dir))
+    try:
+        yield Client(url, verbose=False), demo.dashboard
+    finally:
+        demo.dashboard.aim.stop()
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(app, sandbox_root):
+    """The tiny teacher launched from the dashboard and followed to its end: (name, final log)."""
+    client, dashboard = app
+    message, selected = client.predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"', "cpu",
+                                       "tiny-api", api_name="/launch")
+    assert "Started tiny-api on CPU" in message, message
+    assert (selected["value"] if isinstance(selected, dict) else selected) == "tiny-api"  # the run page follows
+    log = client.submit("tiny-api", api_name="/follow_log").result(timeout=300)
+    return "tiny-api", log
+
+
+def test_launch_follow_log_and_read_back(app, tiny_run):
+    client, dashboard = app
+    name, log = tiny_run
+    assert "Job train_teacher" in log and "weights ..." in log and "Saved checkpoint" in log
+    assert log.count("weights ...") == 1  # the VLM loaded once
+
+    header, badge, params, *_ = client.predict(name, api_name="/run_page")  # (buttons are not API outputs)
+    assert "finished" in header and "CPU" in header
+    assert 'data-count="1"' in badge and "VLM loaded 1×" in badge and "green" in badge
+    table = {row[0]: row[1:] for row in params["data"]}
+    assert list(table) == ["Total", "Trainable", "Backbone (VLM)", "Teacher head", "Student head"]
+    summary = json.loads((dashboard.runs_dir / name / "summary.json").read_text())
+    assert table["Total"][0] == f"{summary['params']['total']:,}"
+    share = 100 * summary["params"]["trainable"] / summary["params"]["total"]
+    assert table["Trainable"] == [f"{summary['params']['trainable']:,}", f"{share:.2f}%"]
+    assert table["Student head"] == ["—", ""]  # a teacher run has no student
+
+    (row,) = [r for r in client.predict(api_name="/runs") if r["name"] == name]
+    assert row["status"] == "finished" and row["device"] == "CPU" and row["step"] == row["total_steps"] == 6
+    assert row["last_loss"] == pytest.approx(summary["train"]["last_loss"])
+    launch = json.loads((dashboard.runs_dir / name / "dashboard.json").read_text())
+    assert launch["cuda_visible_devices"] == "" and launch["command"][1:3] == ["-m", "reflow_exp.run"]
+
+    # A fresh dashboard over the same folder (an app restart) finds the run as it was.
+    from app.ui import Dashboard
+
+    again = {r["name"]: r for r in Dashboard(dashboard.runs_dir).runs_table_rows()}
+    assert again[name]["status"] == "finished" and again[name]["device"] == "CPU"
+
+
+@pytest.mark.parametrize("form, words", [
+    (("nope.gin", [], "", "cpu", ""), "Unknown gin file 'nope.gin'"),
+    (("../pyproject.toml", [], "", "cpu", ""), "outside gin/"),
+    (("sandbox/tiny.gin", ["/etc/passwd"], "", "cpu", ""), "outside gin/"),
+    (("sandbox/tiny.gin", [], "Trainer.steps 3", "cpu", ""), "Override line 1"),
+    (("sandbox/tiny.gin", [], "", "7", ""), "GPU 7 does not exist"),
+    (("sandbox/tiny.gin", [], "", "cpu", "../escape"), "Run name '../escape' is not allowed"),
+])
+def test_bad_form_input_starts_nothing(app, form, words):
+    client, dashboard = app
+    before = sorted(os.listdir(dashboard.runs_dir))
+    message, _ = client.predict(*form, api_name="/launch")
+    assert words in message.replace("&#x27;", "'") and "msg-error" in message
+    assert "Traceback" not in message
+    assert sorted(os.listdir(dashboard.runs_dir)) == before and not dashboard.runner.running()
+
+
+def test_config_error_from_the_dry_run_is_shown_inline(app, sandbox_root):
+    client, dashboard = app
+    before = sorted(os.listdir(dashboard.runs_dir))
+    message, _ = client.predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"\nTrainer.stepz = 3',
+                                "cpu", "bad-config", api_name="/launch")
+    text = message.replace("&#x27;", "'")
+    assert "Config error" in text and "Trainer has no parameter 'stepz'" in text and "Traceback" not in text
+    assert sorted(os.listdir(dashboard.runs_dir)) == before and not (dashboard.runs_dir / "bad-config").exists()
+
+
+def test_aim_explorer_link(app, tiny_run):
+    client, dashboard = app
+    html = client.predict(api_name="/aim")
+    assert 'id="aim-link"' in html, html
+    url = html.split('href="')[1].split('"')[0]
+    assert url.startswith("http://127.0.0.1:")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url + "api/projects/", timeout=10) as response:
+        assert response.status == 200
+    dashboard.aim.stop()
+    assert dashboard.aim.url is None
