@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export NO_PROXY := localhost,127.0.0.1
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean dashboard browser
 
 setup: $(STAMP)
 
@@ -24,8 +24,17 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/teacher.gin
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/reflow.gin
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q tests
+
+# The Gradio dashboard (binds 127.0.0.1; e.g. `make dashboard DASHBOARD_ARGS="--port 7860 --runs-dir runs"`).
+DASHBOARD_ARGS ?=
+dashboard: $(STAMP)
+	$(VENV)/bin/reflow-dashboard $(DASHBOARD_ARGS)
+
+# The browser test drives Debian's chromium (Playwright cannot download its own browsers here).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -55,12 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(args.runs_dir).resolve()
     demo = build_demo(runs_dir)
     atexit.register(demo.dashboard.aim.stop)
+    signal.signal(signal.SIGTERM, _terminate)  # close like Ctrl-C, so atexit stops `aim up`
     print(f"reflow dashboard over {runs_dir}" + (" (login required)" if auth else ""), flush=True)
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, auth=auth,
         auth_message="reflow_exp dashboard" if auth else None, **launch_kwargs(runs_dir),
     )
     return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 """The Gradio Blocks of the dashboard.
 
-Left column: the launch form and the runs table. Main area: the selected run's page (status and
-VLM-load badges, Stop; tabs Overview / Log / Evaluation / Config). A ``gr.Timer`` refreshes the
-table and the page in the browser (only what changed); the log streams through a generator
-(``concurrency_limit=None``). Every handler is also an API endpoint (``/launch``,
-``/follow_log``, ``/run_page``, ``/runs_table``, ``/stop``, ``/aim``, ``/devices``) so the
-dashboard can be scripted and tested with ``gradio_client``.
+Left column: the launch form (gin file, extra gin files, overrides, run name, device). Main area:
+the runs table, then the selected run's page: name, status and VLM-load badges, Stop, and tabs
+Overview (parameters, training stats, loss curves) / Log / Evaluation (table, plot, rollout videos)
+/ Config. A ``gr.Timer`` refreshes the table and the page in the browser (only what changed); the
+log streams through a generator (``concurrency_limit=None``). The handlers are also API
+endpoints (``/launch``, ``/follow_log``, ``/run_page``, ``/runs``, ``/stop``, ``/aim``,
+``/devices``), so the dashboard can be scripted and tested with ``gradio_client``.
 """
 
 from __future__ import annotations
 
 import html
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from app.aim_server import AimServer
 from app.runner import Runner
 from app.runs import (
     EVAL_COLUMNS, GIN_DIR, LAUNCH_FILE, LaunchError, RunInfo, curve_points, eval_rows, find_media, is_run_dir,
-    list_gin_files, list_runs, params_rows, read_log, read_metrics, read_summary, run_status, vlm_load_count,
+    list_gin_files, list_runs, params_rows, read_json, read_log, read_metrics, read_summary, run_status,
+    vlm_load_count,
 )
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,6 @@ class Dashboard:
         self.runner = runner or Runner(self.runs_dir, gin_dir=self.gin_dir, list_gpus=list_gpus)
         self.aim = aim or AimServer(self.runs_dir)
         self._followers: dict[str, object] = {}  # session → token of its current log stream
-        self._lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class Dashboard:
             return
         what = "Resumed" if plan.resume else "Started"
         text = f"{what} {info.name} on {info.device} (pid {info.pid})."
-        yield (message_html("ok", text, " ".join(_quote(a) for a in plan.command[1:])),
+        yield (message_html("ok", text, " ".join(["python", *(_quote(a) for a in plan.command[1:])])),
                gr.update(choices=self.run_names(), value=info.name), gr.Tabs(selected="log"))
 
     def stop(self, name):
@@ -274,9 +274,6 @@ class Dashboard:
             return
         yield (f'<div class="msg msg-ok">Aim explorer: <a href="{url}" target="_blank" id="aim-link">{url}</a>'
                f' <span class="subtle">(runs folder {html.escape(str(self.runs_dir))})</span></div>')
-
-    def runs_table(self):
-        return runs_frame(list_runs(self.runs_dir))
 
     def page(self, name, fingerprints: dict | None = None):
         """Every part of the run page; parts whose fingerprint is unchanged are ``gr.skip()``.
@@ -364,10 +361,10 @@ class Dashboard:
             launch = (run_dir / LAUNCH_FILE)
             config = _read(run_dir / "config.gin")
             if launch.exists():
-                from app.runs import read_json
                 command = read_json(launch).get("command") or []
                 if command:
-                    config = "# launched by the dashboard:\n# " + " ".join(_quote(a) for a in command[1:]) + "\n\n" + config
+                    shown = " ".join(["python", *(_quote(a) for a in command[1:])])
+                    config = f"# launched by the dashboard:\n# {shown}\n\n{config}"
             return config, _read(run_dir / "operative_config.gin"), summary
 
         made = part("config", make)

@@ -12,6 +12,7 @@ import textwrap
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -346,19 +347,28 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_run(app, sandbox_root):
-    """The tiny teacher launched from the dashboard and followed to its end: (name, final log)."""
+    """The tiny teacher launched from the dashboard and followed to its end.
+
+    While it trains, two slow-starting requests run beside it (their tests read the results):
+    a launch whose config the dry run rejects, and ``aim up``.
+    """
     client, dashboard = app
     message, selected = client.predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"', "cpu",
                                        "tiny-api", api_name="/launch")
     assert "Started tiny-api on CPU" in message, message
     assert (selected["value"] if isinstance(selected, dict) else selected) == "tiny-api"  # the run page follows
+    side_jobs = {
+        "bad_config": client.submit("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"\nTrainer.stepz = 3',
+                                    "cpu", "bad-config", api_name="/launch"),
+        "aim": client.submit(api_name="/aim"),
+    }
     log = client.submit("tiny-api", api_name="/follow_log").result(timeout=300)
-    return "tiny-api", log
+    return SimpleNamespace(name="tiny-api", log=log, side_jobs=side_jobs)
 
 
 def test_launch_follow_log_and_read_back(app, tiny_run):
     client, dashboard = app
-    name, log = tiny_run
+    name, log = tiny_run.name, tiny_run.log
     assert "Job train_teacher" in log and "weights ..." in log and "Saved checkpoint" in log
     assert log.count("weights ...") == 1  # the VLM loaded once
 
@@ -403,19 +413,18 @@ def test_bad_form_input_starts_nothing(app, form, words):
     assert sorted(os.listdir(dashboard.runs_dir)) == before and not dashboard.runner.running()
 
 
-def test_config_error_from_the_dry_run_is_shown_inline(app, sandbox_root):
+def test_config_error_from_the_dry_run_is_shown_inline(app, tiny_run):
     client, dashboard = app
-    before = sorted(os.listdir(dashboard.runs_dir))
-    message, _ = client.predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"\nTrainer.stepz = 3',
-                                "cpu", "bad-config", api_name="/launch")
+    message, _ = tiny_run.side_jobs["bad_config"].result(timeout=300)
     text = message.replace("&#x27;", "'")
     assert "Config error" in text and "Trainer has no parameter 'stepz'" in text and "Traceback" not in text
-    assert sorted(os.listdir(dashboard.runs_dir)) == before and not (dashboard.runs_dir / "bad-config").exists()
+    assert not (dashboard.runs_dir / "bad-config").exists()
+    assert set(dashboard.runner.running()) <= {"tiny-api"}
 
 
 def test_aim_explorer_link(app, tiny_run):
     client, dashboard = app
-    html = client.predict(api_name="/aim")
+    html = tiny_run.side_jobs["aim"].result(timeout=300)
     assert 'id="aim-link"' in html, html
     url = html.split('href="')[1].split('"')[0]
     assert url.startswith("http://127.0.0.1:")

@@ -7,6 +7,7 @@ download is not reachable here)."""
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app(tmp_path_factory):
+    """The dashboard on a free port: (url, its Dashboard)."""
     os.environ["NO_PROXY"] = "localhost,127.0.0.1"
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from app.ui import build_demo, launch_kwargs
@@ -36,7 +38,7 @@ def app_url(tmp_path_factory):
     _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
                                     quiet=True, **launch_kwargs(runs_dir))
     try:
-        yield url
+        yield url, demo.dashboard
     finally:
         for name in demo.dashboard.runner.running():  # a failed test may leave a run behind
             try:
@@ -54,9 +56,10 @@ def sandbox_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def page(app):
     from playwright.sync_api import sync_playwright
 
+    app_url, _ = app
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         tab = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -87,40 +90,52 @@ def wait_log(page, text: str, timeout_s: float) -> None:
                            arg=text, timeout=timeout_s * 1000)
 
 
-def runs_row(page, name: str):
-    return page.locator("#runs-table tr", has=page.get_by_text(name, exact=True))
+def runs_row(page, name: str, status: str = ""):
+    """The runs table's row of ``name`` (with ``status``, if given)."""
+    row = page.locator("#runs-table [role=row]").filter(has_text=re.compile(rf"(^|\s){re.escape(name)}\s"))
+    return row.filter(has_text=status) if status else row
 
 
-def test_launch_watch_and_stop(page, sandbox_root):
+def test_launch_watch_and_stop(app, page, sandbox_root):
+    _, dashboard = app
     ARTIFACTS.mkdir(exist_ok=True)
+    cached = sandbox_root.exists()
 
-    # A tiny run: the page switches to its log, which streams to the end; the badge turns green.
+    # Two runs at once: a tiny one, and a long one to stop.
     launch(page, sandbox_root, "ui-tiny")
     assert page.get_by_role("tab", name="Log").get_attribute("aria-selected") == "true"
-    wait_log(page, "Job train_teacher", 120)
-    wait_log(page, "Saved checkpoint", 240)
-    page.locator("#vlm-load", has_text="VLM loaded 1×").wait_for(timeout=60_000)
-    assert "green" in page.locator("#vlm-load").get_attribute("class")
-    runs_row(page, "ui-tiny").get_by_text("finished").wait_for(timeout=120_000)
-    log = log_text(page)
-    assert "weights ..." in log and re.search(r"step 6/6 \| loss", log)
-    page.screenshot(path=str(ARTIFACTS / "dashboard-log.png"), full_page=True)
-
-    # A long second run: stopped from its page once it trains.
+    if not cached:  # let the first run build the sandbox cache before a second one reads it
+        tiny_log = dashboard.runs_dir / "ui-tiny" / "log.txt"
+        deadline = time.monotonic() + 240
+        while "[Teacher] Data" not in (tiny_log.read_text() if tiny_log.exists() else ""):
+            assert time.monotonic() < deadline, "the first run never got its data"
+            time.sleep(0.5)
     launch(page, sandbox_root, "ui-stop", "Trainer.steps = 100000")
+
+    # The page follows the run just launched: its log lines stream in while it trains.
+    wait_log(page, "Job train_teacher", 180)
     wait_log(page, "step 0/100000", 180)
-    stop = page.locator("#stop")
     page.wait_for_function("() => !document.querySelector('#stop').disabled", timeout=30_000)
-    stop.click()
+    page.locator("#stop").click()
     page.locator("#stop-msg").get_by_text("Stopping ui-stop").wait_for(timeout=30_000)
-    runs_row(page, "ui-stop").get_by_text("stopped").wait_for(timeout=120_000)
+    runs_row(page, "ui-stop", "stopped").wait_for(timeout=120_000)
     page.locator("#run-header .status-stopped").wait_for(timeout=30_000)
     wait_log(page, "Interrupted", 30)
     assert page.locator("#stop").is_disabled()
 
-    # Back to the finished run (click its row): overview with the parameter table and loss curve.
-    runs_row(page, "ui-tiny").locator("td").first.click()
+    # The tiny run (click its row): its log to the end, the VLM load badge turns green.
+    runs_row(page, "ui-tiny").locator("[role=gridcell]").first.click()
     page.locator("#run-header", has_text="ui-tiny").wait_for(timeout=30_000)
+    wait_log(page, "ui-tiny", 30)
+    wait_log(page, "Saved checkpoint", 240)
+    runs_row(page, "ui-tiny", "finished").wait_for(timeout=240_000)
+    page.locator("#vlm-load", has_text="VLM loaded 1×").wait_for(timeout=60_000)
+    assert "green" in page.locator("#vlm-load").get_attribute("class")
+    wait_log(page, "step 6/6 | loss", 30)
+    assert "weights ..." in log_text(page)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-log.png"), full_page=True)
+
+    # Its overview: the parameter table and the loss curve.
     page.get_by_role("tab", name="Overview").click()
     page.locator("#params", has_text="Teacher head").wait_for(timeout=30_000)
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=30_000)

@@ -28,6 +28,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="train_step: batch; latency: throughput batch")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="where <name>.json goes")
     parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE, help="cached teacher checkpoints")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds per size after which no new repeat starts (default 420: each "
+                             "real-size run ends within 10 minutes on a loaded 2-core machine)")
     parser.add_argument("--plot", type=Path, help="latency/gpu: write the latency-vs-steps PNG here")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -45,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for size in args.size:
         if args.name == "startup":
-            results[size] = startup.run(size, args.repeats, args.cache)
+            results[size] = startup.run(size, args.repeats, args.cache, budget_s=args.budget)
         elif args.name == "train_step":
-            results[size] = train_step.run(size, args.repeats, args.cache, batch=args.batch)
+            results[size] = train_step.run(size, args.repeats, args.cache, batch=args.batch, budget_s=args.budget)
         elif args.name == "latency":
-            results[size] = latency.run(size, args.repeats, args.cache, throughput_batch=args.batch, plot=args.plot)
+            results[size] = latency.run(size, args.repeats, args.cache, throughput_batch=args.batch, plot=args.plot,
+                                        budget_s=args.budget)
         else:
             results[size] = gpu.run(size, args.repeats, args.cache, plot=args.plot)
     last = results[args.size[-1]]

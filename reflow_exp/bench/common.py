@@ -30,13 +30,22 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> f
     return time.perf_counter() - start
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None, budget_s: float | None = None
+              ) -> dict[str, list[float]]:
     """Time every function once per repeat; the order rotates each repeat, so with two sides each
-    goes first half of the time and slow drift in the machine's load hits both alike."""
+    goes first half of the time and slow drift in the machine's load hits both alike.
+
+    `budget_s`: start no new repeat once this many seconds have passed (at least one repeat runs);
+    the lists' length says how many ran.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     names, times = list(fns), {name: [] for name in fns}
+    start = time.perf_counter()
     for r in range(repeats):
+        if r and budget_s is not None and time.perf_counter() - start > budget_s:
+            print(f"  (time budget of {budget_s:.0f} s reached: {r} of {repeats} repeats ran)")
+            break
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(timed(fns[name], sync))

@@ -18,7 +18,6 @@ each with its own VLM and its own prefix pass.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import shutil
@@ -54,15 +53,16 @@ class Size:
     lang_tokens: int  # language tokens per sample (a short instruction)
     train_batch: int  # train_step's batch
     throughput_batch: int  # latency's throughput batch
+    warmup: int  # untimed calls of each timed function first (first-call overheads matter when small)
 
 
 SIZES = {
     "tiny": Size("tiny", image=64, chunk=16, state_dim=2, action_dim=2, lang_tokens=5, train_batch=4,
-                 throughput_batch=8),
+                 throughput_batch=8, warmup=1),
     "mid": Size("mid", image=256, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=4,
-                throughput_batch=8),
-    "real": Size("real", image=512, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=2,
-                 throughput_batch=8),
+                throughput_batch=8, warmup=1),
+    "real": Size("real", image=512, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=1,
+                 throughput_batch=4, warmup=0),
 }
 
 
@@ -127,7 +127,7 @@ def teacher_checkpoint(size: Size, cache: Path = Path("runs/bench/cache")) -> Pa
     (the real one is 1.8 GB); remade when the size or the VLM's config changes."""
     vlm = vlm_folder(size, cache)
     folder = Path(cache) / size.name / "teacher"
-    marker = {"kind": "bench_teacher", "version": CHECKPOINT_VERSION, "size": dataclasses.asdict(size),
+    marker = {"kind": "bench_teacher", "version": CHECKPOINT_VERSION, "size": size.name, "shape": [size.image, size.chunk, size.state_dim, size.action_dim],
               "vlm": str(Path(vlm).resolve()), "vlm_config": json.loads((Path(vlm) / "config.json").read_text())}
     build_once(folder, marker, lambda work: _write_teacher(work, smolvla_config(size, vlm)))
     return folder

@@ -30,20 +30,24 @@ RESULT_PREFIX = "BENCH_CHILD "
 SIDES = ("ours", "naive")
 
 
-def run(size: str, repeats: int, cache: Path, device: str = "cpu") -> dict:
-    """Alternate fresh `ours` and `naive` children `repeats` times; medians and ratios."""
+def run(size: str, repeats: int, cache: Path, device: str = "cpu", budget_s: float | None = None) -> dict:
+    """Alternate fresh `ours` and `naive` children `repeats` times (no new repeat after `budget_s`);
+    medians and ratios."""
     from reflow_exp.bench.models import get_size, teacher_checkpoint
 
     checkpoint = teacher_checkpoint(get_size(size), cache)
     _read_through(checkpoint / "model.safetensors")  # both sides start from a warm page cache
     machine = common.machine_info()
-    runs = {side: [] for side in SIDES}
+    runs, start = {side: [] for side in SIDES}, time.perf_counter()
     for r in range(repeats):
+        if r and budget_s is not None and time.perf_counter() - start > budget_s:
+            print(f"  (time budget of {budget_s:.0f} s reached: {r} of {repeats} repeats ran)")
+            break
         for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
             runs[side].append(_spawn(side, checkpoint, device))
     med = {side: {key: common.median([x[key] for x in runs[side]]) for key in runs[side][0]} for side in SIDES}
     result = {
-        "bench": "startup", "size": size, "device": device, "repeats": repeats, "checkpoint": str(checkpoint),
+        "bench": "startup", "size": size, "device": device, "repeats": len(runs["ours"]), "checkpoint": str(checkpoint),
         "time_ratio": common.ratio(med["ours"]["load_s"], med["naive"]["load_s"]),
         "time_ratio_process": common.ratio(med["ours"]["process_s"], med["naive"]["process_s"]),
         "memory_ratio": common.ratio(med["ours"]["peak_rss_gb"], med["naive"]["peak_rss_gb"]),
@@ -59,7 +63,7 @@ def run(size: str, repeats: int, cache: Path, device: str = "cpu") -> dict:
     keys = ["load_s", "process_s", "import_s", "peak_rss_gb", "import_rss_gb", "vlm_loads"]
     rows = [[key, med["ours"][key], med["naive"][key], common.ratio(med["ours"][key], med["naive"][key])]
             for key in keys]
-    common.print_table(f"startup ({size}, {device}, median of {repeats})", ["", "ours", "naive", "ours/naive"],
+    common.print_table(f"startup ({size}, {device}, median of {result['repeats']})", ["", "ours", "naive", "ours/naive"],
                        rows, TARGETS, result["met"])
     return result
 

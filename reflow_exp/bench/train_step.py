@@ -22,8 +22,9 @@ TARGETS = {"step_ratio": ("<=", 0.6)}
 
 
 def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_steps: int = 10,
-        device: str = "cpu", amp=None) -> dict:
-    """Time `repeats` alternating steps of each side (after one untimed warm-up step each)."""
+        device: str = "cpu", amp=None, budget_s: float | None = None) -> dict:
+    """Time `repeats` alternating steps of each side (after the size's untimed warm-up steps;
+    no new repeat starts after `budget_s`)."""
     import torch
 
     from reflow_exp.bench.models import get_size, make_batch
@@ -39,19 +40,20 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
     data = make_batch(teacher.config, spec, batch, device=device)
     steps = {"ours": _ours_step(ours, data, amp), "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp)}
     sync = torch.cuda.synchronize if device != "cpu" else None
-    common.alternate(steps, 1, sync)  # warm-up: allocator, first-call overheads, optimizer state
-    times = common.alternate(steps, repeats, sync)
+    for _ in range(spec.warmup):  # allocator, first-call overheads, optimizer state
+        common.alternate(steps, 1, sync)
+    times = common.alternate(steps, repeats, sync, budget_s)
     med = {side: common.median(t) for side, t in times.items()}
     result = {
         "bench": "train_step", "size": size, "device": device, "amp": str(amp), "batch": batch,
-        "teacher_steps": teacher_steps, "repeats": repeats,
+        "teacher_steps": teacher_steps, "repeats": len(times["ours"]), "warmup": spec.warmup,
         "step_ratio": common.ratio(med["ours"], med["naive"]),
         "ours_s": med["ours"], "naive_s": med["naive"], "times": times,
         "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
     rows = [["step (s)", med["ours"], med["naive"], result["step_ratio"]]]
-    common.print_table(f"train_step ({size}, batch {batch}, {teacher_steps} teacher steps, {device}, median of {repeats})",
+    common.print_table(f"train_step ({size}, batch {batch}, {teacher_steps} teacher steps, {device}, median of {result['repeats']})",
                        ["", "ours", "naive", "ours/naive"], rows, TARGETS, result["met"])
     return result
 
