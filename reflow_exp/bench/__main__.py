@@ -42,6 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    common.set_argv(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from reflow_exp.bench import gpu, latency, startup, train_step
 

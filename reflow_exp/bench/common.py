@@ -100,9 +100,17 @@ def machine_info() -> dict:
     }
 
 
+_argv: list[str] | None = None  # set by __main__.main: in-process callers (tests) have another sys.argv
+
+
+def set_argv(argv: list[str] | None) -> None:
+    global _argv
+    _argv = list(argv) if argv is not None else sys.argv[1:]
+
+
 def command_line() -> str:
     """The command as a user would type it."""
-    return "python -m reflow_exp.bench " + " ".join(sys.argv[1:])
+    return "python -m reflow_exp.bench " + " ".join(sys.argv[1:] if _argv is None else _argv)
 
 
 def write_result(out_dir: Path, name: str, result: dict) -> Path:
