@@ -46,7 +46,8 @@ def test_latency_splits_prefix_and_steps_and_plots(dirs):
     assert {"expert_ratio", "end_to_end_ratio", "limit_ratio"} <= set(result)
     tiny = result["sizes"]["tiny"]
     assert 0 < tiny["limit_ratio"] < 1
-    assert {"prefix", "expert teacher@10", "chunk student@1", "lerobot@10"} <= set(tiny["median_s"])
+    assert {"prefix", "vision", "expert teacher@10", "expert student@4", "chunk student@1", "lerobot@10"} <= set(
+        tiny["median_s"])
     assert set(tiny["throughput_chunks_per_s"]) == {"teacher@10", "student@1"}
     assert plot.stat().st_size > 0
 
@@ -60,9 +61,14 @@ def test_gpu_says_it_skipped_without_cuda(dirs, monkeypatch, capsys):
 
 def test_alternate_rotates_the_order():
     calls = []
-    times = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    wall, cpu = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
-    assert [len(t) for t in times.values()] == [3, 3]
+    assert [len(t) for t in wall.values()] == [len(t) for t in cpu.values()] == [3, 3]
+
+
+def test_budget_stops_new_repeats_but_runs_one():
+    wall, _ = common.alternate({"a": lambda: None}, repeats=5, budget_s=0.0)
+    assert len(wall["a"]) == 1
 
 
 def test_command_line_defaults_and_checks():

@@ -28,15 +28,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="train_step: batch; latency: throughput batch")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="where <name>.json goes")
     parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE, help="cached teacher checkpoints")
-    parser.add_argument("--budget", type=float, default=420.0,
-                        help="seconds per size after which no new repeat starts (default 420: each "
-                             "real-size run ends within 10 minutes on a loaded 2-core machine)")
+    parser.add_argument("--budget", type=float, default=300.0,
+                        help="seconds per size after which no new repeat starts (default 300: a real-size "
+                             "run ends within 10 minutes on a busy 2-core machine)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (train_step, latency)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own, all cores)")
     parser.add_argument("--plot", type=Path, help="latency/gpu: write the latency-vs-steps PNG here")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.size = args.size or DEFAULT_SIZES[args.name]
     args.repeats = args.repeats or DEFAULT_REPEATS[args.name]
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--warmup must be >= 0 and --threads >= 1")
     return args
 
 
@@ -44,17 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     common.set_argv(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
     from reflow_exp.bench import gpu, latency, startup, train_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = {}
     for size in args.size:
         if args.name == "startup":
             results[size] = startup.run(size, args.repeats, args.cache, budget_s=args.budget)
         elif args.name == "train_step":
-            results[size] = train_step.run(size, args.repeats, args.cache, batch=args.batch, budget_s=args.budget)
+            results[size] = train_step.run(size, args.repeats, args.cache, batch=args.batch, budget_s=args.budget,
+                                           warmup=args.warmup)
         elif args.name == "latency":
             results[size] = latency.run(size, args.repeats, args.cache, throughput_batch=args.batch, plot=args.plot,
-                                        budget_s=args.budget)
+                                        budget_s=args.budget, warmup=args.warmup)
         else:
             results[size] = gpu.run(size, args.repeats, args.cache, plot=args.plot)
     last = results[args.size[-1]]

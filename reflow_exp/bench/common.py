@@ -19,28 +19,32 @@ DEFAULT_OUT = Path("runs/bench")
 DEFAULT_CACHE = DEFAULT_OUT / "cache"
 
 
-def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
-    """Wall seconds of one call of `fn` (with `sync()` before and after, e.g. CUDA's synchronize)."""
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call of `fn`, with `sync()` before and
+    after (e.g. CUDA's synchronize). CPU time barely moves when other processes take the cores, so
+    its ratios are the load-robust cross-check of the wall-time ones."""
     if sync:
         sync()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if sync:
         sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None, budget_s: float | None = None
-              ) -> dict[str, list[float]]:
-    """Time every function once per repeat; the order rotates each repeat, so with two sides each
-    goes first half of the time and slow drift in the machine's load hits both alike.
+              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time every function once per repeat: ({name: wall seconds}, {name: CPU seconds}). The order
+    rotates each repeat, so with two sides each goes first half of the time and slow drift in the
+    machine's load hits both alike.
 
     `budget_s`: start no new repeat once this many seconds have passed (at least one repeat runs);
     the lists' length says how many ran.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    names, times = list(fns), {name: [] for name in fns}
+    names = list(fns)
+    wall, cpu = {name: [] for name in names}, {name: [] for name in names}
     start = time.perf_counter()
     for r in range(repeats):
         if r and budget_s is not None and time.perf_counter() - start > budget_s:
@@ -48,8 +52,10 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None, bud
             break
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(timed(fns[name], sync))
-    return times
+            w, c = timed(fns[name], sync)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
 
 
 def median(values: list[float]) -> float:
@@ -58,6 +64,11 @@ def median(values: list[float]) -> float:
 
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of per-repeat ratios: the two sides of one repeat ran back to back, under one load."""
+    return median([ratio(a, b) for a, b in zip(numerators, denominators)])
 
 
 def load_average() -> list[float]:
@@ -96,6 +107,7 @@ def machine_info() -> dict:
         "load_average": load_average(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+
         "python": platform.python_version(),
     }
 

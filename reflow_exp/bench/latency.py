@@ -1,14 +1,17 @@
 """Action-chunk latency at batch 1, split into the prefix pass and the expert's Euler steps.
 
 Timed, alternating, medians (seconds):
-- `prefix`: vision encoder + VLM over image, language and state (`prefix.encode` + `prefix.extend`);
+- `prefix`: vision encoder + VLM over image, language and state (`prefix.encode` + `prefix.extend`),
+  and `vision`, its image part alone (resize, SigLIP encoder, connector);
 - `expert <head>@k`: k Euler steps of a head on a ready prefix (`prefix.sample`): teacher@10 and
   student@1, 2, 4 (the two heads have the same architecture, so only k matters);
 - `chunk <head>@k`: a whole chunk, prefix included, for teacher@10 and student@1;
-- `lerobot@1`, `lerobot@10`: LeRobot's own `predict_action_chunk` on the same weights (reference).
+- `lerobot@1`, `lerobot@10`: LeRobot's own `predict_action_chunk` on the same weights, once each
+  after the repeats (a reference, and a gauge of the machine against LeRobot numbers seen elsewhere).
 
 The physical limit of the 1-step student is (prefix + 1 step) / (prefix + 10 steps), one step being a
-tenth of teacher@10's expert time. Throughput: chunks per second at a larger batch.
+tenth of teacher@10's expert time. Throughput: chunks per second at a larger batch, one timing each.
+CPU-time ratios (`*_cpu`) are reported next to the wall-time ones as a load-robust cross-check.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ TEACHER_STEPS = 10
 
 
 def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = None, device: str = "cpu",
-        amp=None, plot: Path | None = None, budget_s: float | None = None) -> dict:
-    """Latency split at batch 1 and throughput at `throughput_batch`; optionally the plot PNG."""
+        amp=None, plot: Path | None = None, budget_s: float | None = None, warmup: int = 1) -> dict:
+    """Latency split at batch 1 (alternating, `warmup` untimed rounds, no new repeat after `budget_s`),
+    then once each: LeRobot's own chunk at 1 and 10 steps, and throughput at `throughput_batch`."""
     import torch
 
     from reflow_exp.bench.models import get_size, load_ours, make_batch
@@ -37,27 +41,32 @@ def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = Non
     big = throughput_batch or spec.throughput_batch
     with torch.inference_mode(), _autocast(device, amp):
         fns = _latency_fns(teacher, student, make_batch(teacher.config, spec, 1, device=device))
-        for _ in range(spec.warmup):
+        reference = {name: fns.pop(name) for name in [n for n in fns if n.startswith("lerobot")]}
+        for _ in range(warmup):
             common.alternate(fns, 1, sync)
-        times = common.alternate(fns, repeats, sync, budget_s)
-        many = make_batch(teacher.config, spec, big, device=device)
-        chunks = {k: v for k, v in _latency_fns(teacher, student, many).items() if k.startswith("chunk")}
-        for _ in range(spec.warmup):
-            common.alternate(chunks, 1, sync)
-        throughput_times = common.alternate(chunks, max(1, len(times["prefix"]) // 2), sync)
-    med = {name: common.median(t) for name, t in times.items()}
-    step_s = med[f"expert teacher@{TEACHER_STEPS}"] / TEACHER_STEPS
+        times, cpu = common.alternate(fns, repeats, sync, budget_s)
+        lerobot, _ = common.alternate(reference, 1, sync)
+        many = _latency_fns(teacher, student, make_batch(teacher.config, spec, big, device=device))
+        chunks = {name: fn for name, fn in many.items() if name.startswith("chunk")}
+        throughput_times, _ = common.alternate(chunks, 1, sync)
+    med = {name: common.median(t) for name, t in (times | lerobot).items()}
+    med_cpu = {name: common.median(t) for name, t in cpu.items()}
+    t10 = f"teacher@{TEACHER_STEPS}"
+    step_s = med[f"expert {t10}"] / TEACHER_STEPS
     limit = (med["prefix"] + step_s) / (med["prefix"] + TEACHER_STEPS * step_s)
-    e2e = med["chunk student@1"] / med[f"chunk teacher@{TEACHER_STEPS}"]
-    throughput = {name.removeprefix("chunk "): big / common.median(t) for name, t in throughput_times.items()}
+    e2e = med["chunk student@1"] / med[f"chunk {t10}"]
+    throughput = {name.removeprefix("chunk "): big / t[0] for name, t in throughput_times.items()}
     result = {
         "bench": "latency", "size": size, "device": device, "amp": str(amp), "repeats": len(times["prefix"]),
-        "warmup": spec.warmup,
-        "expert_ratio": med["expert student@1"] / med[f"expert teacher@{TEACHER_STEPS}"],
+        "warmup": warmup,
+        "expert_ratio": med["expert student@1"] / med[f"expert {t10}"],
         "end_to_end_ratio": e2e, "limit_ratio": limit, "end_to_end_vs_limit": abs(e2e / limit - 1),
-        "prefix_s": med["prefix"], "expert_step_s": step_s, "median_s": med, "times": times,
-        "throughput_batch": big, "throughput_chunks_per_s": throughput, "throughput_times": throughput_times,
-        "throughput_ratio": throughput["student@1"] / throughput[f"teacher@{TEACHER_STEPS}"],
+        "expert_ratio_cpu": med_cpu["expert student@1"] / med_cpu[f"expert {t10}"],
+        "end_to_end_ratio_cpu": med_cpu["chunk student@1"] / med_cpu[f"chunk {t10}"],
+        "prefix_s": med["prefix"], "expert_step_s": step_s, "median_s": med, "median_cpu_s": med_cpu,
+        "times": times | lerobot, "cpu_times": cpu,
+        "throughput_batch": big, "throughput_chunks_per_s": throughput,
+        "throughput_ratio": throughput["student@1"] / throughput[t10],
         "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
@@ -81,7 +90,11 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
     def whole(h, k):
         return prefix.sample(h, prefix.extend(h, prefix.encode(h, batch), batch), noise, k)
 
-    fns = {"prefix": lambda: prefix.extend(head, prefix.encode(head, batch), batch)}
+    def vision():  # the image part of the prefix: resize + SigLIP encoder + connector
+        images, _ = head.lerobot.prepare_images(batch)
+        return [head.lerobot.model.vlm_with_expert.embed_image(image) for image in images]
+
+    fns = {"prefix": lambda: prefix.extend(head, prefix.encode(head, batch), batch), "vision": vision}
     for name, h, k in [("teacher", head, TEACHER_STEPS)] + [("student", student, k) for k in STUDENT_STEPS]:
         fns[f"expert {name}@{k}"] = lambda h=h, k=k: prefix.sample(h, ready, noise, k)
     fns[f"chunk teacher@{TEACHER_STEPS}"] = lambda: whole(head, TEACHER_STEPS)
@@ -94,7 +107,7 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
 def _print(result: dict) -> None:
     med, p = result["median_s"], result["prefix_s"]
     t10 = med[f"chunk teacher@{TEACHER_STEPS}"]
-    rows = [["prefix (vision + VLM)", "", p, "", ""]]
+    rows = [["prefix (vision + VLM)", "", p, "", ""], ["  of which vision encoder", "", med["vision"], "", ""]]
     for name, k in [("teacher", TEACHER_STEPS)] + [("student", k) for k in STUDENT_STEPS]:
         chunk = med.get(f"chunk {name}@{k}")
         expert = med[f"expert {name}@{k}"]
@@ -106,6 +119,8 @@ def _print(result: dict) -> None:
         ["", "expert", "prefix + expert", "chunk (timed)", "chunk / teacher@10"], rows)
     print(f"  expert_ratio {result['expert_ratio']:.3f}   end_to_end_ratio {result['end_to_end_ratio']:.3f}"
           f"   limit_ratio {result['limit_ratio']:.3f}")
+    print(f"  on CPU time: expert_ratio {result['expert_ratio_cpu']:.3f}   "
+          f"end_to_end_ratio {result['end_to_end_ratio_cpu']:.3f}")
     tp = result["throughput_chunks_per_s"]
     print(f"  throughput at batch {result['throughput_batch']}: "
           + ", ".join(f"{k} {v:.3f} chunks/s" for k, v in tp.items()) + f" (x{result['throughput_ratio']:.2f})")

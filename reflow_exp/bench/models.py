@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,16 +54,15 @@ class Size:
     lang_tokens: int  # language tokens per sample (a short instruction)
     train_batch: int  # train_step's batch
     throughput_batch: int  # latency's throughput batch
-    warmup: int  # untimed calls of each timed function first (first-call overheads matter when small)
 
 
 SIZES = {
     "tiny": Size("tiny", image=64, chunk=16, state_dim=2, action_dim=2, lang_tokens=5, train_batch=4,
-                 throughput_batch=8, warmup=1),
+                 throughput_batch=8),
     "mid": Size("mid", image=256, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=4,
-                throughput_batch=8, warmup=1),
+                throughput_batch=8),
     "real": Size("real", image=512, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=1,
-                 throughput_batch=4, warmup=0),
+                 throughput_batch=2),
 }
 
 
@@ -208,10 +208,14 @@ def trainable_count(module: torch.nn.Module) -> int:
 class VlmLoadCounter:
     """Counts VLM materialisations, whoever does them: a `SmolVLMForConditionalGeneration` built with
     real (non-meta) parameters, one built on meta whose parameters `load_state_dict` then fills, or a
-    `from_pretrained` of that class. Install once per process (the start-up child does)."""
+    `from_pretrained` of that class. Install once per process (the start-up child does).
+
+    `init_s` adds up the seconds spent constructing SmolVLMs with real parameters (random
+    initialisation that a checkpoint then overwrites, on LeRobot's path)."""
 
     def __init__(self):
         self.count = 0
+        self.init_s = 0.0
         self._in_from_pretrained = 0
 
     def install(self) -> VlmLoadCounter:
@@ -219,9 +223,11 @@ class VlmLoadCounter:
         init, load_state_dict, from_pretrained = cls.__init__, cls.load_state_dict, cls.from_pretrained.__func__
 
         def counted_init(module, *args, **kwargs):
+            start = time.perf_counter()
             init(module, *args, **kwargs)
             if not counter._in_from_pretrained and not _on_meta(module):
                 counter.count += 1
+                counter.init_s += time.perf_counter() - start
 
         def counted_load_state_dict(module, *args, **kwargs):
             was_meta = _on_meta(module)

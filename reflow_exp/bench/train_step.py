@@ -22,9 +22,9 @@ TARGETS = {"step_ratio": ("<=", 0.6)}
 
 
 def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_steps: int = 10,
-        device: str = "cpu", amp=None, budget_s: float | None = None) -> dict:
-    """Time `repeats` alternating steps of each side (after the size's untimed warm-up steps;
-    no new repeat starts after `budget_s`)."""
+        device: str = "cpu", amp=None, budget_s: float | None = None, warmup: int = 1) -> dict:
+    """Time `repeats` alternating steps of each side after `warmup` untimed ones (allocator, optimizer
+    state, first-call overheads); no new repeat starts after `budget_s`."""
     import torch
 
     from reflow_exp.bench.models import get_size, make_batch
@@ -40,19 +40,24 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
     data = make_batch(teacher.config, spec, batch, device=device)
     steps = {"ours": _ours_step(ours, data, amp), "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp)}
     sync = torch.cuda.synchronize if device != "cpu" else None
-    for _ in range(spec.warmup):  # allocator, first-call overheads, optimizer state
+    for _ in range(warmup):
         common.alternate(steps, 1, sync)
-    times = common.alternate(steps, repeats, sync, budget_s)
+    times, cpu = common.alternate(steps, repeats, sync, budget_s)
     med = {side: common.median(t) for side, t in times.items()}
+    med_cpu = {side: common.median(t) for side, t in cpu.items()}
     result = {
         "bench": "train_step", "size": size, "device": device, "amp": str(amp), "batch": batch,
-        "teacher_steps": teacher_steps, "repeats": len(times["ours"]), "warmup": spec.warmup,
+        "teacher_steps": teacher_steps, "repeats": len(times["ours"]), "warmup": warmup,
         "step_ratio": common.ratio(med["ours"], med["naive"]),
-        "ours_s": med["ours"], "naive_s": med["naive"], "times": times,
+        "step_ratio_paired": common.paired_ratio(times["ours"], times["naive"]),
+        "step_ratio_cpu": common.ratio(med_cpu["ours"], med_cpu["naive"]),
+        "ours_s": med["ours"], "naive_s": med["naive"], "times": times, "cpu_times": cpu,
         "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
-    rows = [["step (s)", med["ours"], med["naive"], result["step_ratio"]]]
+    rows = [["step, wall (s)", med["ours"], med["naive"], result["step_ratio"]],
+            ["step, CPU time (s)", med_cpu["ours"], med_cpu["naive"], result["step_ratio_cpu"]],
+            ["median of paired ratios", "", "", result["step_ratio_paired"]]]
     common.print_table(f"train_step ({size}, batch {batch}, {teacher_steps} teacher steps, {device}, median of {result['repeats']})",
                        ["", "ours", "naive", "ours/naive"], rows, TARGETS, result["met"])
     return result
