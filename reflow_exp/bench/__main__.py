@@ -10,7 +10,7 @@ from pathlib import Path
 from reflow_exp.bench import common
 
 DEFAULT_SIZES = {"startup": ["real"], "train_step": ["tiny", "mid", "real"], "latency": ["real"], "gpu": ["real"]}
-DEFAULT_REPEATS = {"startup": 3, "train_step": 5, "latency": 5, "gpu": 5}
+DEFAULT_REPEATS = {"startup": 3, "train_step": 7, "latency": 9, "gpu": 5}
 # ratio fields copied to the top of <name>.json from the largest size that ran
 HEADLINE = {
     "startup": ["time_ratio", "memory_ratio", "load_count_ours", "load_count_naive"],

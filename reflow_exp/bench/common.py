@@ -21,8 +21,8 @@ DEFAULT_CACHE = DEFAULT_OUT / "cache"
 
 def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call of `fn`, with `sync()` before and
-    after (e.g. CUDA's synchronize). CPU time barely moves when other processes take the cores, so
-    its ratios are the load-robust cross-check of the wall-time ones."""
+    after (e.g. CUDA's synchronize). CPU time adds up all threads, their spin-waits included: a
+    cross-check of the wall-time ratios, not a measure free of the machine's load."""
     if sync:
         sync()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -107,7 +107,6 @@ def machine_info() -> dict:
         "load_average": load_average(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-
         "python": platform.python_version(),
     }
 

@@ -127,7 +127,8 @@ def teacher_checkpoint(size: Size, cache: Path = Path("runs/bench/cache")) -> Pa
     (the real one is 1.8 GB); remade when the size or the VLM's config changes."""
     vlm = vlm_folder(size, cache)
     folder = Path(cache) / size.name / "teacher"
-    marker = {"kind": "bench_teacher", "version": CHECKPOINT_VERSION, "size": size.name, "shape": [size.image, size.chunk, size.state_dim, size.action_dim],
+    marker = {"kind": "bench_teacher", "version": CHECKPOINT_VERSION, "size": size.name,
+              "shape": [size.image, size.chunk, size.state_dim, size.action_dim],
               "vlm": str(Path(vlm).resolve()), "vlm_config": json.loads((Path(vlm) / "config.json").read_text())}
     build_once(folder, marker, lambda work: _write_teacher(work, smolvla_config(size, vlm)))
     return folder

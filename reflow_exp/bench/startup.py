@@ -9,8 +9,9 @@
 Each child imports the same modules (torch, LeRobot's SmolVLA, reflow_exp) before its clock starts;
 `load_s` is from there to "ready", `process_s` the whole child process as the parent saw it
 (interpreter start, imports, exit). "Ready" includes reading every weight once (`_touch`): our loader
-maps the checkpoint and pages weights in lazily, a first training step would read them all. Peak RSS is `ru_maxrss` inside the child. VLM loads are counted
-by `models.VlmLoadCounter` in both children alike (ours also reports `vlm_load_count()`).
+maps the checkpoint and pages weights in lazily, a first training step would read them all. Peak
+RSS is `ru_maxrss` inside the child. VLM loads are counted by `models.VlmLoadCounter` in both
+children alike (ours also reports `vlm_load_count()`).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def run(size: str, repeats: int, cache: Path, device: str = "cpu", budget_s: flo
             "vlm_loads"]
     rows = [[key, med["ours"][key], med["naive"][key], common.ratio(med["ours"][key], med["naive"][key])]
             for key in keys]
-    common.print_table(f"startup ({size}, {device}, median of {result['repeats']})", ["", "ours", "naive", "ours/naive"],
-                       rows, TARGETS, result["met"])
+    common.print_table(f"startup ({size}, {device}, median of {result['repeats']})",
+                       ["", "ours", "naive", "ours/naive"], rows, TARGETS, result["met"])
     return result
 
 
