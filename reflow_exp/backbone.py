@@ -49,6 +49,14 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> Backbone:
         return super().train(False)  # frozen: dropout and norms stay in inference mode
 
+    def unfreeze(self) -> Backbone:
+        """Let the optimiser update the VLM's weights (it stays in eval mode: no dropout).
+
+        Only for training a teacher on a VLM that was never pretrained (the sandbox's); reflow
+        always keeps the backbone frozen.
+        """
+        return self.requires_grad_(True)
+
     @classmethod
     def from_pretrained_vlm(cls, name_or_path: str | Path, num_layers: int, dtype=torch.float32) -> Backbone:
         """Load a SmolVLM (hub id or local folder) and cut it to `num_layers`; counts one load."""

@@ -252,11 +252,13 @@ class Episode:
 
 
 def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int], num_steps: int,
-            max_steps: int, default_task: str | None = None, record: int = 0) -> list[Episode]:
+            max_steps: int, default_task: str | None = None, record: int = 0,
+            n_action_steps: int | None = None) -> list[Episode]:
     """Run one episode per sub-env, in lockstep, for at most `max_steps` env steps.
 
-    Every `policy.n_action_steps` steps the policy re-plans from the current observations and the
-    first `n_action_steps` actions of each chunk are executed in turn (LeRobot's action queue).
+    Every `n_action_steps` steps (default: the policy's own) the policy re-plans from the current
+    observations and the first `n_action_steps` actions of each chunk are executed in turn
+    (LeRobot's action queue).
     All rows re-plan together because all episodes start together; a finished row keeps being
     stepped (gymnasium auto-resets it) but its results are frozen. The first `record` rows keep
     their rendered frames.
@@ -268,10 +270,13 @@ def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int]
     for i in range(record):
         episodes[i].frames = [env.envs[i].render()]
     done = np.zeros(len(seeds), bool)
+    every = n_action_steps or policy.n_action_steps
     for t in range(max_steps):
-        if t % policy.n_action_steps == 0:
+        if t % every == 0:
             chunk = _to_numpy(policy.predict_chunk(observation_batch(obs, tasks), num_steps))  # (B, chunk, d)
-        obs, reward, terminated, truncated, info = env.step(chunk[:, t % policy.n_action_steps])
+            if chunk.shape[1] < every:
+                raise ValueError(f"n_action_steps={every} exceeds the policy's chunk of {chunk.shape[1]} actions")
+        obs, reward, terminated, truncated, info = env.step(chunk[:, t % every])
         success = info.get("is_success", np.zeros(len(seeds), bool))
         for i in np.flatnonzero(~done):
             episode = episodes[i]
@@ -359,14 +364,16 @@ class Evaluator:
         max_steps: env-step limit per episode; None: the env's own (sandbox 60, PushT 300).
         latency_calls: timed chunk predictions at batch 1 per step count (0: no latency).
         env_kwargs: extra `gym.make` arguments, over the env's defaults.
+        n_action_steps: actions executed from each chunk before re-planning; None: the policy's
+            own (`config.n_action_steps`).
     """
 
     def __init__(self, env_id: str = SANDBOX_ENV_ID, episodes: int = 20, seed: int = 0,
                  step_counts=(1, 2, 4, 10), videos: int = 2, n_envs: int = 10, max_steps: int | None = None,
-                 latency_calls: int = 10, env_kwargs: dict | None = None):
+                 latency_calls: int = 10, env_kwargs: dict | None = None, n_action_steps: int | None = None):
         self.spec = env_spec(env_id)
         for name, value, low in (("episodes", episodes, 1), ("n_envs", n_envs, 1), ("videos", videos, 0),
-                                 ("latency_calls", latency_calls, 0)):
+                                 ("latency_calls", latency_calls, 0), ("n_action_steps", 1 if n_action_steps is None else n_action_steps, 1)):
             if int(value) != value or value < low:
                 raise ValueError(f"Evaluator.{name} must be an integer >= {low}, got {value!r}")
         if max_steps is not None and max_steps < 1:
@@ -381,6 +388,7 @@ class Evaluator:
         self.max_steps = max_steps or self.spec.max_steps
         self.latency_calls = latency_calls
         self.env_kwargs = dict(env_kwargs or {})
+        self.n_action_steps = n_action_steps
 
     def run(self, policy, step_counts=None, out_dir: str | Path | None = None, tag: str = "") -> dict[int, dict]:
         """Evaluate `policy` (a reflow_exp Policy or a ChunkPolicy) at each step count.
@@ -417,7 +425,8 @@ class Evaluator:
                 with contextlib.closing(make_vector_env(self.spec, len(seeds), self.env_kwargs)) as env:
                     fps = int(env.metadata.get("render_fps") or fps)
                     episodes += rollout(env, policy, seeds, num_steps, self.max_steps, self.spec.task,
-                                        record=max(0, min(record - start, len(seeds))))
+                                        record=max(0, min(record - start, len(seeds))),
+                                        n_action_steps=self.n_action_steps)
                 bar.update(len(seeds))
                 bar.set_postfix(success=f"{np.mean([e.success for e in episodes]):.2f}")
         return episodes, fps

@@ -36,11 +36,13 @@ from reflow_exp.trainer import Trainer
 
 # ----------------------------------------------------------------------------- data sources
 @gin.configurable
-def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 0) -> DataSource:
-    """The embedded task: a tiny SmolVLM and expert demonstrations, made locally once and cached."""
+def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 0,
+                   action_noise: float = 0.0) -> DataSource:
+    """The embedded task: a tiny SmolVLM and expert demonstrations, made locally once and cached
+    (`action_noise`: see `sandbox.dataset.record_dataset`)."""
     from reflow_exp.sandbox import build_sandbox
 
-    built = build_sandbox(root, seed=seed, episodes=episodes)
+    built = build_sandbox(root, seed=seed, episodes=episodes, action_noise=action_noise)
     return DataSource(str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]), built["expert"])
 
 
@@ -60,6 +62,7 @@ def smolvla_config(
     vlm_model_name: str,
     features: dict,
     chunk_size: int = 50,
+    n_action_steps: int | None = None,
     num_steps: int = 10,
     num_vlm_layers: int = 16,
     expert_width_multiplier: float = 0.75,
@@ -70,13 +73,16 @@ def smolvla_config(
     train_state_proj: bool = True,
     tokenizer_max_length: int = 48,
 ) -> SmolVLAConfig:
-    """SmolVLA's configuration for `features` (LeRobot PolicyFeatures); defaults are SmolVLA's."""
+    """SmolVLA's configuration for `features` (LeRobot PolicyFeatures); defaults are SmolVLA's.
+
+    `n_action_steps`: actions executed from each chunk before re-planning (None: the whole chunk).
+    """
     return SmolVLAConfig(
         vlm_model_name=vlm_model_name,
         input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
         output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
         chunk_size=chunk_size,
-        n_action_steps=chunk_size,
+        n_action_steps=chunk_size if n_action_steps is None else n_action_steps,
         num_steps=num_steps,
         num_vlm_layers=num_vlm_layers,
         expert_width_multiplier=expert_width_multiplier,
@@ -111,11 +117,15 @@ def train_teacher(
     source=gin.REQUIRED,
     batch_size: int = 32,
     num_workers: int = 0,
+    train_backbone: bool = False,
     dry_run: bool = False,
 ) -> None:
     """1-rectified flow: SmolVLA's flow-matching objective on a dataset, from a fresh head.
 
     `source` is a reference to a DataSource builder (`@sandbox_source`, `@lerobot_source`).
+    `train_backbone=True` trains the VLM with the head: for the sandbox, whose tiny VLM is random
+    rather than pretrained and must learn to see the goals. The trained VLM is saved with the
+    teacher, and reflow keeps it frozen.
     """
     trainer, loads_before = Trainer(), vlm_load_count()
     if dry_run:
@@ -130,6 +140,8 @@ def train_teacher(
     dataset = load_dataset(data, meta, config.chunk_size)
     torch.manual_seed(run.seed)
     backbone = Backbone.from_pretrained_vlm(data.vlm_model_name, config.num_vlm_layers)
+    if train_backbone:
+        backbone.unfreeze()
     preprocessor, postprocessor = make_smolvla_pre_post_processors(config, meta.stats)
     policy = Policy(backbone, ActionHead(config, backbone), preprocessor, postprocessor)
     params = param_summary(policy, "teacher_head")

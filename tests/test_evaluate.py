@@ -96,6 +96,32 @@ def test_scripted_expert_succeeds_through_the_rollout_loop():
     assert result[1]["routes"]["left"] > 0 and result[1]["routes"]["right"] > 0
 
 
+class StandStill:
+    """A ChunkPolicy of 4 zero actions per chunk that counts its re-plans."""
+
+    n_action_steps = 4
+
+    def reset(self, seeds):
+        self.calls = 0
+
+    def predict_chunk(self, batch, num_steps):
+        self.calls += 1
+        return torch.zeros(len(batch["task"]), 4, 2)
+
+
+def test_evaluator_can_override_how_often_the_policy_replans():
+    policy = StandStill()
+    run = lambda **kw: Evaluator(episodes=1, n_envs=1, videos=0, latency_calls=0, max_steps=8, **kw).run(policy, 1)
+    run()
+    assert policy.calls == 2  # the policy's own n_action_steps: 4
+    run(n_action_steps=2)
+    assert policy.calls == 4
+    with pytest.raises(ValueError, match="n_action_steps=5 exceeds the policy's chunk of 4"):
+        run(n_action_steps=5)
+    with pytest.raises(ValueError, match="n_action_steps"):
+        Evaluator(n_action_steps=0)
+
+
 def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tmp_path):
     policy = tiny_policy(
         tiny_vlm, PUSHT_STATS, seed=1, n_action_steps=8,

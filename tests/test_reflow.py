@@ -8,7 +8,10 @@ import torch
 from lerobot.policies.factory import get_policy_class
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
+from safetensors.torch import load_file
+
 from reflow_exp import coupling, flow, run
+from reflow_exp.backbone import VLM_PREFIX
 from reflow_exp.data import DataSource, load_dataset, make_dataloader, open_metadata
 from reflow_exp.heads import ActionHead
 from reflow_exp.policy import Policy
@@ -49,6 +52,22 @@ def test_reflow_loads_the_vlm_once_and_reports_params(runs):
     assert params["trainable"] == params["student_head"] == params["teacher_head"]
     assert set(summary["offline"]["student"]) == {"1", "2", "4"}
     assert summary["offline"]["straightness"]["teacher"] >= 0
+
+
+def test_sandbox_teacher_trains_its_vlm_and_reflow_keeps_it_frozen(runs):
+    teacher = json.loads((runs / "tiny-teacher" / "summary.json").read_text())["params"]
+    assert teacher["trainable"] == teacher["total"]  # train_teacher.train_backbone = True
+    initial = load_file(runs.parent / "sandbox" / "vlm" / "model.safetensors")
+    trained = _vlm_weights(runs / "tiny-teacher" / "checkpoints" / "last" / "pretrained_model")
+    student = _vlm_weights(runs / "tiny-reflow" / "student")
+    assert set(initial) == set(trained) == set(student)
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+    assert all(torch.equal(trained[k], student[k]) for k in trained)
+
+
+def _vlm_weights(folder):
+    state = load_file(folder / "model.safetensors")
+    return {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
 
 
 def test_startup_log_lines_in_order(runs):

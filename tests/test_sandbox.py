@@ -270,3 +270,31 @@ def test_dataset_is_reused_for_the_same_arguments(sandbox, tmp_path):
     assert small["episodes"] == 2
     assert record_dataset(tmp_path / "data", episodes=3, seed=1)["episodes"] == 3  # args changed: re-recorded
     assert LeRobotDataset("reflow_exp/sandbox", root=tmp_path / "data").num_episodes == 3
+
+
+def test_action_noise_perturbs_the_states_but_not_the_labels(tmp_path):
+    clean = LeRobotDataset("reflow_exp/sandbox", root=_recorded(tmp_path / "clean", 0.0))
+    noisy = LeRobotDataset("reflow_exp/sandbox", root=_recorded(tmp_path / "noisy", 0.01))
+    clean_states = clean.hf_dataset.with_format("numpy")["observation.state"]
+    noisy_rows = noisy.hf_dataset.with_format("numpy")
+    assert not np.allclose(clean_states[:10], noisy_rows["observation.state"][:10])
+    # Each label is what the expert does from the recorded (perturbed) state: replay it.
+    expert = ScriptedExpert(train_episode_seed(1, 0))
+    expert.reset()
+    for i in np.flatnonzero(noisy_rows["episode_index"] == 0):
+        frame = noisy[int(i)]
+        obs = {"pixels": (frame["observation.image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+               "agent_pos": frame["observation.state"].numpy()}
+        np.testing.assert_allclose(expert.act(obs, frame["task"]), frame["action"].numpy(), atol=1e-5)
+
+
+def test_action_noise_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="action_noise"):
+        record_dataset(tmp_path / "data", episodes=1, action_noise=MAX_STEP)
+    assert not (tmp_path / "data").exists()
+
+
+def _recorded(root: Path, action_noise: float) -> Path:
+    report = record_dataset(root, episodes=2, seed=1, action_noise=action_noise)
+    assert report["episodes"] + report["discarded"] == 2 and report["success_rate"] == report["episodes"] / 2
+    return root

@@ -17,10 +17,12 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from tqdm import tqdm
 
 from .expert import ROUTES, ScriptedExpert, route_of
-from .task import IMAGE_SIZE, SandboxEnv, train_episode_seed
+from .task import IMAGE_SIZE, MAX_STEP, SandboxEnv, train_episode_seed
 from .vlm import build_once, make_tiny_vlm
 
-DATASET_VERSION = 1  # bump when the task, expert or features change: cached datasets re-record
+DATASET_VERSION = 3  # bump when the task, expert or features change: cached datasets re-record
+
+_NOISE_SALT = 0xDA27  # mixed into the action-noise seed, apart from the env's and the expert's
 
 FEATURES = {
     "observation.image": {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
@@ -31,64 +33,77 @@ FEATURES = {
 
 
 def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episodes: int = 100,
-                   seed: int = 0, fps: int = 10) -> dict:
+                   seed: int = 0, fps: int = 10, action_noise: float = 0.0) -> dict:
     """Record `episodes` expert episodes into a LeRobotDataset at `root`; return the report.
 
-    Report: {"episodes", "frames", "success_rate", "routes": {"left", "right", "none"}}.
-    Features: FEATURES, plus the instruction as each frame's task. Idempotent: a dataset already
-    recorded at `root` with the same arguments is reused and its stored report returned.
+    `action_noise` > 0 perturbs each executed action by Gaussian noise of that standard deviation
+    per axis while the recorded label stays the expert's clean action (DART): the data then show
+    how to get back on course, which a policy that drifts needs. A failed episode is left out: it
+    would demonstrate failure.
+
+    Report: {"episodes" (kept), "frames", "success_rate" (the expert's, over all episodes run),
+    "routes": {"left", "right", "none"}, "discarded"}. Features: FEATURES, plus the instruction as each frame's task. Idempotent: a
+    dataset already recorded at `root` with the same arguments is reused and its report returned.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if not 0.0 <= action_noise < MAX_STEP:
+        raise ValueError(f"action_noise must be in [0, {MAX_STEP}) (the longest step), got {action_noise}")
     marker = {"kind": "sandbox_dataset", "version": DATASET_VERSION, "repo_id": repo_id,
-              "episodes": episodes, "seed": seed, "fps": fps}
-    return build_once(root, marker, lambda work: _record(work, repo_id, episodes, seed, fps))
+              "episodes": episodes, "seed": seed, "fps": fps, "action_noise": action_noise}
+    return build_once(root, marker, lambda work: _record(work, repo_id, episodes, seed, fps, action_noise))
 
 
-def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int) -> dict:
+def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action_noise: float) -> dict:
     dataset = LeRobotDataset.create(repo_id, fps, root=root, features=FEATURES, use_videos=False)
     env = SandboxEnv()
-    successes, routes, frames = 0, Counter({route: 0 for route in (*ROUTES, "none")}), 0
+    kept, frames = 0, 0
+    routes = Counter({route: 0 for route in (*ROUTES, "none")})
     bars_were_on = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # one bar per saved episode would bury ours
     try:
         for i in tqdm(range(episodes), desc="recording sandbox episodes", unit="ep"):
             episode_seed = train_episode_seed(seed, i)
-            success, route, length = _record_episode(dataset, env, ScriptedExpert(episode_seed), episode_seed)
-            successes += success
+            noise = np.random.default_rng((_NOISE_SALT, episode_seed))
+            success, route, steps = _run_episode(env, ScriptedExpert(episode_seed), episode_seed, action_noise, noise)
+            if not success:
+                continue
+            for frame in steps:
+                dataset.add_frame(frame)
+            dataset.save_episode()
+            kept += 1
             routes[route] += 1
-            frames += length
+            frames += len(steps)
         dataset.finalize()  # writes parquet footers and the stats used for normalisation
     finally:
         if bars_were_on:
             datasets_logging.enable_progress_bar()
-    return {"episodes": episodes, "frames": frames, "success_rate": successes / episodes,
-            "routes": dict(routes)}
+    return {"episodes": kept, "frames": frames, "success_rate": kept / episodes,
+            "routes": dict(routes), "discarded": episodes - kept}
 
 
-def _record_episode(dataset: LeRobotDataset, env: SandboxEnv, expert: ScriptedExpert,
-                    episode_seed: int) -> tuple[bool, str, int]:
-    """One expert episode into `dataset`; returns (success, route taken, frames)."""
+def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, action_noise: float,
+                 noise: np.random.Generator) -> tuple[bool, str, list[dict]]:
+    """One expert episode; returns (success, route taken, its frames for `add_frame`)."""
     obs, info = env.reset(seed=episode_seed)
     expert.reset()
-    path = [obs["agent_pos"]]
+    path, steps = [obs["agent_pos"]], []
     done = False
     while not done:
         action = expert.act(obs, env)
-        dataset.add_frame({
+        steps.append({
             "observation.image": obs["pixels"],  # (64, 64, 3) uint8
             "observation.state": obs["agent_pos"],  # (2,) float32
-            "action": action,  # (2,) float32
+            "action": action,  # (2,) float32: the clean label
             "task": env.task,
         })
-        obs, _, terminated, truncated, info = env.step(action)
+        obs, _, terminated, truncated, info = env.step(action + noise.normal(0.0, action_noise, 2))
         path.append(obs["agent_pos"])
         done = terminated or truncated
-    dataset.save_episode()
-    return info["is_success"], route_of(np.stack(path)), len(path) - 1
+    return info["is_success"], route_of(np.stack(path)), steps
 
 
-def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100) -> dict:
+def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_noise: float = 0.0) -> dict:
     """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data".
 
     Returns {"vlm_path", "dataset_root", "repo_id", "expert": record_dataset's report}.
@@ -96,6 +111,6 @@ def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100) -> dict:
     root = Path(root)
     repo_id = "reflow_exp/sandbox"
     vlm_path = make_tiny_vlm(root / "vlm", seed=seed)
-    report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed)
+    report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed, action_noise=action_noise)
     return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id,
             "expert": report}

@@ -3,15 +3,18 @@
 Geometry (unit square, y up; the rendered image has y=1 at its top row):
 
     +-----------------------------+
-    |    (red)          (blue)    |   two goal discs, anywhere in the upper band
+    |    (red)          (blue)    |   two goal discs, in two of five slots along the top
     |                             |
     |       ###############       |   the obstacle: a horizontal bar in the middle
     |                             |
     |              o              |   the agent starts at the bottom centre (small jitter)
     +-----------------------------+
 
-Both image and language matter: the goals move every episode and the instruction picks one
-colour. Every start sees the bar between itself and the goals, so a good demonstrator goes around
+Both image and language matter: the goals change slots every episode and the instruction picks
+one colour. The slots are few on purpose: the sandbox's tiny VLM learns to see from a few hundred
+demonstrations, which is enough to tell five slots apart but not to place a goal anywhere
+precisely (with goals anywhere in the band, a teacher trained on 500 episodes succeeded in about
+55% of rollouts, mostly missing the goal). Every start sees the bar between itself and the goals, so a good demonstrator goes around
 it on the left or on the right: two equally good routes for the same observation (bimodal data).
 The straight line to the goal, the average of the two routes, always hits the bar.
 
@@ -33,12 +36,11 @@ INSTRUCTIONS = tuple(f"go to the {colour} goal" for colour in COLOURS)
 # Geometry, in unit-square coordinates.
 OBSTACLE = (0.25, 0.40, 0.75, 0.50)  # (x0, y0, x1, y1) of the bar
 AGENT_RADIUS = 0.02  # the agent collides when its disc touches the bar
-GOAL_RADIUS = 0.05  # success: the agent's centre is inside the instructed goal's disc
+GOAL_RADIUS = 0.08  # success: the agent's centre is inside the instructed goal's disc (5 px at 64 px)
 START = (0.5, 0.1)
 START_JITTER = 0.03
-GOAL_X_RANGE = (0.1, 0.9)
-GOAL_Y_RANGE = (0.7, 0.9)
-MIN_GOAL_SEPARATION = 0.3
+GOAL_SLOTS_X = (0.15, 0.325, 0.5, 0.675, 0.85)  # 0.175 apart: discs of neighbouring slots never touch
+GOAL_Y = 0.8
 MAX_STEP = 0.05  # longest displacement per step; longer actions are scaled down to it
 MAX_EPISODE_STEPS = 60  # the expert needs at most ~30
 
@@ -176,12 +178,9 @@ class SandboxEnv(gym.Env):
 
     @staticmethod
     def _draw_goals(rng: np.random.Generator) -> list[np.ndarray]:
-        """Two goal centres in the upper band, at least MIN_GOAL_SEPARATION apart."""
-        while True:
-            goals = [rng.uniform((GOAL_X_RANGE[0], GOAL_Y_RANGE[0]), (GOAL_X_RANGE[1], GOAL_Y_RANGE[1]))
-                     for _ in COLOURS]
-            if np.linalg.norm(goals[0] - goals[1]) >= MIN_GOAL_SEPARATION:
-                return goals
+        """Two goal centres (each (2,)) in two different slots."""
+        slots = rng.choice(len(GOAL_SLOTS_X), size=len(COLOURS), replace=False)
+        return [np.array([GOAL_SLOTS_X[i], GOAL_Y]) for i in slots]
 
     def step(self, action):
         action = np.asarray(action, np.float64).reshape(-1)
