@@ -14,9 +14,11 @@ Both image and language matter: the goals change slots every episode and the ins
 one colour. The slots are few on purpose: the sandbox's tiny VLM learns to see from a few hundred
 demonstrations, which is enough to tell five slots apart but not to place a goal anywhere
 precisely (with goals anywhere in the band, a teacher trained on 500 episodes succeeded in about
-55% of rollouts, mostly missing the goal). Every start sees the bar between itself and the goals, so a good demonstrator goes around
-it on the left or on the right: two equally good routes for the same observation (bimodal data).
-The straight line to the goal, the average of the two routes, always hits the bar.
+55% of rollouts, mostly missing the goal).
+
+Every start sees the bar between itself and the goals, so a good demonstrator goes around it on
+the left or on the right: two equally good routes for the same observation (bimodal data). The
+straight line to the goal, the average of the two routes, always hits the bar.
 
 Reward is sparse and honest: 1.0 on the step that reaches the instructed goal, 0 otherwise, so an
 episode's return is its success. Touching the bar ends the episode as a failure.
