@@ -226,7 +226,7 @@ class Dashboard:
             return
         what = "Resumed" if plan.resume else "Started"
         text = f"{what} {info.name} on {info.device} (pid {info.pid})."
-        yield (message_html("ok", text, " ".join(["python", *(_quote(a) for a in plan.command[1:])])),
+        yield (message_html("ok", text, _shown_command(plan.command)),
                gr.update(choices=self.run_names(), value=info.name), gr.Tabs(selected="log"))
 
     def stop(self, name):
@@ -363,8 +363,7 @@ class Dashboard:
             if launch.exists():
                 command = read_json(launch).get("command") or []
                 if command:
-                    shown = " ".join(["python", *(_quote(a) for a in command[1:])])
-                    config = f"# launched by the dashboard:\n# {shown}\n\n{config}"
+                    config = f"# launched by the dashboard:\n# {_shown_command(command)}\n\n{config}"
             return config, _read(run_dir / "operative_config.gin"), summary
 
         made = part("config", make)
@@ -555,10 +554,11 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _quote(arg: str) -> str:
+def _shown_command(command: list[str]) -> str:
+    """A child's command line as a user would type it: `python` for the venv's interpreter path."""
     import shlex
 
-    return shlex.quote(arg)
+    return " ".join(["python", *(shlex.quote(a) for a in command[1:])])
 
 
 def build_demo(runs_dir: str | Path, **kwargs) -> gr.Blocks:

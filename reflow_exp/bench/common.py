@@ -47,8 +47,7 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None, bud
     wall, cpu = {name: [] for name in names}, {name: [] for name in names}
     start = time.perf_counter()
     for r in range(repeats):
-        if r and budget_s is not None and time.perf_counter() - start > budget_s:
-            print(f"  (time budget of {budget_s:.0f} s reached: {r} of {repeats} repeats ran)")
+        if out_of_budget(r, repeats, start, budget_s):
             break
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -56,6 +55,15 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None, bud
             wall[name].append(w)
             cpu[name].append(c)
     return wall, cpu
+
+
+def out_of_budget(r: int, repeats: int, start: float, budget_s: float | None) -> bool:
+    """Whether repeat `r` (0-based) must not start: `budget_s` seconds have passed since `start`
+    (a `time.perf_counter()` value). The first repeat always runs; saying so when it stops."""
+    if r == 0 or budget_s is None or time.perf_counter() - start <= budget_s:
+        return False
+    print(f"  (time budget of {budget_s:.0f} s reached: {r} of {repeats} repeats ran)")
+    return True
 
 
 def median(values: list[float]) -> float:

@@ -82,6 +82,7 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
     import torch
 
     from reflow_exp import prefix
+    from reflow_exp.bench.models import image_embeddings
 
     head = teacher.head
     chunk, dim = teacher.config.chunk_size, teacher.config.max_action_dim
@@ -91,11 +92,8 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
     def whole(h, k):
         return prefix.sample(h, prefix.extend(h, prefix.encode(h, batch), batch), noise, k)
 
-    def vision():  # the image part of the prefix: resize + SigLIP encoder + connector
-        images, _ = head.lerobot.prepare_images(batch)
-        return [head.lerobot.model.vlm_with_expert.embed_image(image) for image in images]
-
-    fns = {"prefix": lambda: prefix.extend(head, prefix.encode(head, batch), batch), "vision": vision}
+    fns = {"prefix": lambda: prefix.extend(head, prefix.encode(head, batch), batch),
+           "vision": lambda: image_embeddings(head, batch)}
     for name, h, k in [("teacher", head, TEACHER_STEPS)] + [("student", student, k) for k in STUDENT_STEPS]:
         fns[f"expert {name}@{k}"] = lambda h=h, k=k: prefix.sample(h, ready, noise, k)
     fns[f"chunk teacher@{TEACHER_STEPS}"] = lambda: whole(head, TEACHER_STEPS)

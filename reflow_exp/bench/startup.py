@@ -41,8 +41,7 @@ def run(size: str, repeats: int, cache: Path, device: str = "cpu", budget_s: flo
     machine = common.machine_info()
     runs, start = {side: [] for side in SIDES}, time.perf_counter()
     for r in range(repeats):
-        if r and budget_s is not None and time.perf_counter() - start > budget_s:
-            print(f"  (time budget of {budget_s:.0f} s reached: {r} of {repeats} repeats ran)")
+        if common.out_of_budget(r, repeats, start, budget_s):
             break
         for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
             runs[side].append(_spawn(side, checkpoint, device))

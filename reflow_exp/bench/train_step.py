@@ -129,10 +129,11 @@ def _with_cached_vision(step, head, batch: dict):
     (`prefix.encode` reaches the encoder through this head's `vlm_with_expert.embed_image`)."""
     import torch
 
+    from reflow_exp.bench.models import image_embeddings
+
     vlm_with_expert = head.lerobot.model.vlm_with_expert
     with torch.no_grad():
-        images, _ = head.lerobot.prepare_images(batch)
-        cached = [vlm_with_expert.embed_image(image) for image in images]
+        cached = image_embeddings(head, batch)
 
     def cached_step():
         queue = list(cached)
