@@ -5,6 +5,9 @@ x is the teacher's Euler solution from z (t=1) to t=0 with `teacher_steps` steps
 - `OnlineCoupling`: fresh noise and a teacher ODE every batch (unlimited pairs, teacher cost per step).
 - `CachedCoupling`: K pairs per training frame generated once into a safetensors file in the run
   folder and reused every epoch; regenerated when the teacher, the data or the settings change.
+  With several processes each makes the pairs of its own shard of the frames, rank 0 merges the
+  parts into the one file, and every process loads it. A frame's noise depends only on (seed,
+  frame index), so the file is the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
+
+from reflow_exp import distributed
 
 
 class OnlineCoupling:
@@ -33,7 +38,7 @@ class OnlineCoupling:
 
     def pairs(self, model, batch: dict, shared) -> tuple[Tensor, Tensor]:
         b, chunk, dim = batch["action"].shape[0], model.student.config.chunk_size, model.student.config.max_action_dim
-        noise = torch.randn(b, chunk, dim, device=batch["action"].device)
+        noise = distributed.rank_rows(lambda n: torch.randn(n, chunk, dim, device=batch["action"].device), b)
         return noise, model.teacher_actions(batch, noise, self.teacher_steps, shared)
 
 
@@ -51,17 +56,30 @@ class CachedCoupling:
         self.noise = self.action = self.row = None
 
     def prepare(self, model, loader, preprocess, run_path: Path, fingerprint: dict) -> None:
-        """Load the pair file if its fingerprint matches, else generate it (progress bar) atomically."""
+        """Load the pair file if its fingerprint matches, else generate it (progress bar) atomically.
+
+        `loader` yields this process's share of the training frames (all of them for one process);
+        every process must call this, as they wait for each other.
+        """
         path = Path(run_path) / self.FILE
         key = self._fingerprint(fingerprint)
-        if path.is_file() and _read_key(path) == key:
+        rank, world = distributed.rank_and_world()
+        if path.is_file() and _read_key(path) == key:  # nobody writes it before the barrier below
             print(f"[Reflow] Reusing cached pairs {path}")
         else:
             print(f"[Reflow] Generating {self.pairs_per_sample} teacher pair(s) per frame into {path}")
-            tensors = self._generate(model, loader, preprocess)
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"fingerprint": key})
-            tmp.replace(path)
+            part = self._generate(model, loader, preprocess)
+            if world == 1:
+                _save_atomic(part, path, key)
+            else:
+                _save_atomic(part, _part_path(path, rank), key)
+                distributed.barrier()  # every part is written
+                if rank == 0:
+                    parts = [load_file(str(_part_path(path, r))) for r in range(world)]
+                    _save_atomic({name: torch.cat([p[name] for p in parts]) for name in parts[0]}, path, key)
+                    for r in range(world):
+                        _part_path(path, r).unlink()
+        distributed.barrier()  # the file is complete
         tensors = load_file(str(path))
         self.noise, self.action = tensors["noise"], tensors["action"]  # (N, K, chunk, D)
         # dataset index -> row of the file
@@ -71,20 +89,18 @@ class CachedCoupling:
         if self.noise is None:
             raise RuntimeError("CachedCoupling.prepare() must run before training")
         rows = torch.tensor([self.row[int(i)] for i in batch["index"]])
-        k = torch.randint(self.pairs_per_sample, (len(rows),))
+        k = distributed.rank_rows(lambda n: torch.randint(self.pairs_per_sample, (n,)), len(rows))
         device = batch["action"].device
         return self.noise[rows, k].to(device), self.action[rows, k].to(device)
 
     @torch.no_grad()
     def _generate(self, model, loader, preprocess) -> dict[str, Tensor]:
-        generator = torch.Generator().manual_seed(self.seed)
         chunk, dim = model.student.config.chunk_size, model.student.config.max_action_dim
         index, noise, action = [], [], []
-        for raw in tqdm(loader, desc="teacher pairs", unit="batch"):
+        for raw in tqdm(loader, desc="teacher pairs", unit="batch", disable=not distributed.is_main()):
             batch = preprocess(raw)
             shared = model.encode(batch)
-            b = batch["action"].shape[0]
-            z = torch.randn(b, self.pairs_per_sample, chunk, dim, generator=generator)
+            z = torch.stack([self._frame_noise(int(i), chunk, dim) for i in raw["index"]])  # (B, K, chunk, D)
             x = torch.stack(
                 [model.teacher_actions(batch, z[:, k].to(batch["action"].device), self.teacher_steps, shared).cpu()
                  for k in range(self.pairs_per_sample)],
@@ -95,9 +111,24 @@ class CachedCoupling:
             action.append(x)
         return {"index": torch.cat(index), "noise": torch.cat(noise), "action": torch.cat(action)}
 
+    def _frame_noise(self, index: int, chunk: int, dim: int) -> Tensor:
+        """The K noise draws of one frame: a function of (seed, frame index) only."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randn(self.pairs_per_sample, chunk, dim, generator=generator)
+
     def _fingerprint(self, fingerprint: dict) -> str:
         settings = {"pairs_per_sample": self.pairs_per_sample, "teacher_steps": self.teacher_steps, "seed": self.seed}
         return hashlib.sha256(json.dumps({**fingerprint, **settings}, sort_keys=True).encode()).hexdigest()
+
+
+def _part_path(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.stem}.part{rank}{path.suffix}")
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path, key: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"fingerprint": key})
+    tmp.replace(path)
 
 
 def _read_key(path: Path) -> str | None:

@@ -18,7 +18,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
 from reflow_exp import coupling as coupling_module
-from reflow_exp import flow
+from reflow_exp import distributed, flow
 from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
@@ -127,22 +127,25 @@ def train_teacher(
     rather than pretrained and must learn to see the goals. The trained VLM is saved with the
     teacher, and reflow keeps it frozen.
     """
-    trainer, loads_before = Trainer(), vlm_load_count()
+    trainer, loads_before = Trainer(find_unused_parameters=train_backbone), vlm_load_count()
     if dry_run:
         print(f"[Teacher] would train {trainer.steps} steps at batch {batch_size} on {source.__name__}()")
         return
-    data = source()
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
     if data.report:
         print(f"[Teacher] Data: {data.report}")
         run.update_summary({"data": data.report})
-    meta = open_metadata(data)
-    config = smolvla_config(data.vlm_model_name, policy_features(meta))
-    dataset = load_dataset(data, meta, config.chunk_size)
+    device = distributed.device()
+    config = dataclasses.replace(smolvla_config(data.vlm_model_name, policy_features(meta)), device=device.type)
+    with distributed.main_first():
+        dataset = load_dataset(data, meta, config.chunk_size)
     torch.manual_seed(run.seed)
-    backbone = Backbone.from_pretrained_vlm(data.vlm_model_name, config.num_vlm_layers)
+    backbone = Backbone.from_pretrained_vlm(data.vlm_model_name, config.num_vlm_layers).to(device)
     if train_backbone:
         backbone.unfreeze()
-    preprocessor, postprocessor = make_smolvla_pre_post_processors(config, meta.stats)
+    preprocessor, postprocessor = make_smolvla_pre_post_processors(dataclasses.replace(config, device=str(device)), meta.stats)
     policy = Policy(backbone, ActionHead(config, backbone), preprocessor, postprocessor)
     params = param_summary(policy, "teacher_head")
     print(f"[Teacher] Parameters: {params}")
@@ -209,13 +212,14 @@ def reflow(
         if value is not None:
             warnings.warn(f"reflow.{flag}={value} is ignored: reflow handles it automatically ({_HANDLED[flag]})")
     coupling = coupling or coupling_module.OnlineCoupling()
+    trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
     if dry_run:
         return _reflow_dry_run(teacher, student_steps, freeze_vision_encoder)
 
     loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
     print(f"[Reflow] Loading teacher model from {teacher}")
     teacher_path = resolve_policy_folder(teacher)
-    teacher_policy = Policy.from_pretrained(teacher_path)
+    teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
     teacher_policy.head.requires_grad_(False)
     print("[Reflow] ✓ Teacher loaded and frozen")
     print("[Reflow] Creating student model (copying weights from teacher)")
@@ -232,33 +236,39 @@ def reflow(
     run.log_metrics(0, {"vlm_load_count": loads, **params}, subset="setup")
     run.save_operative_config()
 
-    data = source()
-    meta = open_metadata(data)
-    train_eps, holdout_eps = split_episodes(meta.total_episodes, holdout_episodes)
-    config = teacher_policy.config
-    train_set = load_dataset(data, meta, config.chunk_size, train_eps)
-    holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps)
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
+        train_eps, holdout_eps = split_episodes(meta.total_episodes, holdout_episodes)
+        config = teacher_policy.config
+        train_set = load_dataset(data, meta, config.chunk_size, train_eps)
+        holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps)
     preprocess = teacher_policy.preprocessor
     fingerprint = {
         "teacher": coupling_module.file_digest(teacher_path / "model.safetensors"),
         "data": dataset_digest(meta),
         "episodes": train_eps,
     }
-    pair_loader = make_dataloader(train_set, batch_size, run.seed, num_workers, shuffle=False)
+    # Each process makes the pairs of its own share of the frames (a cached coupling merges them).
+    pair_loader = make_dataloader(distributed.shard(train_set), batch_size, run.seed, num_workers, shuffle=False)
     coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
     holdout_loader = make_dataloader(holdout_set, batch_size, run.seed, shuffle=False)
     holdout = [preprocess(batch) for batch, _ in zip(holdout_loader, range(offline_batches))]
 
     def evaluate(step: int) -> dict:
+        if not run.is_main:  # rank 0 measures and logs; the others go on to the next step
+            return {}
         metrics = offline_metrics(model, holdout, reference_steps=coupling.teacher_steps, seed=run.seed)
         _log_offline(run, step, metrics)
         return metrics
 
     evaluate(0)
-    result = Trainer().fit(
+    result = trainer.fit(
         model, make_dataloader(train_set, batch_size, run.seed, num_workers), run,
         preprocess=preprocess, context={"head": "student"}, evaluate=evaluate,
     )
+    if not run.is_main:  # rank 0 alone saves the student and runs the rollouts
+        return
     offline = evaluate(result["steps"])
     student_dir = model.student_policy().save_pretrained(run.path / "student")
     print(f"[Reflow] Student saved to {student_dir} (num_steps={student_steps})")
@@ -390,5 +400,8 @@ def evaluate_policies(run: RunDir, policies: dict = gin.REQUIRED, dry_run: bool 
     if dry_run:
         print(f"[Eval] would evaluate {sorted(policies)} with {Evaluator().env_id}")
         return
-    loaded = {name: (Policy.from_pretrained(path), tuple(steps)) for name, (path, steps) in policies.items()}
+    if not run.is_main:  # rollouts are rank 0's alone
+        return
+    device = distributed.device()
+    loaded = {name: (Policy.from_pretrained(path, device), tuple(steps)) for name, (path, steps) in policies.items()}
     evaluate_rollouts(run, 0, loaded)

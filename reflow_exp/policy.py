@@ -16,6 +16,7 @@ from lerobot.policies.factory import make_pre_post_processors
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from reflow_exp import distributed
 from reflow_exp.backbone import VLM_PREFIX, Backbone
 from reflow_exp.heads import ActionHead
 
@@ -42,8 +43,16 @@ class Policy(nn.Module):
         """SmolVLA's flow-matching loss (1-rectified flow): MSE between the predicted velocity and
         `noise - action` at `x_t = t*noise + (1-t)*action`, over valid dims and steps.
 
-        Returns (scalar loss, {}): no metrics beyond the loss itself.
+        Noise and time are drawn as LeRobot draws them, for the global batch when several
+        processes train (`distributed.rank_rows`). Returns (scalar loss, {}): no metrics beyond
+        the loss itself.
         """
+        model, (b, chunk) = self.head.lerobot.model, batch["action"].shape[:2]
+        device = batch["action"].device
+        if noise is None:  # (B, chunk, max_action_dim), like LeRobot's own draw in VLAFlowMatching.forward
+            noise = distributed.rank_rows(lambda n: model.sample_noise((n, chunk, self.config.max_action_dim), device), b)
+        if time is None:
+            time = distributed.rank_rows(lambda n: model.sample_time(n, device), b)
         loss, _ = self.head.lerobot.forward(batch, noise=noise, time=time)
         return loss, {}
 
@@ -65,20 +74,28 @@ class Policy(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Policy:
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Policy:
         """Load a LeRobot SmolVLA policy (a folder, a run folder of ours, or a cached hub id; see
-        `resolve_policy_folder`); the VLM weights are read once, straight from the file."""
+        `resolve_policy_folder`) onto `device`; the VLM weights are read once, straight from the file.
+
+        The preprocessor sends batches to `device` whatever device the checkpoint was saved on (the
+        override LeRobot's own train/eval scripts pass).
+        """
         path = resolve_policy_folder(path)
+        device = torch.device(device)
         weights = path / "model.safetensors"
         config = PreTrainedConfig.from_pretrained(path)
         if config.type != "smolvla":
             raise ValueError(f"{path} holds a '{config.type}' policy; reflow_exp needs a SmolVLA policy")
+        config.device = device.type
         state = load_file(weights)
         vlm_state = {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
         head_state = {k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)}
         backbone = Backbone.from_state_dict(config.vlm_model_name, config.num_vlm_layers, vlm_state, str(path))
-        head = ActionHead(config, backbone, head_state)
-        pre, post = make_pre_post_processors(config, pretrained_path=str(path))
+        head = ActionHead(config, backbone.to(device), head_state)  # the head is built on the backbone's device
+        pre, post = make_pre_post_processors(
+            config, pretrained_path=str(path), preprocessor_overrides={"device_processor": {"device": str(device)}}
+        )
         return cls(backbone, head, pre, post)
 
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, NamedTuple
 import gin
 from gin import config_parser
 
-from reflow_exp import jobs, rundir, trainer, tracking  # noqa: F401  register the configurables
+from reflow_exp import distributed, jobs, rundir, trainer, tracking  # noqa: F401  register the configurables
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 EXIT_CONFIG_ERROR = 2
@@ -69,13 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
+    try:
+        distributed.check_devices()  # a wrong GPU index fails here, before the run folder exists
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
     if args.dry_run:
         return _dry_run(settings)
 
-    with rundir.RunDir(
-        settings.path, seed=settings.seed, config_text=config.text, hparams=config.hparams
-    ) as run:
-        print(f"Job {_name(settings.job)} in {run.path}")
+    try:
+        distributed.start(settings.dist_timeout_s)
+    except distributed.UnreachableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    try:
+        return _run_job(settings, config)
+    finally:
+        distributed.stop()
+
+
+def _run_job(settings: rundir.RunSettings, config: Config) -> int:
+    with _open_run(settings, config) as run:
+        print(f"Job {_name(settings.job)} in {run.path} on {distributed.describe()}")
         run.save_operative_config()
         try:
             with _sigterm_as_keyboard_interrupt():
@@ -92,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _open_run(settings: rundir.RunSettings, config: Config) -> rundir.RunDir | rundir.WorkerRun:
+    """Rank 0 (or the only process) opens the run folder; the others wait for it, then share it."""
+    if distributed.is_main():
+        run = rundir.RunDir(settings.path, seed=settings.seed, config_text=config.text, hparams=config.hparams)
+        distributed.barrier()
+        return run
+    distributed.barrier()  # rank 0 has created the folder (and resumed or started its Aim run)
+    return rundir.WorkerRun(settings.path, seed=settings.seed)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m reflow_exp.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gin_file", action="append", required=True, help="gin file (repeatable)")
@@ -103,6 +129,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _dry_run(settings: rundir.RunSettings) -> int:
     state = "exists: would resume" if settings.path.exists() else "would be created"
     print(f"Dry run: job {_name(settings.job)}, run folder {settings.path} ({state}); nothing is written.")
+    print(f"Device: {distributed.describe()}")
     print(gin.config_str())
     if not _accepts_dry_run(settings.job):
         print(f"Job {_name(settings.job)} has no dry_run parameter; not called.")

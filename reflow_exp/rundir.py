@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, TextIO
 import gin
 
 from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
+from reflow_exp.distributed import DEFAULT_TIMEOUT_S
 from reflow_exp.tracking import Tracker, deep_merge
 
 CONFIG_FILE = "config.gin"
@@ -46,6 +47,7 @@ class RunSettings:
     name: str
     runs_dir: Path
     seed: int
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def path(self) -> Path:
@@ -53,7 +55,9 @@ class RunSettings:
 
 
 @gin.configurable("run")
-def run_settings(job=gin.REQUIRED, name: str | None = None, runs_dir: str = "runs", seed: int = 0) -> RunSettings:
+def run_settings(
+    job=gin.REQUIRED, name: str | None = None, runs_dir: str = "runs", seed: int = 0, dist_timeout_s: float = DEFAULT_TIMEOUT_S
+) -> RunSettings:
     """Settings of a run, bound in gin as ``run.job = @train_teacher``, ``run.name = "x"``, ...
 
     Args:
@@ -62,14 +66,18 @@ def run_settings(job=gin.REQUIRED, name: str | None = None, runs_dir: str = "run
         name: run folder name under ``runs_dir``; None → a timestamp ``YYYYmmdd-HHMMSS``.
             An existing folder with that name is resumed.
         runs_dir: folder that holds all run folders (also the Aim repo by default).
-        seed: seeds python, numpy and torch before the job starts.
+        seed: seeds python, numpy and torch before the job starts (the same in every process).
+        dist_timeout_s: with several processes (torchrun / accelerate launch), how long a process
+            waits to reach rank 0 and, later, for the others at each synchronisation point.
     """
     if not callable(job):
         raise TypeError(f"run.job must be a job reference like `@train_teacher`, got {job!r}")
     name = name or time.strftime("%Y%m%d-%H%M%S")
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"run.name must be a plain folder name, got {name!r}")
-    return RunSettings(job=job, name=name, runs_dir=Path(runs_dir), seed=int(seed))
+    if not dist_timeout_s > 0:
+        raise ValueError(f"run.dist_timeout_s must be > 0 seconds, got {dist_timeout_s!r}")
+    return RunSettings(job=job, name=name, runs_dir=Path(runs_dir), seed=int(seed), dist_timeout_s=float(dist_timeout_s))
 
 
 def seed_everything(seed: int) -> None:
@@ -94,7 +102,11 @@ class RunDir:
         config_text: text for ``config.gin`` (the gin files and bindings as given).
         hparams: nested dict of hyper-parameters for Aim (e.g. the parsed gin bindings).
         tracker: a ready Tracker; None → ``Tracker(path)`` configured by gin.
+
+    With several processes only rank 0 opens a RunDir; the others get a ``WorkerRun``.
     """
+
+    is_main = True  # the process that writes (see WorkerRun)
 
     def __init__(
         self,
@@ -193,6 +205,45 @@ class RunDir:
             self._log.close()
 
     def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WorkerRun:
+    """What ranks > 0 of a multi-process run get instead of a ``RunDir``: the same folder, seed and
+    checkpoints (to resume from), and writing methods that do nothing, because rank 0 writes the
+    config, log, metrics, summary, Aim run and checkpoints. Its stdout is discarded (rank 0 prints
+    for everyone); stderr stays, so errors still show.
+    """
+
+    is_main = False
+
+    def __init__(self, path: str | Path, *, seed: int = 0):
+        self.path = Path(path)
+        self.seed = seed
+        self.checkpoints_dir = self.path / CHECKPOINTS_DIR
+        self.summary: dict = {}
+        self.tracker = Tracker(self.path, enabled=False)
+        self._stdout, self._devnull = sys.stdout, open(os.devnull, "w")
+        sys.stdout = self._devnull
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any], **context: Any) -> None:
+        pass
+
+    def update_summary(self, update: Mapping[str, Any]) -> dict:
+        return self.summary
+
+    def save_operative_config(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        if sys.stdout is self._devnull:
+            sys.stdout = self._stdout
+        self._devnull.close()
+
+    def __enter__(self) -> "WorkerRun":
         return self
 
     def __exit__(self, *exc) -> None:
