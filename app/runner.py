@@ -2,7 +2,8 @@
 reflow_exp.run ...`` in its own process group, with the chosen device in its environment only.
 
 Launch = check the form (``plan``: gin files inside gin/, overrides, name, device), validate the
-config with ``--dry_run`` in a subprocess (``validate``), then start (``start``). Stop = SIGINT
+config with ``--dry_run`` in a subprocess (``validate``), then start (``start``). Several GPUs start
+one process per GPU with torchrun (``LaunchPlan.launch_command``). Stop = SIGINT
 to the run's process group, escalating to SIGTERM and SIGKILL in a background thread.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,8 +38,23 @@ class LaunchPlan:
     gin_files: list[str]  # as passed to the CLI, relative to the repo root: gin/...
     overrides: list[str]
     cuda_visible_devices: str  # "" = CPU
-    command: list[str]
+    command: list[str]  # one process: python -m reflow_exp.run ... (also what --dry_run validates)
     resume: bool  # the run folder exists: the run continues from its last checkpoint
+    master_port: int = 0  # several GPUs: torchrun's rendezvous port
+
+    @property
+    def processes(self) -> int:
+        return gpus_mod.process_count(self.cuda_visible_devices)
+
+    @property
+    def launch_command(self) -> list[str]:
+        """What starts: ``command``, or torchrun with one process per chosen GPU (global batch =
+        the job's batch_size × processes)."""
+        if self.processes == 1:
+            return self.command
+        python, *rest = self.command
+        return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.processes),
+                "--master_port", str(self.master_port), *rest]
 
 
 class Runner:
@@ -94,7 +111,8 @@ class Runner:
             if info.alive:
                 raise LaunchError(f"Run {name!r} is already {info.status}; choose another run name or stop it first.")
         command = build_command(rel_files, bindings, name, self.runs_dir, python=self.python)
-        return LaunchPlan(name, run_dir, rel_files, bindings, cuda, command, resume)
+        port = _free_port() if gpus_mod.process_count(cuda) > 1 else 0
+        return LaunchPlan(name, run_dir, rel_files, bindings, cuda, command, resume, port)
 
     def validate(self, plan: LaunchPlan) -> str:
         """Run the CLI with ``--dry_run`` (writes nothing); returns its output.
@@ -126,7 +144,7 @@ class Runner:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
             previous = read_json(plan.run_dir / LAUNCH_FILE)
             (plan.run_dir / EXIT_FILE).unlink(missing_ok=True)
-            wrapper = [self.python, "-m", "app.launcher", str(plan.run_dir), "--", *plan.command]
+            wrapper = [self.python, "-m", "app.launcher", str(plan.run_dir), "--", *plan.launch_command]
             proc = subprocess.Popen(
                 wrapper, cwd=self.repo_root, env=self._env(plan.cuda_visible_devices), start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -138,7 +156,8 @@ class Runner:
                 "proc_start": process_start_time(proc.pid),
                 "cuda_visible_devices": plan.cuda_visible_devices,
                 "device": gpus_mod.device_label(plan.cuda_visible_devices),
-                "command": plan.command,
+                "processes": plan.processes,
+                "command": plan.launch_command,
                 "gin_files": plan.gin_files,
                 "overrides": plan.overrides,
                 "cwd": str(self.repo_root),
@@ -207,6 +226,12 @@ class Runner:
 
 def _wants_gpu(device) -> bool:
     return str(device if device is not None else "").strip().lower() not in ("", gpus_mod.CPU)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _relative_to_repo(path: Path, repo_root: Path) -> str:

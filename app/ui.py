@@ -215,7 +215,7 @@ class Dashboard:
         verb = "Resuming" if plan.resume else "Validating"
         yield message_html("info", f"{verb} {plan.name}: checking the config (--dry_run)…"), gr.skip(), gr.skip()
         try:
-            self.runner.validate(plan)
+            checked = self.runner.validate(plan)
             info = self.runner.start(plan)
         except LaunchError as e:
             yield message_html("error", str(e)), gr.skip(), gr.skip()
@@ -226,7 +226,9 @@ class Dashboard:
             return
         what = "Resumed" if plan.resume else "Started"
         text = f"{what} {info.name} on {info.device} (pid {info.pid})."
-        yield (message_html("ok", text, _shown_command(plan.command)),
+        device = next((line for line in checked.splitlines() if line.startswith("Device: ")), "")
+        text += f" {device}." if device else ""  # what the run itself sees, from its dry run
+        yield (message_html("ok", text, _shown_command(plan.launch_command)),
                gr.update(choices=self.run_names(), value=info.name), gr.Tabs(selected="log"))
 
     def stop(self, name):
@@ -438,7 +440,8 @@ class Dashboard:
                         run_name = gr.Textbox(label="Run name", placeholder="default: a timestamp (YYYYmmdd-HHMMSS)",
                                               elem_id="run-name")
                         device = gr.Dropdown(devices, value=devices[0][1], label="Device", allow_custom_value=True,
-                                             elem_id="device", info="GPU · memory used/total · utilisation")
+                                             elem_id="device",
+                                             info="GPU · memory used/total · utilisation; type 0,1 for one process per GPU")
                     with gr.Row():
                         gpu_refresh = gr.Button("↻ Refresh GPUs", size="sm", scale=1, min_width=100)
                         launch_button = gr.Button("Launch", variant="primary", elem_id="launch", scale=2)
