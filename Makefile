@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export NO_PROXY := localhost,127.0.0.1
 
-.PHONY: demo test setup clean dashboard browser
+.PHONY: demo test setup clean dashboard browser gpu-check
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP) browser
 DASHBOARD_ARGS ?=
 dashboard: $(STAMP)
 	$(VENV)/bin/reflow-dashboard $(DASHBOARD_ARGS)
+
+# On a CUDA machine: tiny teacher + reflow in bf16, then the GPU benchmark, in under 8 minutes.
+gpu-check: $(STAMP)
+	PYTHON=$(VENV)/bin/python scripts/gpu_check.sh
 
 # The browser test drives Debian's chromium (Playwright cannot download its own browsers here).
 browser:
