@@ -182,3 +182,18 @@ def rank_rows(draw: Callable[[int], Tensor], batch_size: int) -> Tensor:
     if world == 1:
         return draw(batch_size)
     return draw(batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
+
+
+def global_mean(sums: Tensor, counts: Tensor) -> Tensor:
+    """``sums.sum() / counts.sum()`` over the global batch, as this process's share of the loss.
+
+    A loss that averages over valid entries (LeRobot's: padded chunk steps do not count) is not
+    the mean of per-process means when processes hold different numbers of valid entries. Each
+    process divides its sum by the global count and multiplies by N, so DDP's average of the N
+    gradients (and the mean of the N logged values) is exactly that of the global mean.
+    """
+    rank, world = rank_and_world()
+    total = counts.sum().detach().to(sums.dtype)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return sums.sum() / total * world

@@ -44,8 +44,9 @@ class Policy(nn.Module):
         `noise - action` at `x_t = t*noise + (1-t)*action`, over valid dims and steps.
 
         Noise and time are drawn as LeRobot draws them, for the global batch when several
-        processes train (`distributed.rank_rows`). Returns (scalar loss, {}): no metrics beyond
-        the loss itself.
+        processes train (`distributed.rank_rows`), and the mean is over the global batch's valid
+        entries (`distributed.global_mean`). Returns (scalar loss, {}): no metrics beyond the loss
+        itself.
         """
         model, (b, chunk) = self.head.lerobot.model, batch["action"].shape[:2]
         device = batch["action"].device
@@ -53,8 +54,14 @@ class Policy(nn.Module):
             noise = distributed.rank_rows(lambda n: model.sample_noise((n, chunk, self.config.max_action_dim), device), b)
         if time is None:
             time = distributed.rank_rows(lambda n: model.sample_time(n, device), b)
-        loss, _ = self.head.lerobot.forward(batch, noise=noise, time=time)
-        return loss, {}
+        if distributed.rank_and_world()[1] == 1 or "action_is_pad" not in batch:
+            loss, _ = self.head.lerobot.forward(batch, noise=noise, time=time)
+            return loss, {}
+        # LeRobot's loss is the mean over the valid entries of the whole (global) batch: per-sample
+        # means times their valid counts give the sums (B,), divided by the global count.
+        per_sample, _ = self.head.lerobot.forward(batch, noise=noise, time=time, reduction="none")
+        counts = ((~batch["action_is_pad"]).sum(dim=1) * self.config.action_feature.shape[0]).clamp_min(1)
+        return distributed.global_mean(per_sample * counts, counts), {}
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict, noise: Tensor | None = None, num_steps: int | None = None):
