@@ -54,7 +54,7 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
     marker = {"kind": "sandbox_dataset", "version": DATASET_VERSION, "repo_id": repo_id,
               "episodes": episodes, "seed": seed, "fps": fps, "action_noise": action_noise}
     if holdout_layouts:  # only then, so caches of the default data stay valid
-        marker["holdout_layouts"] = sorted(HELDOUT_LAYOUTS)
+        marker["holdout_layouts"] = [list(pair) for pair in sorted(HELDOUT_LAYOUTS)]  # as JSON stores it
     seeds = train_seeds(episodes, seed, "train" if holdout_layouts else "all")
     report = build_once(root, marker, lambda work: _record(work, repo_id, seeds, fps, action_noise))
     return report | ({"heldout_layouts": marker["holdout_layouts"]} if holdout_layouts else {})
