@@ -368,7 +368,7 @@ def eval_rows(summary: dict) -> list[list[Any]]:
 def _interval(metrics: dict) -> str:
     """The success rate's 95% Wilson interval, e.g. ``81–95%``; ``—`` when absent."""
     low, high = metrics.get("ci_low"), metrics.get("ci_high")
-    return f"{low:.0%}–{high:.0%}" if _finite(low) and _finite(high) else "—"
+    return f"{100 * low:.0f}–{100 * high:.0f}%" if _finite(low) and _finite(high) else "—"
 
 
 def _fmt(value: Any, pattern: str) -> str:
