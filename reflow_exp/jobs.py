@@ -494,7 +494,7 @@ def quality_bar(summary: dict, paired: dict | None = None) -> dict[str, bool] | 
 def evaluate_policies(run: RunDir, policies: dict = gin.REQUIRED, dry_run: bool = False) -> None:
     """Evaluate saved policies: `policies = {"name": ("<policy folder or run folder>", [steps, ...])}`."""
     if dry_run:
-        print(f"[Eval] would evaluate {sorted(policies)} with {Evaluator().env_id}")
+        print(f"[Eval] would evaluate {sorted(policies)} with {Evaluator().protocol}")
         return
     loaded = {name: (Policy.from_pretrained(path), tuple(steps)) for name, (path, steps) in policies.items()}
     evaluate_rollouts(run, 0, loaded)

@@ -112,6 +112,15 @@ def test_report_split_heldout_layouts_intervals_and_per_seed_outcomes():
         assert all(type(x) is int for x in r["episode_success"])
 
 
+@pytest.mark.parametrize("gin_file, layouts", [("gin/sandbox/eval.gin", "all"), ("gin/sandbox/layouts/eval.gin", "heldout")])
+def test_eval_gin_files_report_500_episodes_on_the_report_range(gin_file, layouts, capsys):
+    from reflow_exp import run
+
+    assert run.main(["--gin_file", gin_file, "--dry_run"]) == 0
+    protocol = {"env_id": "reflow_exp/Sandbox-v0", "split": "report", "seed": 0, "layouts": layouts, "episodes": 500}
+    assert f"with {protocol}" in capsys.readouterr().out
+
+
 def test_split_and_layouts_are_checked_first():
     with pytest.raises(ValueError, match="Evaluator.split must be one of \\['dev', 'report'\\], got 'test'"):
         Evaluator(split="test")
