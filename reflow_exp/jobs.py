@@ -375,7 +375,8 @@ def evaluate_rollouts(run: RunDir, step: int, policies: dict) -> dict:
     for name, by_steps in results.items():
         for k, metrics in by_steps.items():
             keys = ("success_rate", "ci_low", "ci_high", "mean_return", "mean_length", "latency_ms")
-            run.log_metrics(step, {key: metrics[key] for key in keys if key in metrics}, subset="eval", head=name, steps=k)
+            numbers = {key: metrics[key] for key in keys if key in metrics}
+            run.log_metrics(step, numbers, subset="eval", head=name, steps=k)
             if metrics.get("gif"):
                 run.tracker.track_image("rollout", metrics["gif"], step, {"head": name, "steps": k})
     plot = success_latency_plot(results, run.path / "eval_plot.png")
@@ -407,14 +408,17 @@ def paired_comparisons(results: dict) -> dict[str, dict]:
             continue
         if a["episode_seeds"] != b["episode_seeds"]:
             raise ValueError(f"{head_a}@{steps_a} and {head_b}@{steps_b} were evaluated on different seeds")
-        paired[f"{head_a}@{steps_a} vs {head_b}@{steps_b}"] = paired_comparison(a["episode_success"], b["episode_success"])
+        name = f"{head_a}@{steps_a} vs {head_b}@{steps_b}"
+        paired[name] = paired_comparison(a["episode_success"], b["episode_success"])
     return paired
 
 
 def _write_episodes(path: Path, results: dict) -> None:
     """{head: {steps: {"seeds": [...], "success": [0/1, ...]}}}: what paired tests are computed from."""
-    episodes = {name: {str(k): {"seeds": m["episode_seeds"], "success": m["episode_success"]} for k, m in by_steps.items()}
-                for name, by_steps in results.items()}
+    episodes = {
+        name: {str(k): {"seeds": m["episode_seeds"], "success": m["episode_success"]} for k, m in by_steps.items()}
+        for name, by_steps in results.items()
+    }
     path.write_text(json.dumps(episodes) + "\n")
 
 
@@ -455,7 +459,8 @@ def paired_table(paired: dict) -> str:
     for name, p in paired.items():
         interval = f"{p['ci_low']:+.3f} to {p['ci_high']:+.3f}"
         discordant = f"{p['first_only']}/{p['second_only']}"
-        lines.append(f"{name:<24} {p['difference']:>+10.3f} {interval:>17} {p['p_value']:>11.4f} {p['n']:>5} {discordant:>17}")
+        lines.append(f"{name:<24} {p['difference']:>+10.3f} {interval:>17} {p['p_value']:>11.4f} {p['n']:>5} "
+                     f"{discordant:>17}")
     return "\n".join(lines)
 
 

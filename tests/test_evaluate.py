@@ -112,7 +112,9 @@ def test_report_split_heldout_layouts_intervals_and_per_seed_outcomes():
         assert all(type(x) is int for x in r["episode_success"])
 
 
-@pytest.mark.parametrize("gin_file, layouts", [("gin/sandbox/eval.gin", "all"), ("gin/sandbox/layouts/eval.gin", "heldout")])
+@pytest.mark.parametrize("gin_file, layouts", [
+    ("gin/sandbox/eval.gin", "all"), ("gin/sandbox/layouts/eval.gin", "heldout"),
+])
 def test_eval_gin_files_report_500_episodes_on_the_report_range(gin_file, layouts, capsys):
     from reflow_exp import run
 

@@ -331,7 +331,8 @@ def test_recorder_can_skip_the_heldout_layouts(tmp_path):
     # The recorded episodes are the first 3 training seeds outside the held-out layouts, in order;
     # seed 0's very first episode has a held-out layout, so it is skipped.
     seeds = train_seeds(3, seed=0, layouts="train")
-    assert seeds == [train_episode_seed(0, i) for i in (1, 2, 3)] and layout_of(train_episode_seed(0, 0)) in HELDOUT_LAYOUTS
+    assert seeds == [train_episode_seed(0, i) for i in (1, 2, 3)]
+    assert layout_of(train_episode_seed(0, 0)) in HELDOUT_LAYOUTS
     expected = [SandboxEnv().reset(seed=s)[0]["agent_pos"] for s in seeds]
     np.testing.assert_allclose(np.stack(starts), np.stack(expected))
 

@@ -79,7 +79,9 @@ def train_episode_seed(seed: int, episode: int) -> int:
 def eval_episode_seed(seed: int, episode: int, split: str = "dev") -> int:
     """Env seed of evaluation episode `episode` in an evaluation run with `seed` on `split`."""
     if split not in EVAL_SEED_OFFSETS:
-        raise ValueError(f"unknown evaluation split {split!r}; choose 'dev' (for choosing) or 'report' (for publishing)")
+        raise ValueError(
+            f"unknown evaluation split {split!r}; choose 'dev' (for choosing) or 'report' (for publishing)"
+        )
     return _episode_seed(EVAL_SEED_OFFSETS[split], seed, episode)
 
 
