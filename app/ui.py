@@ -441,7 +441,8 @@ class Dashboard:
                                               elem_id="run-name")
                         device = gr.Dropdown(devices, value=devices[0][1], label="Device", allow_custom_value=True,
                                              elem_id="device",
-                                             info="GPU · memory used/total · utilisation; type 0,1 for one process per GPU")
+                                             info="GPU · memory used/total · utilisation; "
+                                                  "type 0,1 for one process per GPU")
                     with gr.Row():
                         gpu_refresh = gr.Button("↻ Refresh GPUs", size="sm", scale=1, min_width=100)
                         launch_button = gr.Button("Launch", variant="primary", elem_id="launch", scale=2)

@@ -9,7 +9,8 @@
 #       [--dataset.repo_id=lerobot/svla_so100_pickplace] [--gin_param='reflow.student_steps = 2'] [--print_command]
 #
 # Every flag can also be an environment variable: TEACHER, BATCH_SIZE, STEPS, SAVE_FREQ, OUTPUT_DIR,
-# USE_REFLOW, OPTIMIZER_LR, FREEZE_VISION_ENCODER, LOAD_VLM_WEIGHTS, TRAIN_EXPERT_ONLY, DATASET_REPO_ID, MIXED_PRECISION (no|bf16|fp16),
+# USE_REFLOW, OPTIMIZER_LR, FREEZE_VISION_ENCODER, LOAD_VLM_WEIGHTS, TRAIN_EXPERT_ONLY, DATASET_REPO_ID,
+# MIXED_PRECISION (no|bf16|fp16),
 # GIN_FILE (default gin/smolvla/reflow.gin), PYTHON (default python), MASTER_PORT (default 29500).
 # Several GPUs in CUDA_VISIBLE_DEVICES (e.g. 0,1,2,3) run one process per GPU with torchrun;
 # --batch_size is then per GPU (global batch = batch_size x number of GPUs).
@@ -58,7 +59,8 @@ done
 use_reflow=$(bool --policy.use_reflow "$USE_REFLOW")
 [ "$use_reflow" = True ] || die "--policy.use_reflow=$USE_REFLOW: this script only runs reflow; train a teacher \
 with python -m reflow_exp.run --gin_file gin/sandbox/teacher.gin (or lerobot-train)"
-[ -n "${TEACHER:-}" ] || die "the teacher is required: --policy.teacher_model_path=<SmolVLA folder or run folder> (or TEACHER=...)"
+[ -n "${TEACHER:-}" ] || die "the teacher is required:" \
+  "--policy.teacher_model_path=<SmolVLA folder or run folder> (or TEACHER=...)"
 
 PARAMS=(--gin_param "reflow.teacher = \"$TEACHER\"")
 [ -n "${BATCH_SIZE:-}" ] && PARAMS+=(--gin_param "reflow.batch_size = $BATCH_SIZE")
@@ -82,7 +84,8 @@ fi
 [ -n "${MIXED_PRECISION:-}" ] && PARAMS+=(--gin_param "Trainer.mixed_precision = \"$MIXED_PRECISION\"")
 if [ -n "${OUTPUT_DIR:-}" ]; then  # the run folder is <run.runs_dir>/<run.name>
   OUTPUT_DIR=${OUTPUT_DIR%/}
-  PARAMS+=(--gin_param "run.runs_dir = \"$(dirname "$OUTPUT_DIR")\"" --gin_param "run.name = \"$(basename "$OUTPUT_DIR")\"")
+  PARAMS+=(--gin_param "run.runs_dir = \"$(dirname "$OUTPUT_DIR")\"")
+  PARAMS+=(--gin_param "run.name = \"$(basename "$OUTPUT_DIR")\"")
 fi
 
 # One process per GPU listed in CUDA_VISIBLE_DEVICES; unset or one GPU (or "" = CPU): one process.

@@ -7,9 +7,11 @@ uses one device: ``cuda:<LOCAL_RANK>`` when CUDA is visible, else the CPU (gloo)
 ``PartialState`` joins the process group and picks the device; the ``Accelerator`` the trainer
 makes later shares that state.
 
-Random draws during training are made for the *global* batch on every process (all processes
-share one seed, so one random stream) and each process keeps its own rows (``rank_rows``): N
-processes with per-process batch B draw exactly what one process with batch N×B draws.
+Batch sizes are per process: the global batch is batch × N. Random draws during training are
+made for the global batch on every process (all processes share one seed, so one random stream)
+and each process keeps its own rows (``rank_rows``); means over valid entries are taken over the
+global batch (``global_mean``). So N processes with batch B compute what one process with batch
+N×B computes. Rank 0 alone writes the run folder (``reflow_exp.run``).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def global_mean(sums: Tensor, counts: Tensor) -> Tensor:
     process divides its sum by the global count and multiplies by N, so DDP's average of the N
     gradients (and the mean of the N logged values) is exactly that of the global mean.
     """
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     total = counts.sum().detach().to(sums.dtype)
     if world > 1:
         torch.distributed.all_reduce(total)

@@ -156,7 +156,10 @@ def train_teacher(
     backbone = Backbone.from_pretrained_vlm(data.vlm_model_name, config.num_vlm_layers).to(device)
     if train_backbone:
         backbone.unfreeze()
-    preprocessor, postprocessor = make_smolvla_pre_post_processors(dataclasses.replace(config, device=str(device)), meta.stats)
+    # The processors send batches to this process's exact device (e.g. cuda:1).
+    preprocessor, postprocessor = make_smolvla_pre_post_processors(
+        dataclasses.replace(config, device=str(device)), meta.stats
+    )
     policy = Policy(backbone, ActionHead(config, backbone), preprocessor, postprocessor)
     params = param_summary(policy, "teacher_head")
     print(f"[Teacher] Parameters: {params}")

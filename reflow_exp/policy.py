@@ -51,7 +51,8 @@ class Policy(nn.Module):
         model, (b, chunk) = self.head.lerobot.model, batch["action"].shape[:2]
         device = batch["action"].device
         if noise is None:  # (B, chunk, max_action_dim), like LeRobot's own draw in VLAFlowMatching.forward
-            noise = distributed.rank_rows(lambda n: model.sample_noise((n, chunk, self.config.max_action_dim), device), b)
+            dim = self.config.max_action_dim
+            noise = distributed.rank_rows(lambda n: model.sample_noise((n, chunk, dim), device), b)
         if time is None:
             time = distributed.rank_rows(lambda n: model.sample_time(n, device), b)
         if distributed.rank_and_world()[1] == 1 or "action_is_pad" not in batch:

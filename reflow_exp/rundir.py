@@ -56,7 +56,11 @@ class RunSettings:
 
 @gin.configurable("run")
 def run_settings(
-    job=gin.REQUIRED, name: str | None = None, runs_dir: str = "runs", seed: int = 0, dist_timeout_s: float = DEFAULT_TIMEOUT_S
+    job=gin.REQUIRED,
+    name: str | None = None,
+    runs_dir: str = "runs",
+    seed: int = 0,
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> RunSettings:
     """Settings of a run, bound in gin as ``run.job = @train_teacher``, ``run.name = "x"``, ...
 
@@ -77,7 +81,9 @@ def run_settings(
         raise ValueError(f"run.name must be a plain folder name, got {name!r}")
     if not dist_timeout_s > 0:
         raise ValueError(f"run.dist_timeout_s must be > 0 seconds, got {dist_timeout_s!r}")
-    return RunSettings(job=job, name=name, runs_dir=Path(runs_dir), seed=int(seed), dist_timeout_s=float(dist_timeout_s))
+    return RunSettings(
+        job=job, name=name, runs_dir=Path(runs_dir), seed=int(seed), dist_timeout_s=float(dist_timeout_s)
+    )
 
 
 def seed_everything(seed: int) -> None:

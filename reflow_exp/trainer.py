@@ -191,7 +191,8 @@ class Trainer:
 
             if step % self.log_every == 0 or step == self.steps:
                 now = time.perf_counter()
-                logged = window.means(accelerator) | {"lr": scheduler.get_last_lr()[0], "steps_per_s": window.count / (now - t_log)}
+                speed = {"lr": scheduler.get_last_lr()[0], "steps_per_s": window.count / (now - t_log)}
+                logged = window.means(accelerator) | speed
                 self._log(run, accelerator, step, logged, context)
                 state["last_loss"], t_log, window = logged["loss"], now, _Window()
             if evaluate and self.eval_every and step % self.eval_every == 0 and step < self.steps:

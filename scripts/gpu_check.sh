@@ -35,7 +35,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 case "$DEVICE" in
   cuda)
     command -v nvidia-smi > /dev/null && nvidia-smi > /dev/null 2>&1 \
-      || die "no CUDA GPU here (nvidia-smi is missing or fails). Run this on a GPU machine, or pass --device cpu for the CPU dry mode."
+      || die "no CUDA GPU here (nvidia-smi is missing or fails). Run this on a GPU machine," \
+             "or pass --device cpu for the CPU dry mode."
     GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
     export CUDA_VISIBLE_DEVICES=$GPU
     "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -57,7 +58,10 @@ step() {  # step NAME COMMAND...: run with what is left of the budget; fail loud
   local name=$1; shift
   [ "$(left)" -gt 10 ] || die "out of time before $name (budget ${BUDGET_S} s)"
   echo "== $name ($(left) s left)"
-  timeout "$(left)" "$@" > "$OUT/$name.log" 2>&1 || { tail -30 "$OUT/$name.log"; die "$name failed (log: $OUT/$name.log)"; }
+  if ! timeout "$(left)" "$@" > "$OUT/$name.log" 2>&1; then
+    tail -30 "$OUT/$name.log"
+    die "$name failed (log: $OUT/$name.log)"
+  fi
 }
 report() {  # report RUN_NAME: the numbers a run wrote
   "$PYTHON" - "$RUNS/$1" <<'EOF'
@@ -72,7 +76,8 @@ print(f"   {run.name}: device {device}; vlm_load_count {summary.get('vlm_load_co
       f"{train.get('steps_per_s', float('nan')):.2f} steps/s")
 for head, by_steps in summary.get("eval", {}).items():
     for k, m in by_steps.items():
-        print(f"   {run.name}: {head}@{k} success {m['success_rate']:.2f}, latency {m.get('latency_ms', float('nan')):.1f} ms")
+        latency = m.get("latency_ms", float("nan"))
+        print(f"   {run.name}: {head}@{k} success {m['success_rate']:.2f}, latency {latency:.1f} ms")
 EOF
 }
 

@@ -118,7 +118,8 @@ def test_gpus_parse_and_device_checks():
         gpus.resolve_device("tpu", found)
 
 
-TWO_GPUS = [gpus.Gpu(0, "GPU-aaa", "NVIDIA H100", 81559.0, 500.0, 0.0), gpus.Gpu(1, "GPU-bbb", "NVIDIA H100", 81559.0, 500.0, 0.0)]
+TWO_GPUS = [gpus.Gpu(0, "GPU-aaa", "NVIDIA H100", 81559.0, 500.0, 0.0),
+            gpus.Gpu(1, "GPU-bbb", "NVIDIA H100", 81559.0, 500.0, 0.0)]
 
 
 def test_several_gpus_and_busy_gpus():
