@@ -106,12 +106,17 @@ def _run_job(settings: rundir.RunSettings, run: rundir.RunDir) -> tuple[int, str
         print("Interrupted; the run resumes from its last checkpoint if started again.", file=sys.stderr)
         return EXIT_INTERRUPTED, "interrupted"
     except trainer.TrainingDiverged as e:  # a known end: the message says it all, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_JOB_FAILED, str(e)
+        print(f"error: {_reason(e)}", file=sys.stderr)
+        return EXIT_JOB_FAILED, _reason(e)
     except Exception as e:
         traceback.print_exc()  # into log.txt too: the tee is still installed
-        return EXIT_JOB_FAILED, f"{type(e).__name__}: {e}"
+        return EXIT_JOB_FAILED, f"{type(e).__name__}: {_reason(e)}"
     return 0, ""
+
+
+def _reason(error: Exception) -> str:
+    """The error's message without the "In call to configurable ..." lines gin appends."""
+    return str(error).split("\n  In call to configurable")[0]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
