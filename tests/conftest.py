@@ -49,7 +49,8 @@ def free_port():
 def cli():
     """``cli(gin_file, *bindings, wait=True)``: ``python -m reflow_exp.run`` in a real process, from
     the repo root; returns the finished ``subprocess.CompletedProcess`` (text output), or the
-    running ``Popen`` when ``wait=False``. ``--dry_run`` may be one of the bindings."""
+    running ``Popen`` (its own session, output discarded: read the run's log.txt) when
+    ``wait=False``. ``--dry_run`` may be one of the bindings."""
     import subprocess
     import sys
 
@@ -59,8 +60,9 @@ def cli():
             argv += [binding] if binding.startswith("--") else ["--gin_param", binding]
         env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         if not wait:
-            return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, start_new_session=True)
+            # Never a pipe: nobody reads it while the run goes on, and a full pipe would block the run.
+            return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
         return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -17,24 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from app import runs
 from app.runner import Runner
 from app.runs import LaunchError
 from reflow_exp import run as run_cli
-from reflow_exp.checkpoint import latest_checkpoint, save_checkpoint
+from reflow_exp.checkpoint import latest_checkpoint
 from reflow_exp.rundir import RunDir
 from reflow_exp.tracking import Tracker
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _wait_for(predicate, timeout: float, what: str, proc=None):
+def _wait_for(predicate, timeout: float, what: str, proc=None, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"the process ended ({proc.returncode}) before {what}: {tail}")
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
         time.sleep(0.1)
 
@@ -221,7 +223,7 @@ def test_reflow_refuses_a_teacher_with_nan_weights(cli, teacher_copy):
     result = cli("gin/sandbox/tiny_reflow.gin", *_bindings(teacher_copy.parent, f'reflow.teacher = "{teacher_copy}"',
                                                            "Tracker.enabled = False"))
     assert result.returncode == 1
-    assert f"{weights.resolve()} holds NaN/inf weights" in result.stderr or f"{weights} holds NaN/inf" in result.stderr
+    assert "pretrained_model/model.safetensors holds NaN/inf weights in 1 tensor(s)" in result.stderr, result.stderr
     assert "Generating" not in result.stdout and "Creating student" not in result.stdout
 
 
@@ -248,7 +250,8 @@ def test_one_process_per_run_folder_and_status_from_exit_records(cli, tiny_teach
 
     first = cli("gin/sandbox/tiny.gin", *long_run, wait=False)
     try:
-        _wait_for(lambda: (run_dir / "checkpoints" / "last").exists(), 240, "first checkpoint", first)
+        _wait_for(lambda: (run_dir / "checkpoints" / "last").exists(), 240, "first checkpoint", first,
+                  run_dir / "log.txt")
         assert runs.run_status(run_dir).status == "running"  # a CLI run: status.json + its live pid
         before = sorted((p.name, p.stat().st_size) for p in run_dir.iterdir() if p.name not in (
             "log.txt", "metrics.jsonl", "checkpoints"))
@@ -265,8 +268,6 @@ def test_one_process_per_run_folder_and_status_from_exit_records(cli, tiny_teach
     finally:
         first.kill()
         first.wait()
-        first.stdout.close()
-        first.stderr.close()
     assert first.returncode == run_cli.EXIT_INTERRUPTED
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert runs.run_status(run_dir).status == "stopped"
@@ -275,14 +276,12 @@ def test_one_process_per_run_folder_and_status_from_exit_records(cli, tiny_teach
     third = cli("gin/sandbox/tiny.gin", *long_run, wait=False)
     try:
         _wait_for(lambda: json.loads((run_dir / "status.json").read_text()).get("pid") == third.pid, 120,
-                  "the third run's status", third)
+                  "the third run's status", third, run_dir / "log.txt")
         os.killpg(third.pid, signal.SIGKILL)
         third.wait(30)
     finally:
         third.kill()
         third.wait()
-        third.stdout.close()
-        third.stderr.close()
     assert json.loads((run_dir / ".lock").read_text())["pid"] == third.pid
     assert runs.run_status(run_dir).status == "failed"  # died without an exit record
 
@@ -372,7 +371,8 @@ def test_damaged_pair_files_are_regenerated(tiny_teacher, tmp_path, capsys):
     assert "Generating" in out and "the pair file is damaged: truncated" in out, out
     assert torch.equal(load_file(file)["action"], good["action"])
 
-    key = cached._fingerprint({"teacher": "a"})
+    with safe_open(str(file), framework="pt") as f:
+        key = f.metadata()["fingerprint"]  # the same teacher, data and settings: only the values are bad
     nan = dict(good, action=torch.full_like(good["action"], float("nan")))
     save_file(nan, str(file), metadata={"fingerprint": key})
     out = prepare()
