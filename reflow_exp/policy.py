@@ -9,6 +9,7 @@ task): `observation.image` (B, 3, H, W) in [0, 1], `observation.state` (B, state
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -119,13 +120,19 @@ def load_weights(weights: Path) -> dict[str, Tensor]:
             problem = str(e)
     if problem is not None:
         raise ValueError(f"cannot load {weights}: {problem}. Copy or export the policy again.")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in state.items() if v.is_floating_point() and not _all_finite(v)]
     if bad:
         raise ValueError(
             f"{weights} holds NaN/inf weights in {len(bad)} tensor(s), e.g. {bad[0]}: the policy diverged "
             "while training. Use an earlier checkpoint of it, or retrain it with a lower Trainer.lr."
         )
     return state
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """A sum is NaN/inf when any value is (cheap: no mask); only then look value by value, since
+    a sum of finite values may also overflow."""
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def looks_local(name_or_path: str | Path) -> bool:
