@@ -173,9 +173,9 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
             return f"truncated: the header alone needs {8 + header_len} bytes, the file has {size}"
         try:
             header = json.loads(f.read(header_len))
-        except (ValueError, UnicodeDecodeError):
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
             return "unreadable safetensors header"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         return f"truncated: {8 + header_len + end} bytes expected, the file has {size}"
     return None
