@@ -4,7 +4,8 @@ Both give pairs in the padded, normalised action space the heads see, (B, chunk,
 x is the teacher's Euler solution from z (t=1) to t=0 with `teacher_steps` steps.
 - `OnlineCoupling`: fresh noise and a teacher ODE every batch (unlimited pairs, teacher cost per step).
 - `CachedCoupling`: K pairs per training frame generated once into a safetensors file in the run
-  folder and reused every epoch; regenerated when the teacher, the data or the settings change.
+  folder and reused every epoch; regenerated when the teacher, the data or the settings change,
+  and when the file is damaged (truncated, unreadable) or holds NaN/inf values.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
+
+from reflow_exp.checkpoint import file_problem, fsync_dir, fsync_file
 
 
 class OnlineCoupling:
@@ -54,15 +57,15 @@ class CachedCoupling:
         """Load the pair file if its fingerprint matches, else generate it (progress bar) atomically."""
         path = Path(run_path) / self.FILE
         key = self._fingerprint(fingerprint)
-        if path.is_file() and _read_key(path) == key:
+        tensors, why = _load_cached(path, key)
+        if tensors is not None:
             print(f"[Reflow] Reusing cached pairs {path}")
         else:
-            print(f"[Reflow] Generating {self.pairs_per_sample} teacher pair(s) per frame into {path}")
+            print(f"[Reflow] Generating {self.pairs_per_sample} teacher pair(s) per frame into {path} ({why})")
             tensors = self._generate(model, loader, preprocess)
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"fingerprint": key})
-            tmp.replace(path)
-        tensors = load_file(str(path))
+            if not (tensors["action"].isfinite().all() and tensors["noise"].isfinite().all()):
+                raise ValueError("the teacher produced NaN/inf actions; its weights or the data are broken")
+            _save_durably(tensors, path, key)
         self.noise, self.action = tensors["noise"], tensors["action"]  # (N, K, chunk, D)
         # dataset index -> row of the file
         self.row = {int(i): r for r, i in enumerate(tensors["index"].tolist())}
@@ -100,9 +103,32 @@ class CachedCoupling:
         return hashlib.sha256(json.dumps({**fingerprint, **settings}, sort_keys=True).encode()).hexdigest()
 
 
-def _read_key(path: Path) -> str | None:
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("fingerprint")
+def _load_cached(path: Path, key: str) -> tuple[dict[str, Tensor] | None, str]:
+    """The pair file's tensors if it is whole, made for ``key`` and finite; else (None, why not)."""
+    if not path.is_file():
+        return None, "no pair file yet"
+    problem = file_problem(path)  # truncated or empty: safetensors' own error names no file
+    if problem is not None:
+        return None, f"the pair file is damaged: {problem}"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != key:
+                return None, "the teacher, the data or the settings changed"
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        return None, f"the pair file is unreadable: {e}"
+    if not all(tensors[k].isfinite().all() for k in ("noise", "action")):
+        return None, "the pair file holds NaN/inf values"
+    return tensors, ""
+
+
+def _save_durably(tensors: dict[str, Tensor], path: Path, key: str) -> None:
+    """Write to a temp file, fsync it, rename it into place, fsync the folder."""
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"fingerprint": key})
+    fsync_file(tmp)
+    tmp.replace(path)
+    fsync_dir(path.parent)
 
 
 def file_digest(path: Path) -> str:
