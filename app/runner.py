@@ -23,9 +23,9 @@ from typing import Callable
 
 from app import gpus as gpus_mod
 from app.runs import (
-    EXIT_FILE, GIN_DIR, LAUNCH_FILE, REPO_ROOT, LaunchError, RunInfo, build_command, check_run_name,
+    EXIT_FILE, GIN_DIR, LAUNCH_FILE, REPO_ROOT, LaunchError, RunInfo, build_command, check_write_locations,
     config_error_message, default_run_name, is_run_dir, parse_overrides, pid_alive, process_start_time,
-    read_json, resolve_gin_file, run_status, write_json_atomic,
+    read_json, resolve_gin_file, run_folder, run_status, write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,11 @@ class Runner:
     # -- launch ----------------------------------------------------------------------------------
 
     def plan(self, gin_file: str, extra_gin_files: list[str] | None, overrides: str | None,
-             device: str | None, name: str | None) -> LaunchPlan:
+             device: str | None, name: str | None, allow_outside: bool = False) -> LaunchPlan:
         """Check the form (fast, nothing started) and build the command.
+
+        ``allow_outside``: let overrides point write locations (``WRITE_LOCATIONS``) outside the
+        runs folder.
 
         Raises:
             LaunchError: with a message for the user.
@@ -97,12 +100,14 @@ class Runner:
                 files.append(resolve_gin_file(extra, self.gin_dir))
         rel_files = [_relative_to_repo(p, self.repo_root) for p in files]
         bindings = parse_overrides(overrides)
+        if not allow_outside:
+            check_write_locations(bindings, self.runs_dir, self.repo_root)
         try:
             cuda = gpus_mod.resolve_device(device, self.list_gpus() if _wants_gpu(device) else [])
         except ValueError as e:
             raise LaunchError(str(e)) from None
-        name = check_run_name(name) if (name or "").strip() else default_run_name(self.runs_dir)
-        run_dir = self.runs_dir / name
+        name = (name or "").strip() or default_run_name(self.runs_dir)
+        run_dir = run_folder(self.runs_dir, name)
         resume = run_dir.exists()
         if resume:
             if not is_run_dir(run_dir):
@@ -171,9 +176,9 @@ class Runner:
             threading.Thread(target=proc.wait, name=f"reap-{plan.name}", daemon=True).start()
         return run_status(plan.run_dir)
 
-    def launch(self, gin_file, extra_gin_files, overrides, device, name) -> RunInfo:
+    def launch(self, gin_file, extra_gin_files, overrides, device, name, allow_outside=False) -> RunInfo:
         """``plan`` + ``validate`` + ``start``."""
-        plan = self.plan(gin_file, extra_gin_files, overrides, device, name)
+        plan = self.plan(gin_file, extra_gin_files, overrides, device, name, allow_outside)
         self.validate(plan)
         return self.start(plan)
 
@@ -192,8 +197,8 @@ class Runner:
         Raises:
             LaunchError: no such run, or it was not started by a dashboard.
         """
-        run_dir = self.runs_dir / (name or "")
-        if not name or not is_run_dir(run_dir):
+        run_dir = run_folder(self.runs_dir, name or "")  # never a folder outside runs_dir
+        if not is_run_dir(run_dir):
             raise LaunchError(f"No run named {name!r} in {self.runs_dir}.")
         launch = read_json(run_dir / LAUNCH_FILE)
         info = run_status(run_dir)

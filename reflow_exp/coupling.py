@@ -4,7 +4,8 @@ Both give pairs in the padded, normalised action space the heads see, (B, chunk,
 x is the teacher's Euler solution from z (t=1) to t=0 with `teacher_steps` steps.
 - `OnlineCoupling`: fresh noise and a teacher ODE every batch (unlimited pairs, teacher cost per step).
 - `CachedCoupling`: K pairs per training frame generated once into a safetensors file in the run
-  folder and reused every epoch; regenerated when the teacher, the data or the settings change.
+  folder and reused every epoch; regenerated when the teacher, the data or the settings change,
+  and when the file is damaged (truncated, unreadable) or holds NaN/inf values.
   With several processes each makes the pairs of its own shard of the frames, rank 0 merges the
   parts into the one file, and every process loads it. A frame's noise depends only on (seed,
   frame index), so the file is the same whatever the number of processes.
@@ -17,12 +18,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from reflow_exp import distributed
+from reflow_exp.checkpoint import file_problem, fsync_dir, fsync_file
 
 
 class OnlineCoupling:
@@ -64,23 +66,28 @@ class CachedCoupling:
         path = Path(run_path) / self.FILE
         key = self._fingerprint(fingerprint)
         rank, world = distributed.rank_and_world()
-        if path.is_file() and _read_key(path) == key:  # nobody writes it before the barrier below
+        tensors, why = _load_cached(path, key)  # nobody writes the file before the barriers below
+        if tensors is not None:
             print(f"[Reflow] Reusing cached pairs {path}")
         else:
-            print(f"[Reflow] Generating {self.pairs_per_sample} teacher pair(s) per frame into {path}")
-            part = self._generate(model, loader, preprocess)
+            print(f"[Reflow] Generating {self.pairs_per_sample} teacher pair(s) per frame into {path} ({why})")
+            tensors = self._generate(model, loader, preprocess)  # this process's share of the frames
+            if not (tensors["action"].isfinite().all() and tensors["noise"].isfinite().all()):
+                raise ValueError("the teacher produced NaN/inf actions; its weights or the data are broken")
             if world == 1:
-                _save_atomic(part, path, key)
+                _save_durably(tensors, path, key)
             else:
-                _save_atomic(part, _part_path(path, rank), key)
+                _save_durably(tensors, _part_path(path, rank), key)
                 distributed.barrier()  # every part is written
                 if rank == 0:
                     parts = [load_file(str(_part_path(path, r))) for r in range(world)]
-                    _save_atomic({name: torch.cat([p[name] for p in parts]) for name in parts[0]}, path, key)
+                    _save_durably({name: torch.cat([p[name] for p in parts]) for name in parts[0]}, path, key)
                     for r in range(world):
                         _part_path(path, r).unlink()
+                tensors = None
         distributed.barrier()  # the file is complete
-        tensors = load_file(str(path))
+        if tensors is None:
+            tensors = load_file(str(path))
         self.noise, self.action = tensors["noise"], tensors["action"]  # (N, K, chunk, D)
         # dataset index -> row of the file
         self.row = {int(i): r for r, i in enumerate(tensors["index"].tolist())}
@@ -125,15 +132,32 @@ def _part_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.part{rank}{path.suffix}")
 
 
-def _save_atomic(tensors: dict[str, Tensor], path: Path, key: str) -> None:
+def _load_cached(path: Path, key: str) -> tuple[dict[str, Tensor] | None, str]:
+    """The pair file's tensors if it is whole, made for ``key`` and finite; else (None, why not)."""
+    if not path.is_file():
+        return None, "no pair file yet"
+    problem = file_problem(path)  # truncated or empty: safetensors' own error names no file
+    if problem is not None:
+        return None, f"the pair file is damaged: {problem}"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != key:
+                return None, "the teacher, the data or the settings changed"
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        return None, f"the pair file is unreadable: {e}"
+    if not all(tensors[k].isfinite().all() for k in ("noise", "action")):
+        return None, "the pair file holds NaN/inf values"
+    return tensors, ""
+
+
+def _save_durably(tensors: dict[str, Tensor], path: Path, key: str) -> None:
+    """Write to a temp file, fsync it, rename it into place, fsync the folder."""
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"fingerprint": key})
+    fsync_file(tmp)
     tmp.replace(path)
-
-
-def _read_key(path: Path) -> str | None:
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("fingerprint")
+    fsync_dir(path.parent)
 
 
 def file_digest(path: Path) -> str:

@@ -44,6 +44,10 @@ TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
 TRAINING_STEP_FILE = "training_step.json"  # LeRobot's name; we add epoch/batch/first_loss
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient or the parameters became NaN or infinite; the message says where."""
+
+
 @gin.configurable
 class Trainer:
     """Trains ``model`` for ``steps`` optimizer steps; defaults are SmolVLA's optimizer presets.
@@ -173,6 +177,7 @@ class Trainer:
             batch = preprocess(next(batches))
             loss, metrics = wrapped(batch)  # prepare() already wrapped forward in autocast
             loss_value = loss.item()
+            self._check_finite("loss", loss_value, step + 1, run)
             if state["first_loss"] is None:  # "loss at start", before any update
                 first = _Window()
                 first.add(loss=loss_value, **metrics)
@@ -181,6 +186,8 @@ class Trainer:
                 self._log(run, accelerator, 0, logged, context)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, self.grad_clip_norm or math.inf)
+            if self.mixed_precision != "fp16":  # fp16's grad scaler skips overflowing steps itself
+                self._check_finite("the gradient norm", grad_norm.item(), step + 1, run)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -201,6 +208,9 @@ class Trainer:
                 wrapped.train()  # evaluate may have switched the model to eval mode
             if (self.save_every and step % self.save_every == 0) or step == self.steps:
                 state.update(step=step, epoch=batches.epoch, batch_in_epoch=batches.index)
+                bad = next((n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+                if bad is not None:
+                    self._check_finite(f"parameter {bad}", math.nan, step, run)
                 self._save(run, accelerator, wrapped, optimizer, scheduler, state)
         bar.close()
         # ---------------------------------------------------------------------------------------
@@ -215,6 +225,18 @@ class Trainer:
         }
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _check_finite(self, what: str, value: float, step: int, run: RunDir) -> None:
+        """Raise ``TrainingDiverged`` if ``value`` is NaN/inf: the step, the cause, what to try."""
+        if math.isfinite(value):
+            return
+        kept = latest_checkpoint(run.checkpoints_dir)
+        kept_text = f"checkpoint {kept.name} (the last finite one) is kept" if kept else "no checkpoint was saved"
+        raise TrainingDiverged(
+            f"{what} is {value} at step {step}; training stopped and {kept_text}. Lower Trainer.lr "
+            f"(now {self.lr:g}), keep Trainer.grad_clip_norm set (now {self.grad_clip_norm}), or check the "
+            "data for NaN/inf values."
+        )
 
     def _log(self, run: RunDir, accelerator: Accelerator, step: int, metrics: dict, context: dict) -> None:
         if not accelerator.is_main_process:

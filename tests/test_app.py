@@ -230,13 +230,17 @@ def test_run_status(tmp_path):
     _launched(tmp_path / "lost", dead.pid)  # died without a word
     # Same pid, other process (pid reuse): the recorded start time does not match.
     _launched(tmp_path / "reused", os.getpid(), proc_start=1)
-    # Started from the CLI: no dashboard files.
-    for name, log, summary in [("cli-done", "step 6/6\n", {"train": {}}),
-                               ("cli-stopped", "Interrupted; the run resumes from its last checkpoint\n", {}),
-                               ("cli-failed", "Traceback (most recent call last):\nValueError: x\n", {})]:
+    # Started from the CLI: no dashboard files; the run's own status.json (none: an older run).
+    for name, record, summary in [("cli-done", {}, {"train": {}}),
+                                  ("cli-stopped", {"status": "interrupted", "exit_code": 130}, {}),
+                                  ("cli-failed", {"status": "failed", "exit_code": 1, "message": "ValueError: x"}, {}),
+                                  ("cli-running", {"status": "running", "pid": os.getpid(), "started": time.time()},
+                                   {})]:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "log.txt").write_text(log)
+        (tmp_path / name / "log.txt").write_text("Traceback (most recent call last):\n")  # log text is not read
         runs.write_json_atomic(tmp_path / name / "summary.json", summary)
+        if record:
+            runs.write_json_atomic(tmp_path / name / runs.STATUS_FILE, record)
     (tmp_path / "sandbox" / "data").mkdir(parents=True)  # a data cache, not a run
     (tmp_path / ".aim").mkdir()
 
@@ -244,8 +248,9 @@ def test_run_status(tmp_path):
     assert {n: r.status for n, r in found.items()} == {
         "alive": "running", "done": "finished", "crashed": "failed", "stopped": "stopped", "killed": "stopped",
         "lost": "failed", "reused": "failed", "cli-done": "finished", "cli-stopped": "stopped",
-        "cli-failed": "failed",
+        "cli-failed": "failed", "cli-running": "running",
     }
+    assert found["cli-failed"].detail == "exit code 1: ValueError: x"
     assert found["alive"].device == "GPU 0" and found["cli-done"].device == "—"
     assert found["crashed"].detail == "exit code 1"
     assert found["alive"].alive and not found["done"].alive
@@ -388,12 +393,12 @@ def tiny_run(app, sandbox_root):
     """
     client, dashboard = app
     message, selected = client.predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"', "cpu",
-                                       "tiny-api", api_name="/launch")
+                                       "tiny-api", allow_outside=True, api_name="/launch")  # a shared cache
     assert "Started tiny-api on CPU" in message, message
     assert (selected["value"] if isinstance(selected, dict) else selected) == "tiny-api"  # the run page follows
     side_jobs = {
         "bad_config": client.submit("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"\nTrainer.stepz = 3',
-                                    "cpu", "bad-config", api_name="/launch"),
+                                    "cpu", "bad-config", allow_outside=True, api_name="/launch"),
         "aim": client.submit(api_name="/aim"),
     }
     log = client.submit("tiny-api", api_name="/follow_log").result(timeout=300)
