@@ -147,7 +147,9 @@ class SmolVLAChunkPolicy:
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
         model = SmolVLAPolicy.from_pretrained(str(path)).eval()
-        pre, post = make_pre_post_processors(model.config, pretrained_path=str(path))
+        # LeRobot's eval script overrides the processors' device: a checkpoint saved elsewhere keeps its own.
+        device = {"device_processor": {"device": str(model.config.device)}}
+        pre, post = make_pre_post_processors(model.config, pretrained_path=str(path), preprocessor_overrides=device)
         return cls(model, pre, post)
 
     @property
