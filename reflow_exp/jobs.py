@@ -527,17 +527,17 @@ def evaluate_metaworld(run: RunDir, policies: dict = gin.REQUIRED, tasks=gin.REQ
     from reflow_exp.metaworld.evaluation import evaluate_tasks
 
     if dry_run:
-        print(f"[Eval] would evaluate {sorted(policies)} on {list(tasks)} with {Evaluator(env_id='metaworld').protocol}")
+        protocol = Evaluator(env_id="metaworld").protocol
+        print(f"[Eval] would evaluate {sorted(policies)} on {list(tasks)} with {protocol}")
         return
     loaded = {name: (Policy.from_pretrained(path), tuple(steps)) for name, (path, steps) in policies.items()}
     results = evaluate_tasks(loaded, tasks, out_dir=run.path)
+    keys = ("success_rate", "ci_low", "ci_high", "mean_length", "latency_ms")
     for name, by_steps in results["mean"].items():
         for k, m in by_steps.items():
-            run.log_metrics(0, {key: m[key] for key in ("success_rate", "ci_low", "ci_high", "mean_length",
-                                                         "latency_ms") if key in m}, subset="eval", head=name, steps=k)
-    per_task = {task: {name: {str(k): _relative(m, run.path) for k, m in by_steps.items()}
-                       for name, by_steps in heads.items()} for task, heads in results["tasks"].items()}
-    mean = {name: {str(k): _relative(m, run.path) for k, m in by_steps.items()} for name, by_steps in results["mean"].items()}
+            run.log_metrics(0, {key: m[key] for key in keys if key in m}, subset="eval", head=name, steps=k)
+    per_task = {task: _summary_table(heads, run.path) for task, heads in results["tasks"].items()}
+    mean = _summary_table(results["mean"], run.path)
     run.update_summary({"tasks": per_task, "mean": mean, "paired": results["paired"],
                         "paired_by_task": results["paired_by_task"], "eval_protocol": results["protocol"]})
     for task, heads in per_task.items():
@@ -545,3 +545,8 @@ def evaluate_metaworld(run: RunDir, policies: dict = gin.REQUIRED, tasks=gin.REQ
     print(f"mean over {len(per_task)} tasks\n{eval_table(mean)}")
     if results["paired"]:
         print(paired_table(results["paired"]))
+
+
+def _summary_table(results: dict, root: Path) -> dict:
+    """{head: {steps: Evaluator metrics}} as summary.json stores it (see `_relative`)."""
+    return {name: {str(k): _relative(m, root) for k, m in by_steps.items()} for name, by_steps in results.items()}

@@ -80,7 +80,8 @@ def record_dataset(root: str | Path, tasks=DEFAULT_TASKS, episodes_per_task: int
 def check_expert(report: dict, min_expert_success: float) -> None:
     low = {task: r["success_rate"] for task, r in report["tasks"].items() if r["success_rate"] < min_expert_success}
     if low:
-        rates = ", ".join(f"{task} {r['success_rate']:.2f} ({r['kept']}/{r['run']})" for task, r in report["tasks"].items())
+        rates = ", ".join(f"{task} {r['success_rate']:.2f} ({r['kept']}/{r['run']})"
+                          for task, r in report["tasks"].items())
         raise RuntimeError(
             f"the scripted expert succeeded in fewer than min_expert_success={min_expert_success} of the episodes "
             f"of {sorted(low)}; per task: {rates}. Drop those tasks or lower min_expert_success"
