@@ -116,19 +116,17 @@ def test_recording_is_a_lerobot_dataset_of_successful_expert_episodes(recorded):
     assert (Path(recorded["source"].root) / "meta" / "info.json").stat().st_mtime == mtime
 
 
-def test_smoke_record_teacher_rollout(tmp_path):
+def test_smoke_record_teacher_rollout(tmp_path, capsys):
     """gin/metaworld/tiny.gin (3 recorded episodes, a 2-step teacher), then tiny_eval.gin (a 2-episode
     rollout per step count): summary.json holds the per-task and mean tables of the benchmark."""
+    from reflow_exp import run
+
     runs = tmp_path / "runs"
     common = [f'run.runs_dir = "{runs}"', f'metaworld_source.root = "{tmp_path / "mw"}"', "Tracker.enabled = False"]
-    teacher = run_module("-m", "reflow_exp.run", "--gin_file", "gin/metaworld/tiny.gin",
-                         *[arg for p in common for arg in ("--gin_param", p)])
-    assert teacher.returncode == 0, teacher.stdout[-3000:] + teacher.stderr[-3000:]
+    assert run.main(["--gin_file", "metaworld/tiny.gin", *[a for p in common for a in ("--gin_param", p)]]) == 0
     teacher_run = runs / "metaworld-tiny-teacher"
     params = [*common, f'evaluate_metaworld.policies = {{"teacher": ("{teacher_run}", [2])}}']
-    evaluation = run_module("-m", "reflow_exp.run", "--gin_file", "gin/metaworld/tiny_eval.gin",
-                            *[arg for p in params for arg in ("--gin_param", p)])
-    assert evaluation.returncode == 0, evaluation.stdout[-3000:] + evaluation.stderr[-3000:]
+    assert run.main(["--gin_file", "metaworld/tiny_eval.gin", *[a for p in params for a in ("--gin_param", p)]]) == 0
     summary = json.loads((runs / "metaworld-tiny-eval" / "summary.json").read_text())
     row = summary["tasks"]["reach-v3"]["teacher"]["2"]
     assert row["episodes"] == 2 and 0.0 <= row["ci_low"] <= row["success_rate"] <= row["ci_high"] <= 1.0
@@ -136,4 +134,4 @@ def test_smoke_record_teacher_rollout(tmp_path):
     assert summary["mean"]["teacher"]["2"]["episodes"] == 2
     assert summary["eval_protocol"]["env_kwargs"] == {"image_size": 64, "state": "objects"}
     assert (runs / "metaworld-tiny-eval" / row["videos"][0]).stat().st_size > 0
-    assert "mean over 1 tasks" in evaluation.stdout
+    assert "mean over 1 tasks" in capsys.readouterr().out
