@@ -135,3 +135,12 @@ def test_smoke_record_teacher_rollout(tmp_path, capsys):
     assert summary["eval_protocol"]["env_kwargs"] == {"image_size": 64, "state": "objects"}
     assert (runs / "metaworld-tiny-eval" / row["videos"][0]).stat().st_size > 0
     assert "mean over 1 tasks" in capsys.readouterr().out
+
+
+def test_bench_bindings_go_to_every_stage_or_to_the_named_one():
+    from reflow_exp.bench.metaworld import for_stage
+
+    params = ["Trainer.steps=2", "reflow:reflow.batch_size=8", "record:metaworld_source.video=False"]
+    assert for_stage("teacher", params) == ["Trainer.steps=2"]
+    assert for_stage("reflow", params) == ["Trainer.steps=2", "reflow.batch_size=8"]
+    assert for_stage("record", params) == ["Trainer.steps=2", "metaworld_source.video=False"]

@@ -36,12 +36,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own, all cores)")
     parser.add_argument("--plot", type=Path, help="latency/gpu: write the latency-vs-steps PNG here")
     parser.add_argument("--gin_param", action="append", default=[],
-                        help="metaworld: a binding for every stage, e.g. 'Trainer.steps=100' (repeatable)")
+                        help="metaworld: a binding for every stage, e.g. 'Trainer.steps=100', or for one: "
+                             "'reflow:reflow.batch_size=8' (repeatable)")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.size = args.size or DEFAULT_SIZES[args.name]
-    args.repeats = args.repeats or DEFAULT_REPEATS[args.name]
+    args.repeats = args.repeats or DEFAULT_REPEATS.get(args.name, 1)
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--warmup must be >= 0 and --threads >= 1")
     return args

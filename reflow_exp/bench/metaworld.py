@@ -3,8 +3,9 @@
 `python -m reflow_exp.bench metaworld [--gin_param 'X=Y' ...]` records the scripted-expert data
 (gin/metaworld/data.gin), trains the teacher (teacher.gin), distils the student (reflow.gin) and
 rolls both out on every task (eval.gin), each job a `python -m reflow_exp.run` process with its run
-folder under `<out>/metaworld/`. `--gin_param` bindings go to every stage (e.g. a shorter
-`Trainer.steps` for a trial). A run folder that exists is resumed (the run's own rule), so a stage
+folder under `<out>/metaworld/`. A `--gin_param` binding goes to every stage (e.g. a shorter
+`Trainer.steps` for a trial), or with a stage prefix to that stage only ("reflow:reflow.batch_size=8";
+stages: record, teacher, reflow, eval). A run folder that exists is resumed (the run's own rule), so a stage
 time then covers only the remaining work: delete the folder for a fresh timing.
 
 metaworld.json: {"tasks": {task: {"teacher": {steps: metrics}, "student": {...}}}, "mean": {...},
@@ -39,7 +40,7 @@ def run(out: Path, gin_params: list[str]) -> dict:
     machine_before = common.machine_info()
     stage_s = {}
     start = time.perf_counter()
-    expert = record(gin_params)
+    expert = record(for_stage("record", gin_params))
     stage_s["record"] = time.perf_counter() - start
     teacher, reflow_run = runs_dir / "metaworld-teacher", runs_dir / "metaworld-reflow"
     wiring = {
@@ -49,7 +50,7 @@ def run(out: Path, gin_params: list[str]) -> dict:
                  f'"student": ("{reflow_run / "student"}", [1, 2, 4])}}'],
     }
     for stage, gin_file in STAGES.items():
-        params = [f'run.runs_dir = "{runs_dir}"', *wiring[stage], *gin_params]
+        params = [f'run.runs_dir = "{runs_dir}"', *wiring[stage], *for_stage(stage, gin_params)]
         stage_s[stage] = run_stage(stage, gin_file, params)
     summary = json.loads((runs_dir / "metaworld-eval" / "summary.json").read_text())
     result = {key: summary[key] for key in ("tasks", "mean", "paired", "paired_by_task", "eval_protocol")}
@@ -61,15 +62,28 @@ def run(out: Path, gin_params: list[str]) -> dict:
     return result
 
 
+def for_stage(stage: str, gin_params: list[str]) -> list[str]:
+    """The bindings for `stage`: unprefixed ones and those prefixed "<stage>:" (prefix removed)."""
+    chosen = []
+    for param in gin_params:
+        prefix, _, rest = param.partition(":")
+        if prefix.strip() in ("record", *STAGES):
+            if prefix.strip() == stage:
+                chosen.append(rest)
+        else:
+            chosen.append(param)
+    return chosen
+
+
 def record(gin_params: list[str]) -> dict:
-    """Record (or reuse) the demonstrations with data.gin's settings, in this process."""
+    """Record (or reuse) the demonstrations with data.gin's settings and `gin_params`, in this process."""
     import gin
 
     from reflow_exp import jobs
-    from reflow_exp.run import load_config
+    from reflow_exp.run import GIN_DIR  # importing run also registers every configurable
 
     gin.clear_config()
-    load_config(["metaworld/data.gin"], gin_params)
+    gin.parse_config_files_and_bindings([str(GIN_DIR / "metaworld" / "data.gin")], gin_params)
     try:
         return jobs.metaworld_source().report
     finally:
