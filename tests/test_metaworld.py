@@ -144,3 +144,17 @@ def test_bench_bindings_go_to_every_stage_or_to_the_named_one():
     assert for_stage("teacher", params) == ["Trainer.steps=2"]
     assert for_stage("reflow", params) == ["Trainer.steps=2", "reflow.batch_size=8"]
     assert for_stage("record", params) == ["Trainer.steps=2", "metaworld_source.video=False"]
+
+
+def test_evaluation_env_must_match_the_recording(recorded):
+    from reflow_exp.data import open_metadata, policy_features
+    from reflow_exp.jobs import smolvla_config
+    from reflow_exp.metaworld.evaluation import check_config_fits
+
+    source = recorded["source"]
+    config = smolvla_config(source.vlm_model_name, policy_features(open_metadata(source)))
+    check_config_fits("teacher", config, {"image_size": 64, "state": "objects"})
+    with pytest.raises(ValueError, match="takes a state of 21 values but the env gives state='agent_pos'"):
+        check_config_fits("teacher", config, {"state": "agent_pos"})
+    with pytest.raises(ValueError, match="renders 96 px"):
+        check_config_fits("teacher", config, {"image_size": 96})

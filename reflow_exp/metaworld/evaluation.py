@@ -32,7 +32,9 @@ def evaluate_tasks(policies: dict, tasks, out_dir=None, evaluator_kwargs: dict |
     kwargs = dict(evaluator_kwargs or {})
     base = Evaluator(env_id="metaworld", **kwargs)
     for name, (policy, _) in policies.items():
-        check_policy_fits(name, as_chunk_policy(policy), base.env_kwargs)
+        config = getattr(as_chunk_policy(policy), "config", None)  # scripted policies have none
+        if config is not None:
+            check_config_fits(name, config, base.env_kwargs)
     per_task = {}
     for task in tasks:
         evaluator = Evaluator(env_id="metaworld", **(kwargs | {"env_kwargs": base.env_kwargs | {"task": task}}))
@@ -63,11 +65,9 @@ def pool(results: list[dict], tasks: list[str]) -> dict:
     return metrics
 
 
-def check_policy_fits(name: str, policy, env_kwargs: dict) -> None:
-    """The env must show a policy what the recording showed it: same state size, same image size."""
-    config = getattr(policy, "config", None)
-    if config is None:
-        return
+def check_config_fits(name: str, config, env_kwargs: dict) -> None:
+    """The env must show policy `name` (its SmolVLA `config`) what the recording showed it: the same
+    state size and image size; ValueError naming the setting to change otherwise."""
     state = env_kwargs.get("state", "objects")
     size = env_kwargs.get("image_size", 64)
     features = config.input_features
