@@ -67,14 +67,17 @@ def test_env_is_lerobots_wrapper_small_and_with_raw_state():
     try:
         assert isinstance(env.unwrapped, MetaworldEnv)
         obs, _ = env.reset(seed=7)
-        again, _ = env.reset(seed=7)
+        raw = env.unwrapped.raw_obs
+        env.step(env.action_space.sample())
+        again, _ = small.reset(seed=7)  # another env (its MetaWorld benchmark object from the cache)
         assert obs["pixels"].shape == (64, 64, 3) and obs["pixels"].std() > 10  # a scene, not a black frame
         np.testing.assert_array_equal(obs["pixels"], again["pixels"])  # reset(seed) is deterministic
-        raw = env.unwrapped.raw_obs
+        assert np.array_equal(env.reset(seed=7)[0]["pixels"], obs["pixels"])
+        assert not np.array_equal(env.reset(seed=8)[0]["pixels"], obs["pixels"])  # seeds place the goal
         assert raw.shape == (39,)
         np.testing.assert_array_equal(obs["agent_pos"], np.r_[raw[:18], raw[36:39]])  # current frame + goal
         assert np.abs(raw[36:39]).sum() > 0  # the goal is observed (MT1 is fully observable)
-        assert small.reset(seed=7)[0]["agent_pos"].shape == (4,)
+        assert again["agent_pos"].shape == (4,)
         assert env.unwrapped.task_description == "Reach a goal position"  # LeRobot's own description
     finally:
         env.close()
