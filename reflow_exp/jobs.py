@@ -26,6 +26,7 @@ from reflow_exp.data import (
     DataSource, dataset_digest, load_dataset, make_dataloader, open_metadata, policy_features, split_episodes,
 )
 from reflow_exp.heads import ActionHead
+from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
 from reflow_exp.evaluate import Evaluator
 from reflow_exp.offline import offline_metrics
 from reflow_exp.plots import success_latency_plot
@@ -51,10 +52,9 @@ def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 
 
 
 @gin.configurable
-def metaworld_source(root: str = "runs/metaworld", tasks=("reach-v3", "push-v3", "drawer-open-v3", "door-open-v3",
-                                                          "button-press-topdown-v3"),
-                     episodes_per_task: int = 50, seed: int = 0, image_size: int = 64, state: str = "objects",
-                     video: bool = True, min_expert_success: float = 0.8) -> DataSource:
+def metaworld_source(root: str = "runs/metaworld", tasks=DEFAULT_METAWORLD_TASKS, episodes_per_task: int = 50,
+                     seed: int = 0, image_size: int = 64, state: str = "objects", video: bool = True,
+                     min_expert_success: float = 0.8) -> DataSource:
     """MetaWorld (LeRobot's env): scripted-expert demonstrations of `tasks` and a tiny SmolVLM that
     knows their instructions, made locally once and cached (see `metaworld.record.record_dataset`)."""
     from reflow_exp.metaworld.record import build_metaworld

@@ -13,8 +13,9 @@ import os
 
 import gymnasium as gym
 
+from .tasks import DEFAULT_TASKS  # noqa: F401  (re-exported)
+
 ENV_ID = "reflow_exp/MetaWorld-v0"
-DEFAULT_TASKS = ("reach-v3", "push-v3", "drawer-open-v3", "door-open-v3", "button-press-topdown-v3")
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 

@@ -20,9 +20,8 @@ from tqdm import tqdm
 from reflow_exp.sandbox.task import train_episode_seed
 from reflow_exp.sandbox.vlm import build_once, make_tiny_vlm
 
-from . import DEFAULT_TASKS
 from .env import STATES
-from .tasks import check_task
+from .tasks import DEFAULT_TASKS, check_task
 
 DATASET_VERSION = 1  # bump when the env, expert or features change: cached datasets re-record
 REPO_ID = "reflow_exp/metaworld"
