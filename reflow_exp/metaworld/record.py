@@ -29,6 +29,7 @@ FPS = 80  # LeRobot's MetaworldEnv metadata
 
 
 def features(image_size: int, state: str, video: bool) -> dict:
+    """LeRobotDataset features: the camera (video or image), observation.state, 4-D action."""
     return {
         "observation.image": {"dtype": "video" if video else "image", "shape": (image_size, image_size, 3),
                               "names": ["height", "width", "channels"]},
@@ -42,8 +43,7 @@ def check_arguments(tasks, episodes_per_task: int, min_expert_success: float, st
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ValueError("tasks is empty; give at least one MetaWorld v3 task, e.g. ['push-v3']")
-    for task in tasks:
-        check_task(task)
+    tasks = [check_task(task) for task in tasks]  # "metaworld-push-v3" -> "push-v3"
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks has duplicates: {tasks}")
     if int(episodes_per_task) != episodes_per_task or episodes_per_task < 1:
