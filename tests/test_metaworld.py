@@ -161,3 +161,18 @@ def test_evaluation_env_must_match_the_recording(recorded):
         check_config_fits("teacher", config, {"state": "agent_pos"})
     with pytest.raises(ValueError, match="renders 96 px"):
         check_config_fits("teacher", config, {"image_size": 96})
+
+
+def test_mean_over_tasks_pools_episodes_by_task_and_seed():
+    from reflow_exp.metaworld.evaluation import pool
+    from reflow_exp.stats import wilson_interval
+
+    def metrics(success, length, latency):
+        return {"episode_success": success, "episode_seeds": [5, 6], "episodes": 2, "mean_length": length,
+                "mean_return": 1.0, "latency_ms": latency}
+
+    pooled = pool([metrics([1, 1], 40.0, 10.0), metrics([0, 0], 200.0, 30.0)], ["reach-v3", "push-v3"])
+    assert pooled["success_rate"] == 0.5 and pooled["episodes"] == 4
+    assert (pooled["ci_low"], pooled["ci_high"]) == wilson_interval(2, 4)
+    assert pooled["mean_length"] == 120.0 and pooled["latency_ms"] == 20.0
+    assert pooled["episode_seeds"] == ["reach-v3:5", "reach-v3:6", "push-v3:5", "push-v3:6"]

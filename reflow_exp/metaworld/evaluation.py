@@ -19,25 +19,24 @@ from .env import STATES
 from .tasks import check_task
 
 
-def evaluate_tasks(policies: dict, tasks, out_dir=None, evaluator_kwargs: dict | None = None) -> dict:
+def evaluate_tasks(policies: dict, tasks, out_dir=None) -> dict:
     """Roll out `policies` ({name: (policy, step counts)}) on every task in `tasks`.
 
     Returns {"tasks": {task: {name: {steps: Evaluator metrics}}}, "mean": {name: {steps: pooled
     metrics}}, "paired": {"student@1 vs teacher@10": ..., ...} (pooled), "paired_by_task": {task:
-    {...}}}. `evaluator_kwargs` go to every task's Evaluator (gin bindings fill the rest); its
-    `env_kwargs` (image_size, state) must match the recording's, which is checked against each
-    policy's input features.
+    {...}}}. Every task's Evaluator is the gin-configured one with the task added to its `env_kwargs`;
+    those (image_size, state) must match the recording's, which is checked against each policy's
+    input features.
     """
     tasks = [check_task(task) for task in tasks]
-    kwargs = dict(evaluator_kwargs or {})
-    base = Evaluator(env_id="metaworld", **kwargs)
+    base = Evaluator(env_id="metaworld")
     for name, (policy, _) in policies.items():
         config = getattr(as_chunk_policy(policy), "config", None)  # scripted policies have none
         if config is not None:
             check_config_fits(name, config, base.env_kwargs)
     per_task = {}
     for task in tasks:
-        evaluator = Evaluator(env_id="metaworld", **(kwargs | {"env_kwargs": base.env_kwargs | {"task": task}}))
+        evaluator = Evaluator(env_id="metaworld", env_kwargs=base.env_kwargs | {"task": task})
         per_task[task] = {name: evaluator.run(policy, steps, out_dir=out_dir, tag=f"{task}_{name}")
                           for name, (policy, steps) in policies.items() if steps}
     pooled = {name: {k: pool([per_task[t][name][k] for t in tasks], tasks) for k in by_steps}
