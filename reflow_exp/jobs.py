@@ -26,6 +26,7 @@ from reflow_exp.data import (
     DataSource, dataset_digest, load_dataset, make_dataloader, open_metadata, policy_features, split_episodes,
 )
 from reflow_exp.heads import ActionHead
+from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
 from reflow_exp.evaluate import Evaluator
 from reflow_exp.offline import offline_metrics
 from reflow_exp.plots import success_latency_plot
@@ -48,6 +49,18 @@ def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 
     built = build_sandbox(root, seed=seed, episodes=episodes, action_noise=action_noise,
                           holdout_layouts=holdout_layouts)
     return DataSource(str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]), built["expert"])
+
+
+@gin.configurable
+def metaworld_source(root: str = "runs/metaworld", tasks=DEFAULT_METAWORLD_TASKS, episodes_per_task: int = 50,
+                     seed: int = 0, image_size: int = 64, state: str = "objects", video: bool = True,
+                     min_expert_success: float = 0.8) -> DataSource:
+    """MetaWorld (LeRobot's env): scripted-expert demonstrations of `tasks` and a tiny SmolVLM that
+    knows their instructions, made locally once and cached (see `metaworld.record.record_dataset`)."""
+    from reflow_exp.metaworld.record import build_metaworld
+
+    built = build_metaworld(root, tasks, episodes_per_task, seed, image_size, state, video, min_expert_success)
+    return DataSource(built["vlm_path"], built["repo_id"], built["dataset_root"], built["expert"])
 
 
 @gin.configurable
@@ -519,3 +532,37 @@ def evaluate_policies(run: RunDir, policies: dict = gin.REQUIRED, dry_run: bool 
     device = distributed.device()
     loaded = {name: (Policy.from_pretrained(path, device), tuple(steps)) for name, (path, steps) in policies.items()}
     evaluate_rollouts(run, 0, loaded)
+
+
+@gin.configurable
+def evaluate_metaworld(run: RunDir, policies: dict = gin.REQUIRED, tasks=gin.REQUIRED, dry_run: bool = False) -> None:
+    """`evaluate_policies` on every MetaWorld task in `tasks` (`metaworld.evaluation.evaluate_tasks`):
+    summary.json gets `tasks` ({task: {head: {steps: metrics}}}), `mean` (pooled over tasks), `paired`
+    (pooled, by task and seed), `paired_by_task` and `eval_protocol`; each step count of each head is
+    logged with the pooled numbers."""
+    from reflow_exp.metaworld.evaluation import evaluate_tasks
+
+    if dry_run:
+        protocol = Evaluator(env_id="metaworld").protocol
+        print(f"[Eval] would evaluate {sorted(policies)} on {list(tasks)} with {protocol}")
+        return
+    loaded = {name: (Policy.from_pretrained(path), tuple(steps)) for name, (path, steps) in policies.items()}
+    results = evaluate_tasks(loaded, tasks, out_dir=run.path)
+    keys = ("success_rate", "ci_low", "ci_high", "mean_length", "latency_ms")
+    for name, by_steps in results["mean"].items():
+        for k, m in by_steps.items():
+            run.log_metrics(0, {key: m[key] for key in keys if key in m}, subset="eval", head=name, steps=k)
+    per_task = {task: _summary_table(heads, run.path) for task, heads in results["tasks"].items()}
+    mean = _summary_table(results["mean"], run.path)
+    run.update_summary({"tasks": per_task, "mean": mean, "paired": results["paired"],
+                        "paired_by_task": results["paired_by_task"], "eval_protocol": results["protocol"]})
+    for task, heads in per_task.items():
+        print(f"{task}\n{eval_table(heads)}")
+    print(f"mean over {len(per_task)} tasks\n{eval_table(mean)}")
+    if results["paired"]:
+        print(paired_table(results["paired"]))
+
+
+def _summary_table(results: dict, root: Path) -> dict:
+    """{head: {steps: Evaluator metrics}} as summary.json stores it (see `_relative`)."""
+    return {name: {str(k): _relative(m, root) for k, m in by_steps.items()} for name, by_steps in results.items()}
