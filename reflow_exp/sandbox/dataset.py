@@ -24,17 +24,38 @@ DATASET_VERSION = 3  # bump when the task, expert or features change: cached dat
 
 _NOISE_SALT = 0xDA27  # mixed into the action-noise seed, apart from the env's and the expert's
 
-FEATURES = {
-    "observation.image": {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-                          "names": ["height", "width", "channels"]},
+# The cameras, in order: the full view (what the evaluator's env renders), then a 2x zoom on the
+# frame's centre (a second view for tests of several cameras).
+CAMERA_KEYS = ("observation.image", "observation.images.zoom")
+_CAMERA = {"shape": (IMAGE_SIZE, IMAGE_SIZE, 3), "names": ["height", "width", "channels"]}
+_STATE_AND_ACTION = {
     "observation.state": {"dtype": "float32", "shape": (2,), "names": ["x", "y"]},
     "action": {"dtype": "float32", "shape": (2,), "names": ["dx", "dy"]},
 }
 
 
+def features(video: bool = False, cameras: int = 1) -> dict:
+    """The dataset's features: `cameras` cameras stored as video or as images, state, action."""
+    if cameras not in (1, 2):
+        raise ValueError(f"the sandbox records 1 or 2 cameras, got cameras={cameras}")
+    dtype = "video" if video else "image"
+    return {**{key: {"dtype": dtype, **_CAMERA} for key in CAMERA_KEYS[:cameras]}, **_STATE_AND_ACTION}
+
+
+def zoom(pixels: np.ndarray) -> np.ndarray:
+    """The second camera: the centre half of the frame at twice the size, (H, W, 3) uint8."""
+    h, w = pixels.shape[:2]
+    centre = pixels[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]
+    return np.repeat(np.repeat(centre, 2, axis=0), 2, axis=1)
+
+
 def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episodes: int = 100,
-                   seed: int = 0, fps: int = 10, action_noise: float = 0.0) -> dict:
+                   seed: int = 0, fps: int = 10, action_noise: float = 0.0, video: bool = False,
+                   cameras: int = 1) -> dict:
     """Record `episodes` expert episodes into a LeRobotDataset at `root`; return the report.
+
+    `video`: cameras stored as MP4 (LeRobot's default codec, as on the hub) instead of images;
+    `cameras`: 1 (the full view) or 2 (plus a zoomed view), see CAMERA_KEYS.
 
     `action_noise` > 0 perturbs each executed action by Gaussian noise of that standard deviation
     per axis while the recorded label stays the expert's clean action (DART): the data then show
@@ -42,8 +63,9 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
     would demonstrate failure.
 
     Report: {"episodes" (kept), "frames", "success_rate" (the expert's, over all episodes run),
-    "routes": {"left", "right", "none"}, "discarded"}. Features: FEATURES, plus the instruction as each frame's task. Idempotent: a
-    dataset already recorded at `root` with the same arguments is reused and its report returned.
+    "routes": {"left", "right", "none"}, "discarded"}. Features: `features(video, cameras)`, plus the
+    instruction as each frame's task. Idempotent: a dataset already recorded at `root` with the same
+    arguments is reused and its report returned.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -51,11 +73,16 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
         raise ValueError(f"action_noise must be in [0, {MAX_STEP}) (the longest step), got {action_noise}")
     marker = {"kind": "sandbox_dataset", "version": DATASET_VERSION, "repo_id": repo_id,
               "episodes": episodes, "seed": seed, "fps": fps, "action_noise": action_noise}
-    return build_once(root, marker, lambda work: _record(work, repo_id, episodes, seed, fps, action_noise))
+    if video or cameras != 1:  # only then: datasets cached before these options stay valid
+        marker |= {"video": video, "cameras": cameras}
+    spec = features(video, cameras)
+    return build_once(root, marker, lambda work: _record(work, repo_id, episodes, seed, fps, action_noise, spec))
 
 
-def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action_noise: float) -> dict:
-    dataset = LeRobotDataset.create(repo_id, fps, root=root, features=FEATURES, use_videos=False)
+def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action_noise: float, spec: dict) -> dict:
+    video = any(f["dtype"] == "video" for f in spec.values())
+    dataset = LeRobotDataset.create(repo_id, fps, root=root, features=spec, use_videos=video,
+                                    streaming_encoding=video)
     env = SandboxEnv()
     kept, frames = 0, 0
     routes = Counter({route: 0 for route in (*ROUTES, "none")})
@@ -69,6 +96,8 @@ def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action
             if not success:
                 continue
             for frame in steps:
+                if CAMERA_KEYS[1] in spec:
+                    frame[CAMERA_KEYS[1]] = zoom(frame[CAMERA_KEYS[0]])
                 dataset.add_frame(frame)
             dataset.save_episode()
             kept += 1
@@ -103,14 +132,17 @@ def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, act
     return info["is_success"], route_of(np.stack(path)), steps
 
 
-def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_noise: float = 0.0) -> dict:
-    """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data".
+def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_noise: float = 0.0,
+                  video: bool = False, cameras: int = 1) -> dict:
+    """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data"
+    (`video`, `cameras`: see `record_dataset`).
 
     Returns {"vlm_path", "dataset_root", "repo_id", "expert": record_dataset's report}.
     """
     root = Path(root)
     repo_id = "reflow_exp/sandbox"
     vlm_path = make_tiny_vlm(root / "vlm", seed=seed)
-    report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed, action_noise=action_noise)
+    report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed, action_noise=action_noise,
+                            video=video, cameras=cameras)
     return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id,
             "expert": report}
