@@ -8,9 +8,11 @@ the same number, so the data are a pure function of (seed, episodes). Evaluation
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
+import av
 import numpy as np
 from datasets.utils import logging as datasets_logging
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -81,6 +83,9 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
 
 def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action_noise: float, spec: dict) -> dict:
     video = any(f["dtype"] == "video" for f in spec.values())
+    if video:  # the encoders' per-episode notes (SVT-AV1's banner, FFmpeg's mp4 muxer) would bury the bar
+        os.environ.setdefault("SVT_LOG", "1")
+        av.logging.set_libav_level(av.logging.ERROR)
     dataset = LeRobotDataset.create(repo_id, fps, root=root, features=spec, use_videos=video,
                                     streaming_encoding=video)
     env = SandboxEnv()
