@@ -1,9 +1,11 @@
 """ChunkedFrames gives exactly what LeRobotDataset with action delta_timestamps gives, for video and
 image cameras, in DataLoader workers too; bad datasets and feature mismatches fail clearly."""
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +183,74 @@ def test_split_and_loader_errors(recorded):
     frames = ChunkedFrames(LeRobotDataset(REPO, root=recorded["image"]), CHUNK)
     with pytest.raises(ValueError, match="batch_size"):
         make_dataloader(frames, batch_size=10_000, seed=0)
+
+
+# ----------------------------------------------------------------------------- end to end
+def run_job(runs, gin_file, *params) -> int:
+    from reflow_exp import run
+
+    params = [f'run.runs_dir = "{runs}"', "Tracker.enabled = False", *params]
+    if "reflow" in gin_file:  # the sandbox env renders one camera: no rollouts
+        params += ["reflow.teacher_eval_steps = ()", "reflow.student_eval_steps = ()"]
+    return run.main(["--gin_file", gin_file] + [x for p in params for x in ("--gin_param", p)])
+
+
+def act_with_lerobot(student_dir, frames: ChunkedFrames) -> torch.Tensor:
+    """One action from LeRobot's own SmolVLAPolicy.select_action on a dataset frame."""
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    policy = SmolVLAPolicy.from_pretrained(student_dir).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(student_dir))
+    batch = next(iter(make_dataloader(frames, 1, seed=0, shuffle=False)))
+    observation = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
+    with torch.no_grad():
+        return post(policy.select_action(pre(observation)))
+
+
+def test_two_video_cameras_teacher_reflow_export(tmp_path):
+    """train_teacher -> reflow -> export on a two-camera video sandbox dataset, one camera renamed;
+    the student acts through LeRobot's select_action."""
+    runs, rename = tmp_path / "runs", {CAMERA_KEYS[1]: "observation.images.wrist"}
+    sandbox = [f'sandbox_source.root = "{tmp_path / "sandbox"}"', "sandbox_source.video = True",
+               "sandbox_source.cameras = 2", f'sandbox_source.rename_map = {{"{CAMERA_KEYS[1]}": "{rename[CAMERA_KEYS[1]]}"}}']
+    assert run_job(runs, "gin/sandbox/tiny.gin", *sandbox) == 0
+    assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *sandbox, f'reflow.teacher = "{runs / "tiny-teacher"}"') == 0
+    student = runs / "tiny-reflow" / "student"
+    config = json.loads((student / "config.json").read_text())
+    assert {CAMERA_KEYS[0], "observation.images.wrist"} <= set(config["input_features"])
+    frames = load_dataset(source(tmp_path / "sandbox" / "data", rename_map=rename),
+                          open_metadata(source(tmp_path / "sandbox" / "data")), CHUNK)
+    action = act_with_lerobot(student, frames)
+    assert action.shape == (1, 2) and torch.isfinite(action).all()
+
+
+def test_lerobot_train_teacher_is_distilled_on_its_video_dataset(recorded, tiny_vlm, tmp_path):
+    """A SmolVLA trained by LeRobot's own `lerobot-train` on a video dataset is the teacher of reflow."""
+    out = tmp_path / "lerobot-train"
+    command = [
+        str(Path(sys.executable).parent / "lerobot-train"),
+        f"--dataset.repo_id={REPO}", f"--dataset.root={recorded['video']}", "--policy.type=smolvla",
+        f"--policy.vlm_model_name={tiny_vlm}", "--policy.load_vlm_weights=true", "--policy.push_to_hub=false",
+        "--policy.device=cpu", "--wandb.enable=false", f"--output_dir={out}", "--steps=2", "--batch_size=4",
+        "--num_workers=0", "--save_freq=2", "--log_freq=1", "--policy.num_vlm_layers=4", "--policy.chunk_size=16",
+        "--policy.n_action_steps=16", "--policy.resize_imgs_with_padding=[64,64]", "--policy.tokenizer_max_length=16",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    teacher = out / "checkpoints" / "last" / "pretrained_model"
+    runs = tmp_path / "runs"
+    data = ["reflow.source = @lerobot_source", f'lerobot_source.repo_id = "{REPO}"',
+            f'lerobot_source.root = "{recorded["video"]}"', f'reflow.teacher = "{teacher}"', "Trainer.steps = 2"]
+    # a camera key the teacher reads but the dataset lacks (renamed away): a clear error before any work
+    renamed = f'lerobot_source.rename_map = {{"{CAMERA_KEYS[1]}": "observation.images.top"}}'
+    assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *data, renamed, 'run.name = "mismatch"') != 0
+    log = (runs / "mismatch" / "log.txt").read_text()
+    assert f"the policy reads {CAMERA_KEYS[1]} (VISUAL), which the dataset lacks" in log
+    assert "[Reflow] Loading teacher model" not in log
+    assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *data) == 0
+    summary = json.loads((runs / "tiny-reflow" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and summary["vlm_load_count"] == 1
+    action = act_with_lerobot(runs / "tiny-reflow" / "student", load_dataset(
+        source(recorded["video"]), open_metadata(source(recorded["video"])), CHUNK))
+    assert action.shape == (1, 2)
