@@ -96,7 +96,8 @@ def check_features(config, features: dict[str, PolicyFeature], rename_hint: str 
             if feature.type is FeatureType.VISUAL:
                 missing_cameras.append(key)
         elif feature.type is not FeatureType.VISUAL and tuple(features[key].shape) != tuple(feature.shape):
-            problems.append(f"{key}: the policy has shape {tuple(feature.shape)}, the dataset {tuple(features[key].shape)}")
+            problems.append(f"{key}: the policy has shape {tuple(feature.shape)}, "
+                            f"the dataset {tuple(features[key].shape)}")
     if not problems:
         return
     spare = [k for k, f in features.items() if f.type is FeatureType.VISUAL and k not in wanted]

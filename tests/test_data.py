@@ -143,7 +143,8 @@ def test_truncated_video_file_names_episode_and_file(recorded, tmp_path):
 
 
 def test_rename_map_with_unknown_keys(recorded):
-    with pytest.raises(ValueError, match=r"rename_map names keys the dataset does not have: \['observation.images.top'\]"):
+    unknown = r"rename_map names keys the dataset does not have: \['observation.images.top'\]"
+    with pytest.raises(ValueError, match=unknown):
         open_metadata(source(recorded["video"], rename_map={"observation.images.top": "observation.images.cam"}))
     with pytest.raises(ValueError, match="same name"):
         open_metadata(source(recorded["video"], rename_map={CAMERA_KEYS[1]: CAMERA_KEYS[0]}))
@@ -213,7 +214,7 @@ def test_two_video_cameras_teacher_reflow_export(tmp_path):
     the student acts through LeRobot's select_action."""
     runs, rename = tmp_path / "runs", {CAMERA_KEYS[1]: "observation.images.wrist"}
     sandbox = [f'sandbox_source.root = "{tmp_path / "sandbox"}"', "sandbox_source.video = True",
-               "sandbox_source.cameras = 2", f'sandbox_source.rename_map = {{"{CAMERA_KEYS[1]}": "{rename[CAMERA_KEYS[1]]}"}}']
+               "sandbox_source.cameras = 2", f'sandbox_source.rename_map = {json.dumps(rename)}']
     assert run_job(runs, "gin/sandbox/tiny.gin", *sandbox) == 0
     assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *sandbox, f'reflow.teacher = "{runs / "tiny-teacher"}"') == 0
     student = runs / "tiny-reflow" / "student"
