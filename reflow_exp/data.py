@@ -170,16 +170,18 @@ def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None =
             )
         if end > last.get(path, (-1.0,))[0]:
             last[path] = (end, ep, key)
-    fps = meta.fps
+    fps, probe = meta.fps, VideoDecoderCache()  # closed below: forked workers must not inherit open decoders
     for path, (end, ep, key) in last.items():
         try:
-            _decode(path, end - 1.0 / fps, 1.0 / fps / 2, video_backend(), VideoDecoderCache())
+            _decode(path, end - 1.0 / fps, 1.0 / fps / 2, video_backend(), probe)
         except Exception as error:  # any decoder failure means the same thing here
+            probe.clear()
             raise RuntimeError(
                 f"Cannot decode the end of {path} (episode {ep}, camera {key}, t={end - 1.0 / fps:.3f} s): "
                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. The file is truncated "
                 "or damaged; re-download or re-encode it"
             ) from None
+    probe.clear()
 
 
 def _video_spans(meta: LeRobotDatasetMetadata, keys: list[str]):
@@ -235,7 +237,8 @@ class ChunkedFrames(torch.utils.data.Dataset):
         self.videos = {key: {} for key in self.video_keys}
         for key, ep, path, start, _ in _video_spans(meta, self.video_keys):
             self.videos[key][ep] = (path, start)
-        self.backend, self.tolerance_s = dataset._video_backend, dataset.tolerance_s
+        self.backend = video_backend() if self.video_keys else None
+        self.tolerance_s = dataset.tolerance_s
         self.rename_map = dict(rename_map or {})
         self.tasks = list(meta.tasks.index)  # task_index -> task string
         self.chunk_size = chunk_size

@@ -52,7 +52,8 @@ def run(episodes: list[int], cache: Path, batch: int = 32, workers: int = 2, bat
               "rss_growth": common.ratio(report[f"rss_gb_{large}"], report[f"rss_gb_{small}"])}
     report |= values | {"met": common.check(TARGETS, values)}
     columns = ("samples_per_s", "peak_rss_gb", "peak_pss_gb", "init_s")
-    rows = [[f"{side} {n}", *(results[f"{side}_{n}"][k] for k in columns)] for n in episodes for side in ("ours", "lerobot")]
+    rows = [[f"{side} {n}", *(results[f"{side}_{n}"][k] for k in columns)]
+            for n in episodes for side in ("ours", "lerobot")]
     common.print_table(f"data loading (batch {batch}, {workers} workers, {batches} batches)",
                        ["side / episodes", "samples/s", "peak RSS GB", "peak PSS GB", "init s"], rows, TARGETS,
                        report["met"])

@@ -18,6 +18,8 @@ from datasets.utils import logging as datasets_logging
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from tqdm import tqdm
 
+from reflow_exp.data import video_backend
+
 from .expert import ROUTES, ScriptedExpert, route_of
 from .task import IMAGE_SIZE, MAX_STEP, SandboxEnv, train_episode_seed
 from .vlm import build_once, make_tiny_vlm
@@ -86,8 +88,9 @@ def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action
     if video:  # the encoders' per-episode notes (SVT-AV1's banner, FFmpeg's mp4 muxer) would bury the bar
         os.environ.setdefault("SVT_LOG", "1")
         av.logging.set_libav_level(av.logging.ERROR)
+    backend = video_backend() if video else None  # LeRobot's own probe prints a traceback when it falls back
     dataset = LeRobotDataset.create(repo_id, fps, root=root, features=spec, use_videos=video,
-                                    streaming_encoding=video)
+                                    streaming_encoding=video, video_backend=backend)
     env = SandboxEnv()
     kept, frames = 0, 0
     routes = Counter({route: 0 for route in (*ROUTES, "none")})
