@@ -336,7 +336,7 @@ def params_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
-EVAL_COLUMNS = ["Head", "Steps", "Success", "Mean return", "Latency (ms)", "Episodes", "Offline error"]
+EVAL_COLUMNS = ["Head", "Steps", "Success", "95% interval", "Mean return", "Latency (ms)", "Episodes", "Offline error"]
 
 
 def eval_rows(summary: dict) -> list[list[Any]]:
@@ -356,12 +356,19 @@ def eval_rows(summary: dict) -> list[list[Any]]:
         rows.append([
             head, steps,
             _fmt(m.get("success_rate"), "{:.0%}"),
+            _interval(m),
             _fmt(m.get("mean_return"), "{:.3f}"),
             _fmt(m.get("latency_ms"), "{:.1f}"),
             _fmt(m.get("episodes"), "{:.0f}"),
             _fmt(o.get("error"), "{:.4f}"),
         ])
     return rows
+
+
+def _interval(metrics: dict) -> str:
+    """The success rate's 95% Wilson interval, e.g. ``81–95%``; ``—`` when absent."""
+    low, high = metrics.get("ci_low"), metrics.get("ci_high")
+    return f"{100 * low:.0f}–{100 * high:.0f}%" if _finite(low) and _finite(high) else "—"
 
 
 def _fmt(value: Any, pattern: str) -> str:

@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from reflow_exp.sandbox import ENV_ID as SANDBOX_ENV_ID
 from reflow_exp.sandbox import ScriptedExpert, route_of
-from reflow_exp.sandbox.task import MAX_EPISODE_STEPS, eval_episode_seed
+from reflow_exp.sandbox.task import EVAL_SEED_OFFSETS, LAYOUT_SETS, MAX_EPISODE_STEPS, eval_seeds
+from reflow_exp.stats import wilson_interval
 
 PUSHT_TASK = "Push the T-shaped block onto the T-shaped target."
 
@@ -350,14 +351,20 @@ def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: i
 
 @gin.configurable
 class Evaluator:
-    """Success rate, return, length and latency of a policy for each sampling step count.
+    """Success rate (with its 95% Wilson interval), return, length and latency of a policy for each
+    sampling step count, and each episode's outcome by env seed (for paired comparisons).
 
     Args:
         env_id: a key of ENVS ("reflow_exp/Sandbox-v0", "pusht") or an alias ("sandbox",
             "gym_pusht/PushT-v0").
-        episodes: rollouts per step count; episode i uses env seed `eval_episode_seed(seed, i)`,
-            which never meets a training seed.
+        episodes: rollouts per step count; the env seeds are `sandbox.task.eval_seeds(episodes,
+            seed, split, layouts)`, which never meet a training seed. Every policy and step count
+            evaluated with the same arguments meets the same seeds (and the same noise).
         seed: evaluation seed in [0, 1000).
+        split: "dev" (choose anything on it) or "report" (publish only; never tune on it); two
+            disjoint seed ranges (see `sandbox.task.EVAL_SEED_OFFSETS`).
+        layouts: sandbox only: "all", "train" (layouts a `holdout_layouts` dataset kept) or
+            "heldout" (`sandbox.task.HELDOUT_LAYOUTS`, which such a dataset never shows).
         step_counts: default Euler step counts to evaluate.
         videos: episodes per step count saved as mp4 (the first ones), when `run` gets an out_dir.
         n_envs: episodes run side by side in one batch (a vector env).
@@ -370,7 +377,8 @@ class Evaluator:
 
     def __init__(self, env_id: str = SANDBOX_ENV_ID, episodes: int = 20, seed: int = 0,
                  step_counts=(1, 2, 4, 10), videos: int = 2, n_envs: int = 10, max_steps: int | None = None,
-                 latency_calls: int = 10, env_kwargs: dict | None = None, n_action_steps: int | None = None):
+                 latency_calls: int = 10, env_kwargs: dict | None = None, n_action_steps: int | None = None,
+                 split: str = "dev", layouts: str = "all"):
         self.spec = env_spec(env_id)
         for name, value, low in (("episodes", episodes, 1), ("n_envs", n_envs, 1), ("videos", videos, 0),
                                  ("latency_calls", latency_calls, 0), ("n_action_steps", 1 if n_action_steps is None else n_action_steps, 1)):
@@ -378,7 +386,13 @@ class Evaluator:
                 raise ValueError(f"Evaluator.{name} must be an integer >= {low}, got {value!r}")
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"Evaluator.max_steps must be None or >= 1, got {max_steps!r}")
-        eval_episode_seed(seed, episodes - 1)  # validates the seed range now, not mid-run
+        if split not in EVAL_SEED_OFFSETS:
+            raise ValueError(f"Evaluator.split must be one of {sorted(EVAL_SEED_OFFSETS)}, got {split!r}")
+        if layouts not in LAYOUT_SETS:
+            raise ValueError(f"Evaluator.layouts must be one of {LAYOUT_SETS}, got {layouts!r}")
+        if layouts != "all" and not self.spec.routes:
+            raise ValueError(f"Evaluator.layouts={layouts!r} needs the sandbox env; {env_id} has no layout split")
+        self.seeds = eval_seeds(episodes, seed, split, layouts)  # validates the seed range now, not mid-run
         self.env_id = env_id
         self.episodes = episodes
         self.seed = seed
@@ -389,12 +403,22 @@ class Evaluator:
         self.latency_calls = latency_calls
         self.env_kwargs = dict(env_kwargs or {})
         self.n_action_steps = n_action_steps
+        self.split = split
+        self.layouts = layouts
+
+    @property
+    def protocol(self) -> dict:
+        """Which episodes this evaluator plays: summary.json's `eval_protocol`."""
+        return {"env_id": self.env_id, "split": self.split, "seed": self.seed, "layouts": self.layouts,
+                "episodes": self.episodes}
 
     def run(self, policy, step_counts=None, out_dir: str | Path | None = None, tag: str = "") -> dict[int, dict]:
         """Evaluate `policy` (a reflow_exp Policy or a ChunkPolicy) at each step count.
 
-        Returns {k: {"success_rate", "mean_return", "mean_length", "latency_ms", "episodes",
-        "videos": [mp4 paths], "gif": path or None, "routes": {"left", "right", "none"} (sandbox)}}.
+        Returns {k: {"success_rate", "ci_low", "ci_high" (95% Wilson interval), "mean_return",
+        "mean_length", "latency_ms", "episodes", "episode_seeds", "episode_success" (0/1 per seed,
+        in seed order), "videos": [mp4 paths], "gif": path or None, "routes": {"left", "right",
+        "none"} (sandbox)}}.
         Videos go to `out_dir/videos/<tag>_steps<k>_ep<i>.mp4` (none without an out_dir).
         """
         policy = as_chunk_policy(policy)
@@ -409,7 +433,7 @@ class Evaluator:
         if self.latency_calls:
             with contextlib.closing(make_vector_env(self.spec, 1, self.env_kwargs)) as env:
                 result["latency_ms"] = measure_latency(
-                    policy, env, eval_episode_seed(self.seed, 0), num_steps, self.latency_calls, self.spec.task
+                    policy, env, self.seeds[0], num_steps, self.latency_calls, self.spec.task
                 )
         if self.spec.routes:
             result["routes"] = _count_routes(episodes)
@@ -421,7 +445,7 @@ class Evaluator:
         fps = 10
         with tqdm(total=self.episodes, desc=f"eval {tag or 'policy'} steps={num_steps}", leave=False) as bar:
             for start in range(0, self.episodes, self.n_envs):
-                seeds = [eval_episode_seed(self.seed, i) for i in range(start, min(start + self.n_envs, self.episodes))]
+                seeds = self.seeds[start:start + self.n_envs]
                 with contextlib.closing(make_vector_env(self.spec, len(seeds), self.env_kwargs)) as env:
                     fps = int(env.metadata.get("render_fps") or fps)
                     episodes += rollout(env, policy, seeds, num_steps, self.max_steps, self.spec.task,
@@ -464,12 +488,19 @@ def _check_step_counts(step_counts) -> tuple[int, ...]:
 
 
 def _summarise(episodes: list[Episode]) -> dict:
-    """Means over episodes, as native Python numbers (Aim rejects numpy scalars)."""
+    """Means over episodes and the success rate's 95% Wilson interval, as native Python numbers
+    (Aim rejects numpy scalars), and each episode's outcome by seed."""
+    successes = sum(e.success for e in episodes)
+    low, high = wilson_interval(successes, len(episodes))
     return {
-        "success_rate": float(np.mean([e.success for e in episodes])),
+        "success_rate": successes / len(episodes),
+        "ci_low": low,
+        "ci_high": high,
         "mean_return": float(np.mean([e.ret for e in episodes])),
         "mean_length": float(np.mean([e.length for e in episodes])),
         "episodes": len(episodes),
+        "episode_seeds": [e.seed for e in episodes],
+        "episode_success": [int(e.success) for e in episodes],
     }
 
 

@@ -18,7 +18,8 @@ def success_latency_plot(results: dict[str, dict], path: str | Path) -> Path:
 
     results: {"teacher": {steps: metrics}, "student": {steps: metrics}} as `Evaluator.run` returns
         (or summary.json's "eval", whose step keys are strings); metrics need "success_rate" and may
-        have "latency_ms". Other heads (e.g. "expert") are drawn too.
+        have "ci_low"/"ci_high" (drawn as error bars: the 95% Wilson interval) and "latency_ms".
+        Other heads (e.g. "expert") are drawn too.
     Writes one PNG with two panels side by side and returns its path.
     """
     if not results:
@@ -32,7 +33,11 @@ def success_latency_plot(results: dict[str, dict], path: str | Path) -> Path:
         all_steps.update(k for k, _ in points)
         style = STYLES.get(head, {"marker": "^"})
         steps = [k for k, _ in points]
-        success_ax.plot(steps, [m["success_rate"] for _, m in points], label=head, **style)
+        rates = [m["success_rate"] for _, m in points]
+        # Error bars (rate - low, high - rate); a point without an interval gets none.
+        errors = [[r - m.get("ci_low", r) for r, (_, m) in zip(rates, points)],
+                  [m.get("ci_high", r) - r for r, (_, m) in zip(rates, points)]]
+        success_ax.errorbar(steps, rates, yerr=errors, capsize=3, label=head, **style)
         timed = [(k, m["latency_ms"]) for k, m in points if "latency_ms" in m]
         if timed:
             latency_ax.plot(*zip(*timed), label=head, **style)
@@ -45,7 +50,7 @@ def success_latency_plot(results: dict[str, dict], path: str | Path) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend()
     success_ax.set_ylim(-0.05, 1.05)
-    success_ax.set_ylabel("success rate")
+    success_ax.set_ylabel("success rate (bars: 95% Wilson interval)")
     success_ax.set_title("Success")
     latency_ax.set_ylim(bottom=0)
     latency_ax.set_ylabel("latency per action chunk, batch 1 (ms)")

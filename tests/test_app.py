@@ -152,16 +152,17 @@ def test_metrics_and_summary_readers(tmp_path):
     assert points["offline"] == [{"step": 0, "value": 0.5, "series": "student @1 steps"}]
 
     summary = {"params": {"total": 1000, "trainable": 250, "backbone": 750, "teacher_head": 250},
-               "eval": {"teacher": {"10": {"success_rate": 0.9, "mean_return": 0.8, "latency_ms": 36.25, "episodes": 20}},
+               "eval": {"teacher": {"10": {"success_rate": 0.9, "ci_low": 0.699, "ci_high": 0.972, "mean_return": 0.8,
+                                           "latency_ms": 36.25, "episodes": 20}},
                         "student": {"1": {"success_rate": 0.85, "latency_ms": 9.0, "episodes": 20}}},
                "offline": {"student": {"1": {"error": 0.14}, "2": {"error": 0.02}}, "straightness": {"student": 0.3}}}
     assert runs.params_rows(summary) == [["Total", "1,000", ""], ["Trainable", "250", "25.00%"],
                                          ["Backbone (VLM)", "750", "75.00%"], ["Teacher head", "250", "25.00%"],
                                          ["Student head", "—", ""]]
     assert runs.eval_rows(summary) == [
-        ["teacher", 10, "90%", "0.800", "36.2", "20", "—"],
-        ["student", 1, "85%", "—", "9.0", "20", "0.1400"],
-        ["student", 2, "—", "—", "—", "—", "0.0200"],
+        ["teacher", 10, "90%", "70–97%", "0.800", "36.2", "20", "—"],
+        ["student", 1, "85%", "—", "—", "9.0", "20", "0.1400"],
+        ["student", 2, "—", "—", "—", "—", "—", "0.0200"],
     ]
     (tmp_path / "operative_config.gin").write_text("Trainer.lr = 0.1\nTrainer.steps = 6\n")
     assert runs.total_steps(tmp_path) == 6

@@ -22,6 +22,8 @@ from reflow_exp.heads import ActionHead
 from reflow_exp.plots import success_latency_plot
 from reflow_exp.policy import Policy
 from reflow_exp.sandbox import tiny_smolvla_config
+from reflow_exp.sandbox.task import HELDOUT_LAYOUTS, REPORT_SEED_OFFSET, eval_seeds, layout_of
+from reflow_exp.stats import wilson_interval
 
 SANDBOX_STATS = {
     "observation.state": {"mean": torch.full((2,), 0.5), "std": torch.full((2,), 0.3)},
@@ -94,6 +96,40 @@ def test_scripted_expert_succeeds_through_the_rollout_loop():
     assert result[1]["success_rate"] >= 0.9
     assert result[1]["mean_return"] == result[1]["success_rate"]  # reward 1 on success only
     assert result[1]["routes"]["left"] > 0 and result[1]["routes"]["right"] > 0
+
+
+def test_report_split_heldout_layouts_intervals_and_per_seed_outcomes():
+    evaluator = Evaluator(episodes=6, n_envs=4, videos=0, latency_calls=0, split="report", layouts="heldout")
+    assert evaluator.protocol == {"env_id": "reflow_exp/Sandbox-v0", "split": "report", "seed": 0,
+                                  "layouts": "heldout", "episodes": 6}
+    result = evaluator.run(ScriptedChunkPolicy(), step_counts=(1, 2))
+    seeds = eval_seeds(6, split="report", layouts="heldout")
+    assert all(s >= REPORT_SEED_OFFSET and layout_of(s) in HELDOUT_LAYOUTS for s in seeds)
+    for r in result.values():
+        assert r["episode_seeds"] == seeds  # every step count meets the same seeds, in order
+        assert r["success_rate"] == sum(r["episode_success"]) / 6
+        assert (r["ci_low"], r["ci_high"]) == wilson_interval(sum(r["episode_success"]), 6)
+        assert all(type(x) is int for x in r["episode_success"])
+
+
+@pytest.mark.parametrize("gin_file, layouts", [
+    ("gin/sandbox/eval.gin", "all"), ("gin/sandbox/layouts/eval.gin", "heldout"),
+])
+def test_eval_gin_files_report_500_episodes_on_the_report_range(gin_file, layouts, capsys):
+    from reflow_exp import run
+
+    assert run.main(["--gin_file", gin_file, "--dry_run"]) == 0
+    protocol = {"env_id": "reflow_exp/Sandbox-v0", "split": "report", "seed": 0, "layouts": layouts, "episodes": 500}
+    assert f"with {protocol}" in capsys.readouterr().out
+
+
+def test_split_and_layouts_are_checked_first():
+    with pytest.raises(ValueError, match="Evaluator.split must be one of \\['dev', 'report'\\], got 'test'"):
+        Evaluator(split="test")
+    with pytest.raises(ValueError, match="Evaluator.layouts must be one of"):
+        Evaluator(layouts="ood")
+    with pytest.raises(ValueError, match="needs the sandbox env"):
+        Evaluator(env_id="pusht", layouts="heldout")
 
 
 class StandStill:
@@ -174,3 +210,7 @@ def test_success_latency_plot(tmp_path):
     assert 10_000 < path.stat().st_size < 1_000_000
     with Image.open(path) as image:
         assert image.size == (1000, 400)
+    # Wilson intervals are drawn as error bars: the same points with intervals give another image.
+    results["student"]["1"] |= {"ci_low": 0.6, "ci_high": 0.95}
+    with Image.open(path) as plain, Image.open(success_latency_plot(results, tmp_path / "bars.png")) as bars:
+        assert plain.size == bars.size and np.abs(np.asarray(plain, float) - np.asarray(bars, float)).sum() > 0

@@ -10,7 +10,7 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
 from safetensors.torch import load_file
 
-from reflow_exp import coupling, flow, run
+from reflow_exp import coupling, flow, jobs, run
 from reflow_exp.backbone import VLM_PREFIX
 from reflow_exp.data import DataSource, load_dataset, make_dataloader, open_metadata
 from reflow_exp.heads import ActionHead
@@ -100,6 +100,67 @@ def test_rollouts_fill_summary_plot_and_videos(runs):
     assert all((folder / video).is_file() for video in student_1["videos"]) and student_1["videos"]
     assert (folder / "eval_plot.png").stat().st_size > 10_000
     assert "quality_bar" in summary
+
+
+def test_rollouts_carry_intervals_protocol_and_paired_tests(runs):
+    folder = runs / "tiny-reflow"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["eval_protocol"] == {"env_id": "reflow_exp/Sandbox-v0", "split": "dev", "seed": 0,
+                                        "layouts": "all", "episodes": 2}  # reflow.gin: the job rolls out on dev
+    episodes = json.loads((folder / jobs.EPISODES_FILE).read_text())
+    for head, by_steps in summary["eval"].items():
+        for k, m in by_steps.items():
+            outcome = episodes[head][k]
+            assert outcome["seeds"] == episodes["teacher"]["10"]["seeds"]  # one seed list for all rows
+            assert m["success_rate"] == sum(outcome["success"]) / 2
+            assert 0 <= m["ci_low"] <= m["success_rate"] <= m["ci_high"] <= 1 and m["ci_high"] - m["ci_low"] > 0.5
+            assert "episode_success" not in m  # per-episode lists stay out of summary.json
+    assert set(summary["paired"]) == {"student@1 vs teacher@10", "student@1 vs teacher@1"}
+    paired = summary["paired"]["student@1 vs teacher@10"]
+    student, teacher = episodes["student"]["1"]["success"], episodes["teacher"]["10"]["success"]
+    assert paired["first_only"] == sum(s and not t for s, t in zip(student, teacher))
+    assert paired["n"] == 2 and 0 <= paired["p_value"] <= 1
+    log = (folder / "log.txt").read_text()
+    assert "split 'dev'" in log and "95% CI" in log and "student@1 vs teacher@10" in log
+
+
+def test_teacher_holds_out_the_episodes_reflow_measures_on(runs, tmp_path):
+    teacher = json.loads((runs / "tiny-teacher" / "summary.json").read_text())["data_split"]
+    reflow = json.loads((runs / "tiny-reflow" / "summary.json").read_text())["data_split"]
+    last = teacher["episodes"] - 1
+    assert teacher["holdout_episodes"] == reflow["holdout_episodes"] == [last]  # tiny*.gin: HOLDOUT_EPISODES = 1
+    assert teacher["train_episodes"] == last and teacher["dataset"] == reflow["dataset"]
+    assert reflow["teacher_saw_holdout"] is False
+
+    # A teacher that held out other episodes: reflow is warned that its offline frames were seen.
+    (tmp_path / "checkpoints" / "last" / "pretrained_model").mkdir(parents=True)
+    (tmp_path / "summary.json").write_text(json.dumps({"data_split": {**teacher, "holdout_episodes": [0]}}))
+    with pytest.warns(UserWarning, match="trained on some of reflow's held-out episodes"):
+        assert jobs.teacher_saw(tmp_path / "checkpoints" / "last" / "pretrained_model", reflow) is True
+    assert jobs.teacher_saw(tmp_path, {**reflow, "dataset": "other"}) is None  # another dataset: unknown
+
+
+def test_quality_bar_uses_the_paired_test():
+    def summary(t10, t1, s1, s2=None, t2=None):
+        rate = lambda r: {"success_rate": r}
+        teacher = {"10": rate(t10), "1": rate(t1)} | ({"2": rate(t2)} if t2 is not None else {})
+        student = {"1": rate(s1)} | ({"2": rate(s2)} if s2 is not None else {})
+        return {"teacher": teacher, "student": student}
+
+    worse = {"student@1 vs teacher@10": {"difference": -0.03, "p_value": 0.01}}
+    bar = jobs.quality_bar(summary(0.90, 0.66, 0.88, s2=0.89, t2=0.90), worse)
+    assert bar == {
+        "teacher@10 >= 0.80": True,
+        "student@1 >= 0.97 x teacher@10": True,  # 0.88 >= 0.873
+        "student@1 not significantly worse than teacher@10 (p > 0.05)": False,
+        "student@1 >= teacher@1 + 0.20": True,  # 0.88 >= 0.86 (exact despite float rounding)
+        "student@2 >= teacher@2 - 0.02": True,
+    }
+    same = {"student@1 vs teacher@10": {"difference": -0.03, "p_value": 0.2}}
+    bar = jobs.quality_bar(summary(0.90, 0.66, 0.86), same)
+    assert bar["student@1 not significantly worse than teacher@10 (p > 0.05)"]
+    assert bar["student@1 >= teacher@1 + 0.20"]  # 0.66 + 0.20 == 0.86
+    assert jobs.quality_bar({"teacher": {"10": {"success_rate": 0.9}}, "student": {}}) is None
 
 
 def test_exported_student_is_an_ordinary_lerobot_checkpoint(runs):

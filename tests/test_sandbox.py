@@ -23,11 +23,18 @@ from reflow_exp.sandbox import (
     tiny_smolvla_config,
 )
 from reflow_exp.sandbox.task import (
+    COLOURS,
+    GOAL_SLOTS_X,
+    HELDOUT_LAYOUTS,
     MAX_EPISODE_STEPS,
     MAX_STEP,
     OBSTACLE,
     eval_episode_seed,
+    eval_seeds,
+    in_layout_set,
+    layout_of,
     train_episode_seed,
+    train_seeds,
 )
 from reflow_exp.sandbox.vlm import MARKER, build_once
 
@@ -170,11 +177,36 @@ def test_the_instruction_decides_which_goal_counts():
 
 
 def test_episode_seed_ranges_are_disjoint():
-    train = {train_episode_seed(s, i) for s in (0, 1) for i in (0, 999_999)}
-    evaluation = {eval_episode_seed(s, i) for s in (0, 1) for i in (0, 999_999)}
-    assert len(train) == 4 and not train & evaluation
+    ends = [(s, i) for s in (0, 999) for i in (0, 999_999)]  # the corners of each range
+    train = {train_episode_seed(s, i) for s, i in ends}
+    dev = {eval_episode_seed(s, i, "dev") for s, i in ends}
+    report = {eval_episode_seed(s, i, "report") for s, i in ends}
+    assert max(train) < min(dev) <= max(dev) < min(report)
+    assert eval_episode_seed(0, 7) == eval_episode_seed(0, 7, "dev")  # the range every earlier number used
     with pytest.raises(ValueError, match="1000000"):
         train_episode_seed(0, 1_000_000)
+    with pytest.raises(ValueError, match="'test'.*'report'"):
+        eval_episode_seed(0, 0, "test")
+
+
+def test_layout_split_holds_out_combinations_not_slots():
+    reds = sorted(red for red, _ in HELDOUT_LAYOUTS)
+    blues = sorted(blue for _, blue in HELDOUT_LAYOUTS)
+    assert reds == blues == list(range(len(GOAL_SLOTS_X)))  # each colour in each slot exactly once
+    env = SandboxEnv()
+    for seed in train_seeds(20):
+        env.reset(seed=seed)
+        assert layout_of(seed) == tuple(GOAL_SLOTS_X.index(env.goals[c][0]) for c in COLOURS)
+    assert train_seeds(5) == [train_episode_seed(0, i) for i in range(5)]
+    kept, heldout = train_seeds(40, layouts="train"), eval_seeds(40, split="report", layouts="heldout")
+    assert not any(layout_of(s) in HELDOUT_LAYOUTS for s in kept)
+    assert all(layout_of(s) in HELDOUT_LAYOUTS for s in heldout)
+    assert eval_seeds(40, split="report", layouts="all")[:3] == [eval_episode_seed(0, i, "report") for i in range(3)]
+    # About a quarter of the layouts (5 of 20 slot pairs) are held out.
+    share = np.mean([in_layout_set(train_episode_seed(0, i), "heldout") for i in range(400)])
+    assert 0.18 < share < 0.32
+    with pytest.raises(ValueError, match="unknown layout set 'ood'"):
+        eval_seeds(2, layouts="ood")
 
 
 # -- expert -------------------------------------------------------------------------------------
@@ -286,6 +318,23 @@ def test_action_noise_perturbs_the_states_but_not_the_labels(tmp_path):
         obs = {"pixels": (frame["observation.image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
                "agent_pos": frame["observation.state"].numpy()}
         np.testing.assert_allclose(expert.act(obs, frame["task"]), frame["action"].numpy(), atol=1e-5)
+
+
+def test_recorder_can_skip_the_heldout_layouts(tmp_path):
+    report = record_dataset(tmp_path / "data", episodes=3, seed=0, holdout_layouts=True)
+    assert report["heldout_layouts"] == sorted(map(list, HELDOUT_LAYOUTS))
+    assert report["episodes"] == 3 and report["discarded"] == 0  # the expert never fails without noise
+    dataset = LeRobotDataset("reflow_exp/sandbox", root=tmp_path / "data")
+    rows = dataset.hf_dataset.with_format("numpy")
+    episode, state = np.asarray(rows["episode_index"]), np.asarray(rows["observation.state"])
+    starts = [state[np.flatnonzero(episode == e)[0]] for e in range(3)]
+    # The recorded episodes are the first 3 training seeds outside the held-out layouts, in order;
+    # seed 0's very first episode has a held-out layout, so it is skipped.
+    seeds = train_seeds(3, seed=0, layouts="train")
+    assert seeds == [train_episode_seed(0, i) for i in (1, 2, 3)]
+    assert layout_of(train_episode_seed(0, 0)) in HELDOUT_LAYOUTS
+    expected = [SandboxEnv().reset(seed=s)[0]["agent_pos"] for s in seeds]
+    np.testing.assert_allclose(np.stack(starts), np.stack(expected))
 
 
 def test_action_noise_out_of_range_is_refused(tmp_path):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from reflow_exp.data import video_backend
 
 from .expert import ROUTES, ScriptedExpert, route_of
-from .task import IMAGE_SIZE, MAX_STEP, SandboxEnv, train_episode_seed
+from .task import HELDOUT_LAYOUTS, IMAGE_SIZE, MAX_STEP, SandboxEnv, train_seeds
 from .vlm import build_once, make_tiny_vlm
 
 DATASET_VERSION = 3  # bump when the task, expert or features change: cached datasets re-record
@@ -54,8 +54,8 @@ def zoom(pixels: np.ndarray) -> np.ndarray:
 
 
 def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episodes: int = 100,
-                   seed: int = 0, fps: int = 10, action_noise: float = 0.0, video: bool = False,
-                   cameras: int = 1) -> dict:
+                   seed: int = 0, fps: int = 10, action_noise: float = 0.0, holdout_layouts: bool = False,
+                   video: bool = False, cameras: int = 1) -> dict:
     """Record `episodes` expert episodes into a LeRobotDataset at `root`; return the report.
 
     `video`: cameras stored as MP4 (LeRobot's default codec, as on the hub) instead of images;
@@ -64,7 +64,9 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
     `action_noise` > 0 perturbs each executed action by Gaussian noise of that standard deviation
     per axis while the recorded label stays the expert's clean action (DART): the data then show
     how to get back on course, which a policy that drifts needs. A failed episode is left out: it
-    would demonstrate failure.
+    would demonstrate failure. `holdout_layouts=True` skips every episode whose layout is in
+    `task.HELDOUT_LAYOUTS` (not counted: the next training seeds fill in), so a policy trained on
+    the data never sees those goal-slot pairs; the default data are unchanged by this option.
 
     Report: {"episodes" (kept), "frames", "success_rate" (the expert's, over all episodes run),
     "routes": {"left", "right", "none"}, "discarded"}. Features: `features(video, cameras)`, plus the
@@ -77,13 +79,17 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
         raise ValueError(f"action_noise must be in [0, {MAX_STEP}) (the longest step), got {action_noise}")
     marker = {"kind": "sandbox_dataset", "version": DATASET_VERSION, "repo_id": repo_id,
               "episodes": episodes, "seed": seed, "fps": fps, "action_noise": action_noise}
-    if video or cameras != 1:  # only then: datasets cached before these options stay valid
+    if holdout_layouts:  # only then, so caches of the default data stay valid
+        marker["holdout_layouts"] = [list(pair) for pair in sorted(HELDOUT_LAYOUTS)]  # as JSON stores it
+    if video or cameras != 1:  # likewise
         marker |= {"video": video, "cameras": cameras}
+    seeds = train_seeds(episodes, seed, "train" if holdout_layouts else "all")
     spec = features(video, cameras)
-    return build_once(root, marker, lambda work: _record(work, repo_id, episodes, seed, fps, action_noise, spec))
+    report = build_once(root, marker, lambda work: _record(work, repo_id, seeds, fps, action_noise, spec))
+    return report | ({"heldout_layouts": marker["holdout_layouts"]} if holdout_layouts else {})
 
 
-def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action_noise: float, spec: dict) -> dict:
+def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: float, spec: dict) -> dict:
     video = any(f["dtype"] == "video" for f in spec.values())
     if video:  # the encoders' per-episode notes (SVT-AV1's banner, FFmpeg's mp4 muxer) would bury the bar
         os.environ.setdefault("SVT_LOG", "1")
@@ -97,8 +103,7 @@ def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action
     bars_were_on = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # one bar per saved episode would bury ours
     try:
-        for i in tqdm(range(episodes), desc="recording sandbox episodes", unit="ep"):
-            episode_seed = train_episode_seed(seed, i)
+        for episode_seed in tqdm(seeds, desc="recording sandbox episodes", unit="ep"):
             noise = np.random.default_rng((_NOISE_SALT, episode_seed))
             success, route, steps = _run_episode(env, ScriptedExpert(episode_seed), episode_seed, action_noise, noise)
             if not success:
@@ -115,8 +120,8 @@ def _record(root: Path, repo_id: str, episodes: int, seed: int, fps: int, action
     finally:
         if bars_were_on:
             datasets_logging.enable_progress_bar()
-    return {"episodes": kept, "frames": frames, "success_rate": kept / episodes,
-            "routes": dict(routes), "discarded": episodes - kept}
+    return {"episodes": kept, "frames": frames, "success_rate": kept / len(seeds),
+            "routes": dict(routes), "discarded": len(seeds) - kept}
 
 
 def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, action_noise: float,
@@ -141,9 +146,9 @@ def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, act
 
 
 def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_noise: float = 0.0,
-                  video: bool = False, cameras: int = 1) -> dict:
+                  holdout_layouts: bool = False, video: bool = False, cameras: int = 1) -> dict:
     """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data"
-    (`video`, `cameras`: see `record_dataset`).
+    (`holdout_layouts`, `video`, `cameras`: see `record_dataset`).
 
     Returns {"vlm_path", "dataset_root", "repo_id", "expert": record_dataset's report}.
     """
@@ -151,6 +156,6 @@ def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_n
     repo_id = "reflow_exp/sandbox"
     vlm_path = make_tiny_vlm(root / "vlm", seed=seed)
     report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed, action_noise=action_noise,
-                            video=video, cameras=cameras)
+                            holdout_layouts=holdout_layouts, video=video, cameras=cameras)
     return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id,
             "expert": report}

@@ -57,12 +57,17 @@ _AGENT_RGB = (30, 150, 60)
 _AGENT_DRAW_RADIUS = 0.03  # a little larger than AGENT_RADIUS so the agent stays visible at 64 px
 
 # Episode seeds: dataset episode i of a dataset made with `seed` runs the env with
-# TRAIN_SEED_OFFSET + SEED_STRIDE * seed + i, evaluation episode j of an evaluation made with `seed`
-# runs it with EVAL_SEED_OFFSET + SEED_STRIDE * seed + j. The two ranges never meet (for seeds
-# below 1000 and fewer than SEED_STRIDE episodes), so a policy is never evaluated on a training
-# episode's layout.
+# TRAIN_SEED_OFFSET + SEED_STRIDE * seed + i; evaluation episode j of an evaluation made with `seed`
+# on split s runs it with EVAL_SEED_OFFSETS[s] + SEED_STRIDE * seed + j. The three ranges never
+# meet (for seeds below 1000 and fewer than SEED_STRIDE episodes), so a policy is never evaluated
+# on a training episode's layout, and the two evaluation splits never share an episode:
+#   "dev"    — for choosing anything (task, defaults, ablations); what every number before the
+#              split was measured on (EVAL_SEED_OFFSET is its offset);
+#   "report" — for publishing only: no default, gin file or README choice is tuned on it.
 TRAIN_SEED_OFFSET = 0
 EVAL_SEED_OFFSET = 1_000_000_000
+REPORT_SEED_OFFSET = 2_000_000_000
+EVAL_SEED_OFFSETS = {"dev": EVAL_SEED_OFFSET, "report": REPORT_SEED_OFFSET}
 SEED_STRIDE = 1_000_000
 
 
@@ -71,9 +76,13 @@ def train_episode_seed(seed: int, episode: int) -> int:
     return _episode_seed(TRAIN_SEED_OFFSET, seed, episode)
 
 
-def eval_episode_seed(seed: int, episode: int) -> int:
-    """Env seed of evaluation episode `episode` in an evaluation run with `seed`."""
-    return _episode_seed(EVAL_SEED_OFFSET, seed, episode)
+def eval_episode_seed(seed: int, episode: int, split: str = "dev") -> int:
+    """Env seed of evaluation episode `episode` in an evaluation run with `seed` on `split`."""
+    if split not in EVAL_SEED_OFFSETS:
+        raise ValueError(
+            f"unknown evaluation split {split!r}; choose 'dev' (for choosing) or 'report' (for publishing)"
+        )
+    return _episode_seed(EVAL_SEED_OFFSETS[split], seed, episode)
 
 
 def _episode_seed(offset: int, seed: int, episode: int) -> int:
@@ -82,6 +91,54 @@ def _episode_seed(offset: int, seed: int, episode: int) -> int:
     if not 0 <= episode < SEED_STRIDE:
         raise ValueError(f"episode index must be in [0, {SEED_STRIDE}), got {episode}")
     return offset + SEED_STRIDE * seed + episode
+
+
+# Layouts: which slot holds the red goal and which the blue one (20 ordered pairs; with the two
+# instructions, 40 layouts). HELDOUT_LAYOUTS is a layout split: with it, the recorder skips these
+# pairs (`record_dataset(holdout_layouts=True)`) and evaluation can keep to them
+# (`Evaluator.layouts = "heldout"`). Each slot holds each colour once in it, so training still
+# shows every colour in every slot and every slot as a target: only the combinations are new.
+HELDOUT_LAYOUTS = frozenset({(0, 1), (1, 2), (2, 3), (3, 4), (4, 0)})  # (red slot, blue slot)
+LAYOUT_SETS = ("all", "train", "heldout")
+
+
+def layout_of(env_seed: int) -> tuple[int, int]:
+    """(red slot, blue slot) of the episode the env plays with `env_seed` (see GOAL_SLOTS_X)."""
+    env = SandboxEnv(render_mode=None, image_size=8)
+    env.reset(seed=env_seed)
+    return tuple(GOAL_SLOTS_X.index(float(env.goals[colour][0])) for colour in COLOURS)
+
+
+def in_layout_set(env_seed: int, layouts: str) -> bool:
+    """Whether the episode of `env_seed` belongs to `layouts`: "all", "train" (not held out) or
+    "heldout" (HELDOUT_LAYOUTS)."""
+    if layouts not in LAYOUT_SETS:
+        raise ValueError(f"unknown layout set {layouts!r}; choose one of {LAYOUT_SETS}")
+    return layouts == "all" or (layout_of(env_seed) in HELDOUT_LAYOUTS) == (layouts == "heldout")
+
+
+def eval_seeds(episodes: int, seed: int = 0, split: str = "dev", layouts: str = "all") -> list[int]:
+    """The env seeds of an evaluation: the first `episodes` of `split`'s range (for `seed`) whose
+    layout is in `layouts`. Every policy evaluated with the same arguments meets the same seeds."""
+    return _first_seeds(lambda i: eval_episode_seed(seed, i, split), episodes, layouts)
+
+
+def train_seeds(episodes: int, seed: int = 0, layouts: str = "all") -> list[int]:
+    """The env seeds of a dataset's episodes: the first `episodes` of the training range (for
+    `seed`) whose layout is in `layouts` ("all": train_episode_seed(seed, i) for i < episodes)."""
+    return _first_seeds(lambda i: train_episode_seed(seed, i), episodes, layouts)
+
+
+def _first_seeds(episode_seed, episodes: int, layouts: str) -> list[int]:
+    if layouts not in LAYOUT_SETS:  # checked before the loop: it would never end
+        raise ValueError(f"unknown layout set {layouts!r}; choose one of {LAYOUT_SETS}")
+    seeds, episode = [], 0
+    while len(seeds) < episodes:
+        env_seed = episode_seed(episode)
+        if in_layout_set(env_seed, layouts):
+            seeds.append(env_seed)
+        episode += 1
+    return seeds
 
 
 def colour_of(instruction: str) -> str:
