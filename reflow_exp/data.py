@@ -128,10 +128,15 @@ def video_backend() -> str:
         importlib.import_module("torchcodec")
         return "torchcodec"
     except (ImportError, OSError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"[Data] Video decoder: pyav (torchcodec did not load: {first[:160]}; `make setup` installs "
+        print(f"[Data] Video decoder: pyav (torchcodec did not load: {_first_line(error)[:160]}; `make setup` installs "
               "Debian's ffmpeg, which torchcodec needs)")
         return "pyav"
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's first line (decoders' messages run to dozens of lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -146,16 +151,17 @@ def load_dataset(source: DataSource, meta: LeRobotDatasetMetadata, chunk_size: i
         inverse = {policy_key: dataset_key for dataset_key, policy_key in rename.items()}
         cameras = [inverse.get(key, key) for key in cameras if inverse.get(key, key) in meta.camera_keys]
     if source.root is not None:
-        check_video_files(meta, episodes)
+        check_video_files(meta, episodes, cameras)
     backend = video_backend() if meta.video_keys else None
     dataset = LeRobotDataset(source.repo_id, root=meta.root, episodes=episodes, video_backend=backend)
     return ChunkedFrames(dataset, chunk_size, cameras=cameras, rename_map=rename)
 
 
-def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None = None) -> None:
-    """Every selected episode's video files exist, and the last frame of each file decodes (a
-    truncated file loses its end). Raises naming the episode, the camera and the file."""
-    keys = list(meta.video_keys)
+def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None = None,
+                      cameras: list[str] | None = None) -> None:
+    """The selected episodes' video files of `cameras` (None: all) exist, and the last frame of each
+    file decodes (a truncated file loses its end). Raises naming the episode, the camera and the file."""
+    keys = [key for key in meta.video_keys if cameras is None or key in cameras]
     if not keys:
         return
     wanted = set(range(meta.total_episodes) if episodes is None else episodes)
@@ -178,8 +184,7 @@ def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None =
             probe.clear()
             raise RuntimeError(
                 f"Cannot decode the end of {path} (episode {ep}, camera {key}, t={end - 1.0 / fps:.3f} s): "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. The file is truncated "
-                "or damaged; re-download or re-encode it"
+                f"{_first_line(error)}. The file is truncated or damaged; re-download or re-encode it"
             ) from None
     probe.clear()
 
@@ -272,8 +277,7 @@ class ChunkedFrames(torch.utils.data.Dataset):
         except Exception as error:
             raise RuntimeError(
                 f"Cannot decode {key} of episode {episode} at t={timestamp:.3f} s from {path}: "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. The file may be truncated "
-                "or damaged; re-download or re-encode it"
+                f"{_first_line(error)}. The file may be truncated or damaged; re-download or re-encode it"
             ) from error
 
     def _decoders(self) -> VideoDecoderCache:
