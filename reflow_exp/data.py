@@ -295,7 +295,8 @@ def default_workers(num_workers: int | None = None) -> int:
     process uses, at most 4 (LeRobot's default): decoding frames then overlaps with training."""
     if num_workers is not None:
         return num_workers
-    return min(4, max(len(os.sched_getaffinity(0)) - 1, 0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, max(cores - 1, 0))
 
 
 def make_dataloader(
