@@ -13,8 +13,8 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from reflow_exp.data import (
-    ChunkedFrames, DataSource, check_features, dataset_stats, load_dataset, make_dataloader, open_metadata,
-    policy_features, split_episodes,
+    ChunkedFrames, DataSource, check_features, dataset_stats, default_workers, load_dataset, make_dataloader,
+    open_metadata, policy_features, split_episodes,
 )
 from reflow_exp.sandbox import record_dataset
 from reflow_exp.sandbox.dataset import CAMERA_KEYS
@@ -184,6 +184,9 @@ def test_split_and_loader_errors(recorded):
     frames = ChunkedFrames(LeRobotDataset(REPO, root=recorded["image"]), CHUNK)
     with pytest.raises(ValueError, match="batch_size"):
         make_dataloader(frames, batch_size=10_000, seed=0)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        make_dataloader(frames, batch_size=4, seed=0, num_workers=-1)
+    assert default_workers(3) == 3 and 0 <= default_workers() <= 4
 
 
 # ----------------------------------------------------------------------------- end to end
