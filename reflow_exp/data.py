@@ -98,9 +98,11 @@ def check_features(config, features: dict[str, PolicyFeature], rename_hint: str 
         elif feature.type is not FeatureType.VISUAL and tuple(features[key].shape) != tuple(feature.shape):
             problems.append(f"{key}: the policy has shape {tuple(feature.shape)}, "
                             f"the dataset {tuple(features[key].shape)}")
-    if not problems:
-        return
     spare = [k for k, f in features.items() if f.type is FeatureType.VISUAL and k not in wanted]
+    if not problems:
+        if spare:  # LeRobot's rule too: a policy may read a subset of the cameras
+            print(f"[Data] The policy does not read the dataset's cameras {spare}: they are left out")
+        return
     example = dict(zip(spare, missing_cameras)) or {"<dataset camera key>": "<policy camera key>"}
     raise ValueError(
         "The dataset does not match the policy's features:\n  - " + "\n  - ".join(problems)

@@ -159,10 +159,13 @@ def _policy(features: dict):
                          device="cpu")
 
 
-def test_feature_mismatch_lists_both_sides_and_the_fix(recorded):
+def test_feature_mismatch_lists_both_sides_and_the_fix(recorded, capsys):
     meta = open_metadata(source(recorded["video"]))
     dataset = policy_features(meta)
     check_features(_policy(dataset), dataset)  # the same features pass
+    one_camera = {k: f for k, f in dataset.items() if k != CAMERA_KEYS[1]}
+    check_features(_policy(one_camera), dataset)  # an extra dataset camera is left out, with a note
+    assert f"cameras ['{CAMERA_KEYS[1]}']: they are left out" in capsys.readouterr().out
     wanted = {**dataset, "observation.images.top": dataset[CAMERA_KEYS[1]]}
     del wanted[CAMERA_KEYS[1]]
     with pytest.raises(ValueError) as error:
