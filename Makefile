@@ -8,9 +8,9 @@ export HF_DATASETS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export NO_PROXY := localhost,127.0.0.1
 
-.PHONY: demo test setup clean dashboard browser gpu-check gl bench-metaworld
+.PHONY: demo test setup clean dashboard browser ffmpeg gpu-check gl bench-metaworld
 
-setup: $(STAMP)
+setup: $(STAMP) ffmpeg
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The embedded CPU demo: tiny SmolVLM + sandbox data -> teacher (1-RF) -> reflow student, evaluated.
 # Run folders: runs/sandbox-teacher, runs/sandbox-reflow (running again resumes / re-evaluates).
-demo: $(STAMP)
+demo: $(STAMP) ffmpeg
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/teacher.gin
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/reflow.gin
 
-test: $(STAMP) browser gl
+test: $(STAMP) ffmpeg browser gl
 	$(VENV)/bin/python -m pytest -q tests
 
 # The Gradio dashboard (binds 127.0.0.1; e.g. `make dashboard DASHBOARD_ARGS="--port 7860 --runs-dir runs"`).
@@ -48,6 +48,10 @@ gl:
 # record -> teacher -> reflow -> eval on five MetaWorld tasks; writes runs/bench/metaworld.json.
 bench-metaworld: $(STAMP) gl
 	$(VENV)/bin/python -m reflow_exp.bench metaworld
+
+# torchcodec (LeRobot's video decoder) loads FFmpeg's shared libraries; Debian's ffmpeg provides them.
+ffmpeg:
+	@test -x /usr/bin/ffmpeg || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y ffmpeg)
 
 clean:
 	rm -rf runs .pytest_cache

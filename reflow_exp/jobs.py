@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gin
 import torch
+from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
@@ -23,7 +24,8 @@ from reflow_exp import distributed, flow
 from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
-    DataSource, dataset_digest, load_dataset, make_dataloader, open_metadata, policy_features, split_episodes,
+    DataSource, check_features, dataset_digest, dataset_stats, default_workers, load_dataset, make_dataloader,
+    open_metadata, policy_features, split_episodes,
 )
 from reflow_exp.heads import ActionHead
 from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
@@ -39,16 +41,19 @@ from reflow_exp.trainer import Trainer
 
 # ----------------------------------------------------------------------------- data sources
 @gin.configurable
-def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 0,
-                   action_noise: float = 0.0, holdout_layouts: bool = False) -> DataSource:
+def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 0, action_noise: float = 0.0,
+                   holdout_layouts: bool = False, video: bool = False, cameras: int = 1,
+                   rename_map: dict | None = None) -> DataSource:
     """The embedded task: a tiny SmolVLM and expert demonstrations, made locally once and cached
-    (`action_noise`, `holdout_layouts`: see `sandbox.dataset.record_dataset`; with held-out
-    layouts, use a `root` of its own and evaluate with `Evaluator.layouts`)."""
+    (`action_noise`, `holdout_layouts`, `video`, `cameras`: see `sandbox.dataset.record_dataset`;
+    with held-out layouts, use a `root` of its own and evaluate with `Evaluator.layouts`;
+    `rename_map`: dataset key -> policy key)."""
     from reflow_exp.sandbox import build_sandbox
 
     built = build_sandbox(root, seed=seed, episodes=episodes, action_noise=action_noise,
-                          holdout_layouts=holdout_layouts)
-    return DataSource(str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]), built["expert"])
+                          holdout_layouts=holdout_layouts, video=video, cameras=cameras)
+    return DataSource(str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]), built["expert"],
+                      dict(rename_map or {}))
 
 
 @gin.configurable
@@ -68,9 +73,11 @@ def lerobot_source(
     repo_id: str = gin.REQUIRED,
     vlm_model_name: str = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
     root: str | None = None,
+    rename_map: dict | None = None,
 ) -> DataSource:
-    """A LeRobotDataset (local `root` or the hub cache) and a SmolVLM (hub id or local folder)."""
-    return DataSource(vlm_model_name, repo_id, root)
+    """A LeRobotDataset (local `root` or the hub cache) and a SmolVLM (hub id or local folder).
+    `rename_map`: dataset key -> policy key, e.g. {"observation.images.top": "observation.images.camera1"}."""
+    return DataSource(vlm_model_name, repo_id, root, rename_map=dict(rename_map or {}))
 
 
 # ----------------------------------------------------------------------------- policy
@@ -133,7 +140,7 @@ def train_teacher(
     run: RunDir,
     source=gin.REQUIRED,
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     train_backbone: bool = False,
     holdout_episodes: int = 10,
     dry_run: bool = False,
@@ -144,6 +151,7 @@ def train_teacher(
     The last `holdout_episodes` episodes are left out of training (`data.split_episodes`, the rule
     reflow uses too), so reflow's offline metrics can use episodes the teacher never saw; 0 trains
     on every episode. The split goes into summary.json's `data_split`.
+    `num_workers`: DataLoader workers that decode camera frames (None: `data.default_workers`).
     `train_backbone=True` trains the VLM with the head: for the sandbox, whose tiny VLM is random
     rather than pretrained and must learn to see the goals. The trained VLM is saved with the
     teacher, and reflow keeps it frozen.
@@ -159,19 +167,20 @@ def train_teacher(
         print(f"[Teacher] Data: {data.report}")
         run.update_summary({"data": data.report})
     device = distributed.device()
-    config = dataclasses.replace(smolvla_config(data.vlm_model_name, policy_features(meta)), device=device.type)
+    features = policy_features(meta, data.rename_map)
+    config = dataclasses.replace(smolvla_config(data.vlm_model_name, features), device=device.type)
     train_eps, holdout_eps = (split_episodes(meta.total_episodes, holdout_episodes) if holdout_episodes
                               else (list(range(meta.total_episodes)), []))
     run.update_summary({"data_split": data_split(meta, train_eps, holdout_eps)})
     with distributed.main_first():
-        dataset = load_dataset(data, meta, config.chunk_size, train_eps)
+        dataset = load_dataset(data, meta, config.chunk_size, train_eps, cameras=list(config.image_features))
     torch.manual_seed(run.seed)
     backbone = Backbone.from_pretrained_vlm(data.vlm_model_name, config.num_vlm_layers).to(device)
     if train_backbone:
         backbone.unfreeze()
     # The processors send batches to this process's exact device (e.g. cuda:1).
     preprocessor, postprocessor = make_smolvla_pre_post_processors(
-        dataclasses.replace(config, device=str(device)), meta.stats
+        dataclasses.replace(config, device=str(device)), dataset_stats(meta, data.rename_map)
     )
     policy = Policy(backbone, ActionHead(config, backbone), preprocessor, postprocessor)
     params = param_summary(policy, "teacher_head")
@@ -179,7 +188,7 @@ def train_teacher(
     run.update_summary({"vlm_load_count": vlm_load_count() - loads_before, "params": params})
     run.save_operative_config()
 
-    loader = make_dataloader(dataset, batch_size, seed=run.seed, num_workers=num_workers)
+    loader = make_dataloader(dataset, batch_size, seed=run.seed, num_workers=default_workers(num_workers))
     result = trainer.fit(policy, loader, run, preprocess=preprocessor, context={"head": "teacher"})
     run.update_summary({"train": result, "teacher_checkpoint": str(result["checkpoint"] / "pretrained_model")})
     run.save_operative_config()
@@ -213,7 +222,7 @@ def reflow(
     huber: bool = False,
     shared_prefix: bool = True,
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     holdout_episodes: int = 10,
     offline_batches: int = 4,
     teacher_eval_steps: tuple[int, ...] = (1, 2, 4, 10),
@@ -230,7 +239,8 @@ def reflow(
     the teacher head and is the only trainable part. `freeze_vision_encoder` is written into the
     student's config (the whole backbone stays frozen here either way). At the end, teacher and
     student are rolled out with the gin-configured `Evaluator` at their `*_eval_steps` (no rollouts
-    when both are empty).
+    when both are empty). The dataset must feed the teacher's features (after the source's
+    rename_map); that is checked before any weight is loaded. `num_workers`: see `train_teacher`.
     """
     for name, value in (("student_steps", student_steps), ("batch_size", batch_size), ("offline_batches", offline_batches)):
         if int(value) != value or value < 1:
@@ -244,8 +254,13 @@ def reflow(
         return _reflow_dry_run(teacher, student_steps, freeze_vision_encoder)
 
     loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
-    print(f"[Reflow] Loading teacher model from {teacher}")
     teacher_path = resolve_policy_folder(teacher)
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
+    check_features(PreTrainedConfig.from_pretrained(teacher_path), policy_features(meta, data.rename_map),
+                   f"{source.__name__}.rename_map")
+    print(f"[Reflow] Loading teacher model from {teacher}")
     teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
     teacher_policy.head.requires_grad_(False)
     print("[Reflow] ✓ Teacher loaded and frozen")
@@ -263,16 +278,16 @@ def reflow(
     run.log_metrics(0, {"vlm_load_count": loads, **params}, subset="setup")
     run.save_operative_config()
 
-    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
-        data = source()
-        meta = open_metadata(data)
-        train_eps, holdout_eps = split_episodes(meta.total_episodes, holdout_episodes)
-        config = teacher_policy.config
-        train_set = load_dataset(data, meta, config.chunk_size, train_eps)
-        holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps)
+    train_eps, holdout_eps = split_episodes(meta.total_episodes, holdout_episodes)
     split = data_split(meta, train_eps, holdout_eps)
     split["teacher_saw_holdout"] = teacher_saw(teacher_path, split)
     run.update_summary({"data_split": split})
+    config = teacher_policy.config
+    cameras = list(config.image_features)
+    with distributed.main_first():
+        train_set = load_dataset(data, meta, config.chunk_size, train_eps, cameras)
+        holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps, cameras)
+    num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
     fingerprint = {
         "teacher": coupling_module.file_digest(teacher_path / "model.safetensors"),

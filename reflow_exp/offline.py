@@ -2,8 +2,8 @@
 
 On held-out frames and shared noise: the error of student@k and of teacher@k against teacher@N
 (N = `reference_steps`), and the straightness of both heads' N-step paths (0 = a straight line).
-Errors are mean squared differences over real action dims of non-padded steps, in the normalised
-action space.
+Errors are mean squared differences over the real action dims of every chunk step (the teacher's
+chunk exists past an episode's end too), in the normalised action space.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def offline_metrics(model, batches, steps=(1, 2, 4), reference_steps: int = 10, 
         b, chunk, dim = batch["action"].shape[0], model.student.config.chunk_size, model.student.config.max_action_dim
         noise = torch.randn(b, chunk, dim, generator=generator).to(batch["action"].device)
         reference, teacher_velocities = prefix.sample(model.teacher, prefixes["teacher"], noise, reference_steps)
-        mask = model.valid_mask(batch, reference)
+        mask = model.valid_mask(reference)
         for name, head in heads.items():
             for k in steps:
                 x, _ = prefix.sample(head, prefixes[name], noise, k)

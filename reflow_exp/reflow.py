@@ -90,12 +90,15 @@ class Reflow(nn.Module):
         return (v - flow.target_velocity(action, noise)) ** 2
 
     # ------------------------------------------------------------------ the objective
-    def valid_mask(self, batch: dict, like: Tensor) -> Tensor:
-        """1 on real action dims of non-padded chunk steps, (B, chunk, max_action_dim)."""
+    def valid_mask(self, like: Tensor) -> Tensor:
+        """1 on the real action dims of every chunk step, (B, chunk, max_action_dim).
+
+        The dataset's `action_is_pad` is not applied: it marks steps past the episode's end, where
+        the *dataset* has no action, but the teacher's chunk exists at every step, so every step of
+        a pair is real supervision.
+        """
         mask = torch.zeros_like(like)
         mask[:, :, : self.action_dim] = 1
-        if "action_is_pad" in batch:
-            mask = mask * (~batch["action_is_pad"])[:, :, None]
         return mask
 
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, float]]:
@@ -104,7 +107,8 @@ class Reflow(nn.Module):
         noise, action = self.coupling.pairs(self, batch, shared)
         t = distributed.rank_rows(lambda n: self.time_sampler(n, device=noise.device), noise.shape[0])
         squared = self.student_squared_error(batch, noise, action, t, shared)
-        mask = self.valid_mask(batch, squared)
+        mask = self.valid_mask(squared)
+        # c from d = the supervised values: every chunk step's real action dims
         huber_c = flow.huber_c_for(self.action_dim * squared.shape[1]) if self.huber else None
         per_sample = flow.velocity_error(squared, mask, huber_c)
         loss = per_sample.mean()

@@ -76,3 +76,16 @@ def test_command_line_defaults_and_checks():
     assert parse(["startup"]).size == ["real"]
     with pytest.raises(SystemExit):
         parse(["latency", "--repeats", "0"])
+
+
+def test_data_measures_both_loaders(dirs):
+    """One small dataset, no workers (each side's process imports torch and LeRobot: that is the cost)."""
+    out, cache = dirs
+    assert main(["data", "--episodes", "4", "--batches", "3", "--batch", "4", "--workers", "0",
+                 "--out", str(out), "--cache", str(cache)]) == 0
+    result = json.loads((out / "data.json").read_text())
+    assert result["samples_per_s_ours"] > 0 and result["samples_per_s_lerobot"] > 0
+    assert result["rss_gb_4"] > 0 and result["rss_growth"] == 1.0
+    assert result["runs"]["ours_4"]["frames"] == result["runs"]["lerobot_4"]["frames"] > 0
+    assert set(result["met"]) == {"samples_per_s_ratio", "rss_growth"}
+    assert result["command"].startswith("python -m reflow_exp.bench data")

@@ -14,6 +14,7 @@ from reflow_exp import coupling, flow, jobs, run
 from reflow_exp.backbone import VLM_PREFIX
 from reflow_exp.data import DataSource, load_dataset, make_dataloader, open_metadata
 from reflow_exp.heads import ActionHead
+from reflow_exp.offline import offline_metrics
 from reflow_exp.policy import Policy
 from reflow_exp.reflow import Reflow
 from tests.test_policy import B, CHUNK, make_batch
@@ -216,6 +217,29 @@ def test_shared_and_plain_paths_give_the_same_loss(runs):
         torch.manual_seed(0)
         losses.append(model.loss(batch)[0])
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("huber", [False, True])
+def test_teacher_pairs_supervise_every_chunk_step(runs, huber):
+    """The dataset's action_is_pad (steps past the episode's end) does not mask the teacher's chunk:
+    the loss and the offline errors are those of an unpadded batch, and padded steps carry gradient."""
+    teacher = Policy.from_pretrained(runs / "tiny-teacher")
+    student = ActionHead(teacher.config, teacher.backbone, teacher.head.lerobot.state_dict())
+    model = Reflow(teacher.backbone, teacher.head, student, coupling.OnlineCoupling(teacher_steps=3),
+                   flow.uniform_time, huber=huber)
+    padded = teacher.preprocessor(_raw_batch())
+    assert padded["action_is_pad"].any()
+    unpadded = {**padded, "action_is_pad": torch.zeros_like(padded["action_is_pad"])}
+    losses = []
+    for batch in (padded, unpadded):
+        torch.manual_seed(0)
+        losses.append(model.loss(batch)[0])
+    assert torch.equal(losses[0], losses[1])
+    metrics = [offline_metrics(model, [batch], reference_steps=3) for batch in (padded, unpadded)]
+    assert metrics[0] == metrics[1]
+    # a step past the episode's end contributes: its squared error is in the mask
+    mask = model.valid_mask(torch.zeros(B, CHUNK, teacher.config.max_action_dim))
+    assert mask[padded["action_is_pad"]].sum() == padded["action_is_pad"].sum() * model.action_dim
 
 
 def _raw_batch():

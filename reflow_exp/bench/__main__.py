@@ -1,4 +1,4 @@
-"""Command line: `python -m reflow_exp.bench {startup,train_step,latency,gpu,metaworld} [options]`."""
+"""Command line: `python -m reflow_exp.bench {startup,train_step,latency,gpu,data,metaworld} [options]`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 from reflow_exp.bench import common
 
 DEFAULT_SIZES = {"startup": ["real"], "train_step": ["tiny", "mid", "real"], "latency": ["real"], "gpu": ["real"],
+                 "data": [],
                  "metaworld": []}  # metaworld: the whole pipeline once (bench/metaworld.py), no sizes
-DEFAULT_REPEATS = {"startup": 3, "train_step": 7, "latency": 9, "gpu": 5}
+DEFAULT_REPEATS = {"startup": 3, "train_step": 7, "latency": 9, "gpu": 5, "data": 1}
 # ratio fields copied to the top of <name>.json from the largest size that ran
 HEADLINE = {
     "startup": ["time_ratio", "memory_ratio", "load_count_ours", "load_count_naive"],
@@ -38,6 +39,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gin_param", action="append", default=[],
                         help="metaworld: a binding for every stage, e.g. 'Trainer.steps=100', or for one: "
                              "'reflow:reflow.batch_size=8' (repeatable)")
+    parser.add_argument("--episodes", type=int, nargs="+", default=[200, 2000],
+                        help="data: episode counts of the recorded video datasets (default 200 2000)")
+    parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers on both sides (default 2)")
+    parser.add_argument("--batches", type=int, default=100, help="data: timed batches per side (default 100)")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -45,6 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats or DEFAULT_REPEATS.get(args.name, 1)
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--warmup must be >= 0 and --threads >= 1")
+    if min(args.episodes) < 1 or args.workers < 0 or args.batches < 1:
+        parser.error("--episodes and --batches must be >= 1, --workers >= 0")
     return args
 
 
@@ -64,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    if args.name == "data":
+        from reflow_exp.bench import data
+
+        report = data.run(sorted(set(args.episodes)), args.cache, batch=args.batch or 32, workers=args.workers,
+                          batches=args.batches)
+        path = common.write_result(args.out, "data", {"bench": "data", "command": common.command_line(), **report})
+        print(f"\nwrote {path}")
+        return 0
 
     results = {}
     for size in args.size:

@@ -8,13 +8,17 @@ the same number, so the data are a pure function of (seed, episodes). Evaluation
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
+import av
 import numpy as np
 from datasets.utils import logging as datasets_logging
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from tqdm import tqdm
+
+from reflow_exp.data import video_backend
 
 from .expert import ROUTES, ScriptedExpert, route_of
 from .task import HELDOUT_LAYOUTS, IMAGE_SIZE, MAX_STEP, SandboxEnv, train_seeds
@@ -24,17 +28,38 @@ DATASET_VERSION = 3  # bump when the task, expert or features change: cached dat
 
 _NOISE_SALT = 0xDA27  # mixed into the action-noise seed, apart from the env's and the expert's
 
-FEATURES = {
-    "observation.image": {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-                          "names": ["height", "width", "channels"]},
+# The cameras, in order: the full view (what the evaluator's env renders), then a 2x zoom on the
+# frame's centre (a second view for tests of several cameras).
+CAMERA_KEYS = ("observation.image", "observation.images.zoom")
+_CAMERA = {"shape": (IMAGE_SIZE, IMAGE_SIZE, 3), "names": ["height", "width", "channels"]}
+_STATE_AND_ACTION = {
     "observation.state": {"dtype": "float32", "shape": (2,), "names": ["x", "y"]},
     "action": {"dtype": "float32", "shape": (2,), "names": ["dx", "dy"]},
 }
 
 
+def features(video: bool = False, cameras: int = 1) -> dict:
+    """The dataset's features: `cameras` cameras stored as video or as images, state, action."""
+    if cameras not in (1, 2):
+        raise ValueError(f"the sandbox records 1 or 2 cameras, got cameras={cameras}")
+    dtype = "video" if video else "image"
+    return {**{key: {"dtype": dtype, **_CAMERA} for key in CAMERA_KEYS[:cameras]}, **_STATE_AND_ACTION}
+
+
+def zoom(pixels: np.ndarray) -> np.ndarray:
+    """The second camera: the centre half of the frame at twice the size, (H, W, 3) uint8."""
+    h, w = pixels.shape[:2]
+    centre = pixels[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]
+    return np.repeat(np.repeat(centre, 2, axis=0), 2, axis=1)
+
+
 def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episodes: int = 100,
-                   seed: int = 0, fps: int = 10, action_noise: float = 0.0, holdout_layouts: bool = False) -> dict:
+                   seed: int = 0, fps: int = 10, action_noise: float = 0.0, holdout_layouts: bool = False,
+                   video: bool = False, cameras: int = 1) -> dict:
     """Record `episodes` expert episodes into a LeRobotDataset at `root`; return the report.
+
+    `video`: cameras stored as MP4 (LeRobot's default codec, as on the hub) instead of images;
+    `cameras`: 1 (the full view) or 2 (plus a zoomed view), see CAMERA_KEYS.
 
     `action_noise` > 0 perturbs each executed action by Gaussian noise of that standard deviation
     per axis while the recorded label stays the expert's clean action (DART): the data then show
@@ -44,8 +69,9 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
     the data never sees those goal-slot pairs; the default data are unchanged by this option.
 
     Report: {"episodes" (kept), "frames", "success_rate" (the expert's, over all episodes run),
-    "routes": {"left", "right", "none"}, "discarded"}. Features: FEATURES, plus the instruction as each frame's task. Idempotent: a
-    dataset already recorded at `root` with the same arguments is reused and its report returned.
+    "routes": {"left", "right", "none"}, "discarded"}. Features: `features(video, cameras)`, plus the
+    instruction as each frame's task. Idempotent: a dataset already recorded at `root` with the same
+    arguments is reused and its report returned.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -55,13 +81,22 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
               "episodes": episodes, "seed": seed, "fps": fps, "action_noise": action_noise}
     if holdout_layouts:  # only then, so caches of the default data stay valid
         marker["holdout_layouts"] = [list(pair) for pair in sorted(HELDOUT_LAYOUTS)]  # as JSON stores it
+    if video or cameras != 1:  # likewise
+        marker |= {"video": video, "cameras": cameras}
     seeds = train_seeds(episodes, seed, "train" if holdout_layouts else "all")
-    report = build_once(root, marker, lambda work: _record(work, repo_id, seeds, fps, action_noise))
+    spec = features(video, cameras)
+    report = build_once(root, marker, lambda work: _record(work, repo_id, seeds, fps, action_noise, spec))
     return report | ({"heldout_layouts": marker["holdout_layouts"]} if holdout_layouts else {})
 
 
-def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: float) -> dict:
-    dataset = LeRobotDataset.create(repo_id, fps, root=root, features=FEATURES, use_videos=False)
+def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: float, spec: dict) -> dict:
+    video = any(f["dtype"] == "video" for f in spec.values())
+    if video:  # the encoders' per-episode notes (SVT-AV1's banner, FFmpeg's mp4 muxer) would bury the bar
+        os.environ.setdefault("SVT_LOG", "1")
+        av.logging.set_libav_level(av.logging.ERROR)
+    backend = video_backend() if video else None  # LeRobot's own probe prints a traceback when it falls back
+    dataset = LeRobotDataset.create(repo_id, fps, root=root, features=spec, use_videos=video,
+                                    streaming_encoding=video, video_backend=backend)
     env = SandboxEnv()
     kept, frames = 0, 0
     routes = Counter({route: 0 for route in (*ROUTES, "none")})
@@ -74,6 +109,8 @@ def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: 
             if not success:
                 continue
             for frame in steps:
+                if CAMERA_KEYS[1] in spec:
+                    frame[CAMERA_KEYS[1]] = zoom(frame[CAMERA_KEYS[0]])
                 dataset.add_frame(frame)
             dataset.save_episode()
             kept += 1
@@ -109,8 +146,9 @@ def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, act
 
 
 def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_noise: float = 0.0,
-                  holdout_layouts: bool = False) -> dict:
-    """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data".
+                  holdout_layouts: bool = False, video: bool = False, cameras: int = 1) -> dict:
+    """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data"
+    (`holdout_layouts`, `video`, `cameras`: see `record_dataset`).
 
     Returns {"vlm_path", "dataset_root", "repo_id", "expert": record_dataset's report}.
     """
@@ -118,6 +156,6 @@ def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_n
     repo_id = "reflow_exp/sandbox"
     vlm_path = make_tiny_vlm(root / "vlm", seed=seed)
     report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed, action_noise=action_noise,
-                            holdout_layouts=holdout_layouts)
+                            holdout_layouts=holdout_layouts, video=video, cameras=cameras)
     return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id,
             "expert": report}
