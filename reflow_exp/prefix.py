@@ -23,6 +23,19 @@ from reflow_exp.heads import ActionHead
 
 
 @dataclass
+class ImageEmbeddings:
+    """Precomputed image part of the prefix: per camera, what `vlm_with_expert.embed_image` returns
+    (vision encoder + connector output, before `embed_prefix` scales it by sqrt(hidden)), and the
+    camera's mask, in the order of `policy.prepare_images`.
+
+    embeddings: per camera (B, image_tokens, hidden); masks: per camera (B,) bool.
+    """
+
+    embeddings: list[Tensor]
+    masks: list[Tensor]
+
+
+@dataclass
 class Prefix:
     """K/V of the prefix for every VLM layer, and which prefix tokens are real (not padding).
 
@@ -34,15 +47,25 @@ class Prefix:
 
 
 @torch.no_grad()
-def encode(head: ActionHead, batch: dict) -> Prefix:
+def encode(head: ActionHead, batch: dict, images: ImageEmbeddings | None = None) -> Prefix:
     """Image + language part of the prefix, through the frozen VLM once (any head's config works:
-    the image and language embeddings come from the shared backbone)."""
+    the image and language embeddings come from the shared backbone).
+
+    `images`: the image embeddings computed beforehand (`reflow_exp.embedding_cache`); the vision
+    encoder is then skipped and the batch's camera frames are not read.
+    """
     policy = head.lerobot
-    images, img_masks = policy.prepare_images(batch)
     state = policy.prepare_state(batch)
-    embs, pad_masks, att_masks = policy.model.embed_prefix(
-        images, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], state=state
-    )
+    if images is None:
+        pixels, img_masks = policy.prepare_images(batch)
+        given = contextlib.nullcontext()
+    else:  # LeRobot's embed_prefix calls embed_image(image) per camera: hand it the embedding itself
+        pixels, img_masks = images.embeddings, images.masks
+        given = _embed_image_is_identity(policy.model.vlm_with_expert)
+    with given:
+        embs, pad_masks, att_masks = policy.model.embed_prefix(
+            pixels, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], state=state
+        )
     embs, pad_masks, att_masks = embs[:, :-1], pad_masks[:, :-1], att_masks[:, :-1]  # drop the state token
     _, cache = policy.model.vlm_with_expert.forward(
         attention_mask=make_att_2d_masks(pad_masks, att_masks),
@@ -90,6 +113,25 @@ def _fork(cache: DynamicCache) -> DynamicCache:
     for index, layer in enumerate(cache.layers):
         forked.update(layer.keys, layer.values, index)
     return forked
+
+
+def image_embeddings(head: ActionHead, batch: dict) -> ImageEmbeddings:
+    """The image part of a prefix pass on `batch`, computed now: SmolVLA's resize and [-1, 1]
+    scaling, then the vision encoder and connector, per camera."""
+    pixels, masks = head.lerobot.prepare_images(batch)
+    embed = head.lerobot.model.vlm_with_expert.embed_image
+    return ImageEmbeddings([embed(image) for image in pixels], masks)
+
+
+@contextlib.contextmanager
+def _embed_image_is_identity(vlm_with_expert):
+    """`embed_prefix` with images that are already embeddings: everything else it does (the
+    sqrt(hidden) scaling, special tokens, masks, padding) stays LeRobot's own code."""
+    vlm_with_expert.embed_image = lambda embedding: embedding  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del vlm_with_expert.embed_image
 
 
 @contextlib.contextmanager
