@@ -235,7 +235,8 @@ class _Writer:
         for name, shape in shapes.items():
             dtype = torch.int64 if name == "index" else torch.float32
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": self.DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": self.DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             self.start[name], self.row_bytes[name] = offset, nbytes // shape[0]
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()

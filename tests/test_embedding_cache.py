@@ -23,8 +23,7 @@ DATA = {"data": "d0", "episodes": [0, 1]}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A random-weight teacher on the tiny sandbox VLM, a student copy, and two recorded episodes."""
-    root = tmp_path_factory.mktemp("embcache")
-    built = build_sandbox(root / "sandbox", seed=0, episodes=2)
+    built = build_sandbox(tmp_path_factory.mktemp("embcache") / "sandbox", seed=0, episodes=2)
     source = DataSource(str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]))
     meta = open_metadata(source)
     config = tiny_smolvla_config(built["vlm_path"], load_vlm_weights=False, device="cpu")
@@ -34,8 +33,8 @@ def setup(tmp_path_factory):
     student = ActionHead(config, backbone, teacher.lerobot.state_dict())
     preprocess, _ = make_smolvla_pre_post_processors(config, meta.stats)
     loader = make_dataloader(load_dataset(source, meta, config.chunk_size), 8, seed=0, shuffle=False)
-    return {"backbone": backbone, "teacher": teacher, "student": student, "preprocess": preprocess, "loader": loader, "source": source,
-            "meta": meta, "root": root}
+    return {"backbone": backbone, "teacher": teacher, "student": student, "preprocess": preprocess,
+            "loader": loader, "source": source, "meta": meta}
 
 
 def _model(setup, image_cache=None):
