@@ -91,8 +91,8 @@ class ImageEmbeddingCache:
             self._open(key)
             self.report = {"build_s": seconds, "build_s_per_frame": seconds / len(loader.dataset)}
         self.dtype = fresh.embeddings[0].dtype
-        self.report |= {"file": str(self.path), "frames": len(self.row),
-                        "bytes_per_frame": self.path.stat().st_size / len(self.row)}
+        self.report |= {"file": str(self.path), "frames": len(self.row), "file_bytes": self.path.stat().st_size,
+                        "bytes_per_frame": sum(t[0].nbytes for t in self.tensors.values())}  # all cameras
         print(f"[Reflow] Image embeddings: {len(self.row)} frames x {len(self.cameras)} camera(s), "
               f"{self.report['bytes_per_frame'] / 1024:.1f} KiB per frame")
         return True
@@ -145,7 +145,7 @@ class ImageEmbeddingCache:
         if not self.active:
             return None
         try:
-            rows = torch.tensor([self.row[int(i)] for i in batch["index"]])
+            rows = torch.tensor([self.row[i] for i in batch["index"].tolist()])
         except KeyError as error:
             raise ValueError(f"frame index {error.args[0]} is not in the image embedding cache {self.path}; "
                              "it covers the training frames only") from None

@@ -54,6 +54,14 @@ def test_reflow_loads_the_vlm_once_and_reports_params(runs):
     assert summary["offline"]["straightness"]["teacher"] >= 0
 
 
+def test_reflow_reads_image_embeddings_from_its_cache(runs):
+    """gin/sandbox/reflow.gin requires the cache: built once per training frame in the run folder."""
+    cache = json.loads((runs / "tiny-reflow" / "summary.json").read_text())["image_embedding_cache"]
+    assert cache["file"] == str(runs / "tiny-reflow" / "image_embeddings.safetensors")
+    assert cache["frames"] > 0 and cache["bytes_per_frame"] > 0 and cache["build_s"] > 0
+    assert "[Reflow] Building image embeddings into" in (runs / "tiny-reflow" / "log.txt").read_text()
+
+
 def test_sandbox_teacher_trains_its_vlm_and_reflow_keeps_it_frozen(runs):
     teacher = json.loads((runs / "tiny-teacher" / "summary.json").read_text())["params"]
     assert teacher["trainable"] == teacher["total"]  # train_teacher.train_backbone = True
