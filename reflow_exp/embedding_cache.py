@@ -144,6 +144,9 @@ class ImageEmbeddingCache:
         and SmolVLA's camera masks; None while the cache is off."""
         if not self.active:
             return None
+        if "index" not in batch:
+            raise ValueError("the batch has no `index` column (the dataset's frame index), by which the image "
+                             "embedding cache finds its frames")
         try:
             rows = torch.tensor([self.row[i] for i in batch["index"].tolist()])
         except KeyError as error:

@@ -10,6 +10,7 @@ The result is the K/V cache LeRobot's `denoise_step` consumes; `velocity` and `s
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ def encode(head: ActionHead, batch: dict, images: ImageEmbeddings | None = None)
         given = contextlib.nullcontext()
     else:  # LeRobot's embed_prefix calls embed_image(image) per camera: hand it the embedding itself
         pixels, img_masks = images.embeddings, images.masks
-        given = _embed_image_is_identity(policy.model.vlm_with_expert)
+        given = embed_image_replaced(policy.model.vlm_with_expert, lambda embedding: embedding)
     with given:
         embs, pad_masks, att_masks = policy.model.embed_prefix(
             pixels, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], state=state
@@ -124,10 +125,11 @@ def image_embeddings(head: ActionHead, batch: dict) -> ImageEmbeddings:
 
 
 @contextlib.contextmanager
-def _embed_image_is_identity(vlm_with_expert):
-    """`embed_prefix` with images that are already embeddings: everything else it does (the
-    sqrt(hidden) scaling, special tokens, masks, padding) stays LeRobot's own code."""
-    vlm_with_expert.embed_image = lambda embedding: embedding  # an instance attribute shadows the method
+def embed_image_replaced(vlm_with_expert, embed: Callable[[Tensor], Tensor]):
+    """LeRobot's code with `embed` in place of `vlm_with_expert.embed_image` (vision encoder +
+    connector); everything `embed_prefix` does around it (the sqrt(hidden) scaling, special tokens,
+    masks, padding) stays LeRobot's own."""
+    vlm_with_expert.embed_image = embed  # an instance attribute shadows the method
     try:
         yield
     finally:

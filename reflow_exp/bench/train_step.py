@@ -62,6 +62,7 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
                  "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp)}
         steps["naive_same_cache"] = _with_cached_images(steps["naive"], [naive_teacher, naive_student], image_cache,
                                                         data)
+        _check_same_cache(naive_teacher, image_cache, data)
         steps["ours_no_cache"] = _ours_step(models["ours_no_cache"], data, amp)
         steps["ours_cached_pairs"] = _ours_step(models["ours_cached_pairs"], data, amp)
         steps["pair_generation"] = _pair_generation(models["ours"], data, teacher_steps, amp)
@@ -194,18 +195,33 @@ def _naive_step(teacher, student, batch: dict, teacher_steps: int, amp):
 def _with_cached_images(step, policies, image_cache, batch: dict):
     """`step` with each LeRobot policy's image encoder replaced by a lookup in `image_cache` (read
     every step, as ours does): `embed_prefix` calls `embed_image` once per camera, in camera order."""
+    import contextlib
+
+    from reflow_exp.prefix import embed_image_replaced
 
     def cached_step():
         cameras = itertools.cycle(image_cache.lookup(batch).embeddings)
-        for policy in policies:  # an instance attribute shadows the method
-            policy.model.vlm_with_expert.embed_image = lambda image: next(cameras)
-        try:
-            step()
-        finally:
+        with contextlib.ExitStack() as stack:
             for policy in policies:
-                del policy.model.vlm_with_expert.embed_image
+                stack.enter_context(embed_image_replaced(policy.model.vlm_with_expert, lambda image: next(cameras)))
+            step()
 
     return cached_step
+
+
+def _check_same_cache(policy, image_cache, batch: dict) -> None:
+    """LeRobot's chunk with the cached embeddings equals its chunk with the encoder (else the
+    same-cache row would time something else)."""
+    import torch
+
+    noise = torch.randn(batch["action"].shape[0], policy.config.chunk_size, policy.config.max_action_dim,
+                        device=batch["action"].device)
+    got = []
+    expected = policy.predict_action_chunk(dict(batch), noise=noise)
+    _with_cached_images(lambda: got.append(policy.predict_action_chunk(dict(batch), noise=noise)), [policy],
+                        image_cache, batch)()
+    if not torch.allclose(got[0], expected, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("LeRobot's chunk from the cached image embeddings differs from its own")
 
 
 def _pair_generation(model, batch: dict, teacher_steps: int, amp):
