@@ -215,6 +215,7 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
         if writer is None:
             shapes = {"index": (frames,), **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)}}
             writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
+            print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
         writer.write("index", row, raw["index"].to(torch.int64))
         for camera, embedding in zip(cameras, embedded.embeddings):
             if not torch.isfinite(embedding).all():
@@ -247,7 +248,8 @@ class _Writer:
         self.base = 8 + len(text)
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", len(text)) + text)
-        self.file.truncate(self.base + offset)
+        self.size = self.base + offset
+        self.file.truncate(self.size)
 
     def write(self, name: str, row: int, values: Tensor) -> None:
         """Rows `row, row+1, ...` of tensor `name` (values: (rows, *shape[1:]), the tensor's dtype)."""
