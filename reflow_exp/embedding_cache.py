@@ -35,6 +35,7 @@ from reflow_exp.heads import ActionHead
 
 RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v1"
 _CHECK_ROWS = 1024  # rows per block when scanning the file for non-finite values
+_SPOT_CHECK_RTOL = 1e-2
 
 
 @gin.configurable
@@ -109,11 +110,15 @@ class ImageEmbeddingCache:
             return "the VLM, image preprocessing or data changed"
         if len(self.row) != frames:
             return f"it holds {len(self.row)} frames, the data {frames}"
-        stored = self.lookup(first)
+        try:
+            stored = self.lookup(first)
+        except ValueError as error:
+            return str(error)
         for camera, old, new in zip(self.cameras, stored.embeddings, fresh.embeddings):
             if old.shape != new.shape:
                 return f"{camera}: stored shape {tuple(old.shape[1:])}, now {tuple(new.shape[1:])}"
-            if not torch.allclose(old.cpu(), new.float().cpu(), rtol=1e-3, atol=1e-4):
+            # relative: another device's kernels (TF32 convolutions) differ by ~1e-3, stale data by ~1
+            if (old.cpu() - new.float().cpu()).norm() > _SPOT_CHECK_RTOL * new.float().norm():
                 return f"{camera}: stored embeddings differ from a fresh computation"
         for camera in self.cameras:
             tensor = self.tensors[camera]
