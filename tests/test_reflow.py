@@ -62,6 +62,19 @@ def test_reflow_reads_image_embeddings_from_its_cache(runs):
     assert "[Reflow] Building image embeddings into" in (runs / "tiny-reflow" / "log.txt").read_text()
 
 
+def test_the_same_run_without_the_cache_trains_the_same_student(runs, tmp_path):
+    """Same seed, encoder instead of cache: the same losses and offline errors (float tolerance)."""
+    teacher = runs / "tiny-teacher"
+    run_job(tmp_path, f'reflow.teacher = "{teacher}"', 'run.name = "no-cache"', "reflow.image_embedding_cache = False",
+            f'sandbox_source.root = "{runs.parent / "sandbox"}"', gin_file="gin/sandbox/tiny_reflow.gin")
+    cached, plain = (json.loads((folder / "summary.json").read_text())
+                     for folder in (runs / "tiny-reflow", tmp_path / "runs" / "no-cache"))
+    assert "image_embedding_cache" not in plain
+    assert plain["train"]["last_loss"] == pytest.approx(cached["train"]["last_loss"], rel=1e-4)
+    for k, values in plain["offline"]["student"].items():
+        assert values["error"] == pytest.approx(cached["offline"]["student"][k]["error"], rel=1e-4)
+
+
 def test_sandbox_teacher_trains_its_vlm_and_reflow_keeps_it_frozen(runs):
     teacher = json.loads((runs / "tiny-teacher" / "summary.json").read_text())["params"]
     assert teacher["trainable"] == teacher["total"]  # train_teacher.train_backbone = True
