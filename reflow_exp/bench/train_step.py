@@ -72,6 +72,7 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
     med = {side: common.median(t) for side, t in times.items()}
     med_cpu = {side: common.median(t) for side, t in cpu.items()}
     amortised = med["ours_cached_pairs"] + med["pair_generation"] / pair_epochs
+    amortised_cpu = med_cpu["ours_cached_pairs"] + med_cpu["pair_generation"] / pair_epochs
     result = {
         "bench": "train_step", "size": size, "device": device, "amp": str(amp), "batch": batch,
         "teacher_steps": teacher_steps, "repeats": len(times["ours"]), "warmup": warmup, "pair_epochs": pair_epochs,
@@ -81,6 +82,10 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
         "step_ratio_cached_pairs": common.ratio(amortised, med["naive"]),
         "step_ratio_paired": common.paired_ratio(times["ours"], times["naive"]),
         "step_ratio_cpu": common.ratio(med_cpu["ours"], med_cpu["naive"]),
+        # CPU time: robust to the machine's load with --threads 1 (no thread waits on another)
+        "step_ratio_same_cache_cpu": common.ratio(med_cpu["ours"], med_cpu["naive_same_cache"]),
+        "step_ratio_no_cache_cpu": common.ratio(med_cpu["ours_no_cache"], med_cpu["naive"]),
+        "step_ratio_cached_pairs_cpu": common.ratio(amortised_cpu, med_cpu["naive"]),
         "ours_s": med["ours"], "naive_s": med["naive"], "cached_pairs_amortised_s": amortised,
         "median_s": med, "median_cpu_s": med_cpu,
         "cache_bytes_per_frame": image_cache.report["bytes_per_frame"],
