@@ -27,6 +27,7 @@ from reflow_exp.data import (
     DataSource, check_features, dataset_digest, dataset_stats, default_workers, load_dataset, make_dataloader,
     open_metadata, policy_features, split_episodes,
 )
+from reflow_exp.embedding_cache import ImageEmbeddingCache
 from reflow_exp.heads import ActionHead
 from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
 from reflow_exp.evaluate import Evaluator
@@ -221,6 +222,7 @@ def reflow(
     time_sampler=flow.u_shaped_time,
     huber: bool = False,
     shared_prefix: bool = True,
+    image_embedding_cache: bool | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     holdout_episodes: int = 10,
@@ -241,7 +243,15 @@ def reflow(
     student are rolled out with the gin-configured `Evaluator` at their `*_eval_steps` (no rollouts
     when both are empty). The dataset must feed the teacher's features (after the source's
     rename_map); that is checked before any weight is loaded. `num_workers`: see `train_teacher`.
+
+    `image_embedding_cache`: the frozen vision encoder's output computed once per training frame and
+    camera (`embedding_cache.ImageEmbeddingCache`, a file in the run folder) and fed to the shared
+    prefix. None (default): on when valid (shared prefix, no image augmentation, every teacher
+    camera in the data), else off with a message; True: required (an error when not valid); False: off.
     """
+    if image_embedding_cache and not shared_prefix:
+        raise ValueError("reflow.image_embedding_cache=True needs reflow.shared_prefix=True (the plain path is "
+                         "LeRobot's own forward, which runs the vision encoder); drop one of the two settings")
     for name, value in (("student_steps", student_steps), ("batch_size", batch_size), ("offline_batches", offline_batches)):
         if int(value) != value or value < 1:
             raise ValueError(f"reflow.{name} must be an integer >= 1, got {value!r}")
@@ -267,9 +277,12 @@ def reflow(
     print("[Reflow] Creating student model (copying weights from teacher)")
     student = _student_head(teacher_policy, student_steps, freeze_vision_encoder)
     print("[Reflow] ✓ Student initialized from teacher")
+    image_cache = None
+    if shared_prefix and image_embedding_cache is not False:
+        image_cache = ImageEmbeddingCache(required=bool(image_embedding_cache))
     model = Reflow(
         teacher_policy.backbone, teacher_policy.head, student, coupling, time_sampler, huber, shared_prefix,
-        teacher_policy.preprocessor, teacher_policy.postprocessor,
+        teacher_policy.preprocessor, teacher_policy.postprocessor, image_cache,
     )
     params = _report_params(model)
     loads = vlm_load_count() - loads_before
@@ -289,11 +302,14 @@ def reflow(
         holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps, cameras)
     num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
-    fingerprint = {
-        "teacher": coupling_module.file_digest(teacher_path / "model.safetensors"),
-        "data": dataset_digest(meta),
-        "episodes": train_eps,
-    }
+    data_key = {"data": dataset_digest(meta), "episodes": train_eps}
+    fingerprint = {"teacher": coupling_module.file_digest(teacher_path / "model.safetensors"), **data_key}
+    if image_cache is not None:
+        # Rank 0 builds the file over every training frame; the other ranks then only open it.
+        with distributed.main_first():
+            frames = make_dataloader(train_set, batch_size, run.seed, num_workers, shuffle=False)
+            if image_cache.prepare(model.teacher, frames, preprocess, run.path, data_key):
+                run.update_summary({"image_embedding_cache": image_cache.report})
     # Each process makes the pairs of its own share of the frames (a cached coupling merges them).
     pair_loader = make_dataloader(distributed.shard(train_set), batch_size, run.seed, num_workers, shuffle=False)
     coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)

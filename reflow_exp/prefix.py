@@ -10,6 +10,7 @@ The result is the K/V cache LeRobot's `denoise_step` consumes; `velocity` and `s
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,19 @@ from transformers import DynamicCache
 
 from reflow_exp import flow
 from reflow_exp.heads import ActionHead
+
+
+@dataclass
+class ImageEmbeddings:
+    """Precomputed image part of the prefix: per camera, what `vlm_with_expert.embed_image` returns
+    (vision encoder + connector output, before `embed_prefix` scales it by sqrt(hidden)), and the
+    camera's mask, in the order of `policy.prepare_images`.
+
+    embeddings: per camera (B, image_tokens, hidden); masks: per camera (B,) bool.
+    """
+
+    embeddings: list[Tensor]
+    masks: list[Tensor]
 
 
 @dataclass
@@ -34,15 +48,25 @@ class Prefix:
 
 
 @torch.no_grad()
-def encode(head: ActionHead, batch: dict) -> Prefix:
+def encode(head: ActionHead, batch: dict, images: ImageEmbeddings | None = None) -> Prefix:
     """Image + language part of the prefix, through the frozen VLM once (any head's config works:
-    the image and language embeddings come from the shared backbone)."""
+    the image and language embeddings come from the shared backbone).
+
+    `images`: the image embeddings computed beforehand (`reflow_exp.embedding_cache`); the vision
+    encoder is then skipped and the batch's camera frames are not read.
+    """
     policy = head.lerobot
-    images, img_masks = policy.prepare_images(batch)
     state = policy.prepare_state(batch)
-    embs, pad_masks, att_masks = policy.model.embed_prefix(
-        images, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], state=state
-    )
+    if images is None:
+        pixels, img_masks = policy.prepare_images(batch)
+        given = contextlib.nullcontext()
+    else:  # LeRobot's embed_prefix calls embed_image(image) per camera: hand it the embedding itself
+        pixels, img_masks = images.embeddings, images.masks
+        given = embed_image_replaced(policy.model.vlm_with_expert, lambda embedding: embedding)
+    with given:
+        embs, pad_masks, att_masks = policy.model.embed_prefix(
+            pixels, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], state=state
+        )
     embs, pad_masks, att_masks = embs[:, :-1], pad_masks[:, :-1], att_masks[:, :-1]  # drop the state token
     _, cache = policy.model.vlm_with_expert.forward(
         attention_mask=make_att_2d_masks(pad_masks, att_masks),
@@ -90,6 +114,26 @@ def _fork(cache: DynamicCache) -> DynamicCache:
     for index, layer in enumerate(cache.layers):
         forked.update(layer.keys, layer.values, index)
     return forked
+
+
+def image_embeddings(head: ActionHead, batch: dict) -> ImageEmbeddings:
+    """The image part of a prefix pass on `batch`, computed now: SmolVLA's resize and [-1, 1]
+    scaling, then the vision encoder and connector, per camera."""
+    pixels, masks = head.lerobot.prepare_images(batch)
+    embed = head.lerobot.model.vlm_with_expert.embed_image
+    return ImageEmbeddings([embed(image) for image in pixels], masks)
+
+
+@contextlib.contextmanager
+def embed_image_replaced(vlm_with_expert, embed: Callable[[Tensor], Tensor]):
+    """LeRobot's code with `embed` in place of `vlm_with_expert.embed_image` (vision encoder +
+    connector); everything `embed_prefix` does around it (the sqrt(hidden) scaling, special tokens,
+    masks, padding) stays LeRobot's own."""
+    vlm_with_expert.embed_image = embed  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del vlm_with_expert.embed_image
 
 
 @contextlib.contextmanager

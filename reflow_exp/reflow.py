@@ -28,6 +28,9 @@ class Reflow(nn.Module):
         huber: pseudo-Huber instead of squared error (c from the number of valid action values).
         shared_prefix: one VLM prefix pass per batch for both heads (False: LeRobot's own
             per-head passes, kept as the reference path).
+        image_cache: an `embedding_cache.ImageEmbeddingCache`: the shared prefix takes each frame's
+            image embeddings from it instead of running the vision encoder (None, or a cache that
+            is off: the encoder runs).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class Reflow(nn.Module):
         shared_prefix: bool = True,
         preprocessor=None,
         postprocessor=None,
+        image_cache=None,
     ):
         super().__init__()
         self.backbone, self.teacher, self.student = backbone, teacher, student
@@ -50,6 +54,7 @@ class Reflow(nn.Module):
         self.huber = huber
         self.shared_prefix = shared_prefix
         self.preprocessor, self.postprocessor = preprocessor, postprocessor
+        self.image_cache = image_cache
         self.action_dim = student.config.action_feature.shape[0]
 
     def train(self, mode: bool = True) -> Reflow:
@@ -70,7 +75,10 @@ class Reflow(nn.Module):
     # ------------------------------------------------------------------ the two heads
     def encode(self, batch: dict) -> prefix.Prefix | None:
         """The shared image+language prefix, or None on the plain path."""
-        return prefix.encode(self.teacher, batch) if self.shared_prefix else None
+        if not self.shared_prefix:
+            return None
+        images = self.image_cache.lookup(batch) if self.image_cache is not None else None
+        return prefix.encode(self.teacher, batch, images)
 
     @torch.no_grad()
     def teacher_actions(self, batch: dict, noise: Tensor, steps: int, shared: prefix.Prefix | None) -> Tensor:

@@ -24,31 +24,41 @@ def run_bench(dirs, name, *extra):
 
 def test_startup_counts_one_vlm_load_against_two(dirs):
     result = run_bench(dirs, "startup")
-    assert result["load_count_ours"] == 1 and result["load_count_naive"] == 2
-    assert result["time_ratio"] > 0 and result["memory_ratio"] > 0
+    assert result["load_count_ours"] == 1 and result["load_count_naive"] == result["load_count_naive_no_init"] == 2
+    assert min(result[k] for k in ("time_ratio", "memory_ratio", "time_ratio_no_random_init",
+                                   "memory_ratio_no_random_init")) > 0
     tiny = result["sizes"]["tiny"]
     assert tiny["median"]["ours"]["vlm_load_count"] == 1  # our own counter agrees
-    assert tiny["median"]["ours"]["trainable"] == tiny["median"]["naive"]["trainable"]
-    assert set(tiny["met"]) == {"time_ratio", "memory_ratio", "load_count_ours", "load_count_naive"}
+    assert tiny["median"]["naive_no_init"]["vlm_random_init_s"] == 0  # built on meta: no random init
+    trainable = {side: tiny["median"][side]["trainable"] for side in ("ours", "naive", "naive_no_init")}
+    assert len(set(trainable.values())) == 1, trainable
+    assert set(tiny["met"]) == {"time_ratio", "memory_ratio", "memory_ratio_no_random_init", "load_count_ours",
+                                "load_count_naive"}
 
 
-def test_train_step_runs_both_sides(dirs):
+def test_train_step_runs_every_side(dirs):
     result = run_bench(dirs, "train_step")
     tiny = result["sizes"]["tiny"]
-    assert result["step_ratio"] == tiny["step_ratio"] > 0
-    assert len(tiny["times"]["ours"]) == len(tiny["times"]["naive"]) == 1
+    for ratio in ("step_ratio", "step_ratio_same_cache", "step_ratio_no_cache", "step_ratio_cached_pairs"):
+        assert result[ratio] == tiny[ratio] > 0
+    assert result["pair_epochs"] == tiny["pair_epochs"] >= 1
+    assert set(tiny["times"]) == {"ours", "naive", "naive_same_cache", "ours_no_cache", "ours_cached_pairs",
+                                  "pair_generation"}
+    assert all(len(times) == 1 for times in tiny["times"].values())
+    assert tiny["cache_bytes_per_frame"] > 0 and tiny["cache_build_s_per_frame"] > 0
     assert tiny["machine"]["nproc"] >= 1 and tiny["command"].startswith("python -m reflow_exp.bench train_step")
 
 
 def test_latency_splits_prefix_and_steps_and_plots(dirs):
     plot = dirs[0] / "latency.png"
     result = run_bench(dirs, "latency", "--batch", "2", "--plot", str(plot))
-    assert {"expert_ratio", "end_to_end_ratio", "limit_ratio"} <= set(result)
+    assert {"expert_ratio", "end_to_end_ratio", "limit_ratio", "end_to_end_vs_limit"} <= set(result)
     tiny = result["sizes"]["tiny"]
     assert 0 < tiny["limit_ratio"] < 1
     assert {"prefix", "vision", "expert teacher@10", "expert student@4", "chunk student@1", "lerobot@10"} <= set(
         tiny["median_s"])
     assert set(tiny["throughput_chunks_per_s"]) == {"teacher@10", "student@1"}
+    assert set(tiny["met"]) == {"end_to_end_vs_limit"} and set(tiny["sanity"]) == {"expert_ratio"}
     assert plot.stat().st_size > 0
 
 

@@ -55,6 +55,27 @@ def test_reflow_loads_the_vlm_once_and_reports_params(runs):
     assert summary["offline"]["straightness"]["teacher"] >= 0
 
 
+def test_reflow_reads_image_embeddings_from_its_cache(runs):
+    """gin/sandbox/reflow.gin requires the cache: built once per training frame in the run folder."""
+    cache = json.loads((runs / "tiny-reflow" / "summary.json").read_text())["image_embedding_cache"]
+    assert cache["file"] == str(runs / "tiny-reflow" / "image_embeddings.safetensors")
+    assert cache["frames"] > 0 and cache["bytes_per_frame"] > 0 and cache["build_s"] > 0
+    assert "[Reflow] Building image embeddings into" in (runs / "tiny-reflow" / "log.txt").read_text()
+
+
+def test_the_same_run_without_the_cache_trains_the_same_student(runs, tmp_path):
+    """Same seed, encoder instead of cache: the same losses and offline errors (float tolerance)."""
+    teacher = runs / "tiny-teacher"
+    run_job(tmp_path, f'reflow.teacher = "{teacher}"', 'run.name = "no-cache"', "reflow.image_embedding_cache = False",
+            f'sandbox_source.root = "{runs.parent / "sandbox"}"', gin_file="gin/sandbox/tiny_reflow.gin")
+    cached, plain = (json.loads((folder / "summary.json").read_text())
+                     for folder in (runs / "tiny-reflow", tmp_path / "runs" / "no-cache"))
+    assert "image_embedding_cache" not in plain
+    assert plain["train"]["last_loss"] == pytest.approx(cached["train"]["last_loss"], rel=1e-4)
+    for k, values in plain["offline"]["student"].items():
+        assert values["error"] == pytest.approx(cached["offline"]["student"][k]["error"], rel=1e-4)
+
+
 def test_sandbox_teacher_trains_its_vlm_and_reflow_keeps_it_frozen(runs):
     teacher = json.loads((runs / "tiny-teacher" / "summary.json").read_text())["params"]
     assert teacher["trainable"] == teacher["total"]  # train_teacher.train_backbone = True

@@ -15,9 +15,11 @@ DEFAULT_SIZES = {"startup": ["real"], "train_step": ["tiny", "mid", "real"], "la
 DEFAULT_REPEATS = {"startup": 3, "train_step": 7, "latency": 9, "gpu": 5, "data": 1}
 # ratio fields copied to the top of <name>.json from the largest size that ran
 HEADLINE = {
-    "startup": ["time_ratio", "memory_ratio", "load_count_ours", "load_count_naive"],
-    "train_step": ["step_ratio"],
-    "latency": ["expert_ratio", "end_to_end_ratio", "limit_ratio"],
+    "startup": ["time_ratio", "memory_ratio", "time_ratio_no_random_init", "memory_ratio_no_random_init",
+                "load_count_ours", "load_count_naive", "load_count_naive_no_init"],
+    "train_step": ["step_ratio", "step_ratio_same_cache", "step_ratio_no_cache", "step_ratio_cached_pairs",
+                   "pair_epochs", "cache_bytes_per_frame", "cache_build_s_per_frame"],
+    "latency": ["end_to_end_ratio", "limit_ratio", "end_to_end_vs_limit", "expert_ratio"],
 }
 
 

@@ -22,6 +22,8 @@ def run(size: str, repeats: int, cache: Path, plot: Path | None = None) -> dict:
     """All three on `cuda:0`, or a skip record when there is no CUDA device."""
     import torch
 
+    from reflow_exp.bench.__main__ import HEADLINE
+
     if not torch.cuda.is_available():
         reason = "no CUDA device (torch.cuda.is_available() is False)"
         print(f"gpu: skipped: {reason}")
@@ -36,10 +38,7 @@ def run(size: str, repeats: int, cache: Path, plot: Path | None = None) -> dict:
     }
     result["wall_s"] = time.perf_counter() - start
     result["within_budget"] = result["wall_s"] <= BUDGET_S
-    for name in ("time_ratio", "memory_ratio", "load_count_ours", "load_count_naive"):
-        result[name] = result["startup"][name]
-    result["step_ratio"] = result["train_step"]["step_ratio"]
-    for name in ("expert_ratio", "end_to_end_ratio", "limit_ratio"):
-        result[name] = result["latency"][name]
+    for part in ("startup", "train_step", "latency"):
+        result |= {name: result[part][name] for name in HEADLINE[part]}
     print(f"\ngpu: all three in {result['wall_s']:.0f} s (budget {BUDGET_S} s)")
     return result

@@ -9,8 +9,10 @@ Timed, alternating, medians (seconds):
 - `lerobot@1`, `lerobot@10`: LeRobot's own `predict_action_chunk` on the same weights, once each
   after the repeats (a reference, and a gauge of the machine against LeRobot numbers seen elsewhere).
 
-The physical limit of the 1-step student is (prefix + 1 step) / (prefix + 10 steps), one step being a
-tenth of teacher@10's expert time. Throughput: chunks per second at a larger batch (median of 2).
+The headline is `end_to_end_ratio` (student@1 chunk / teacher@10 chunk) against the physical limit
+of a 1-step student, `limit_ratio` = (prefix + 1 step) / (prefix + 10 steps), one step being a tenth
+of teacher@10's expert time; the goal is within 5 % of it (`end_to_end_vs_limit`). `expert_ratio`
+(1 expert step against 10 of the same network, about 0.1 by arithmetic) is a sanity check only. Throughput: chunks per second at a larger batch (median of 2).
 CPU-time ratios (`*_cpu`) are reported next to the wall-time ones as a load-robust cross-check.
 """
 
@@ -20,7 +22,8 @@ from pathlib import Path
 
 from reflow_exp.bench import common
 
-TARGETS = {"expert_ratio": ("<=", 0.12), "end_to_end_vs_limit": ("<=", 0.10)}
+TARGETS = {"end_to_end_vs_limit": ("<=", 0.05)}
+SANITY = {"expert_ratio": ("<=", 0.12)}  # 1 step against 10 of the same network: ~0.1 by arithmetic
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = 10
 THROUGHPUT_REPEATS = 2
@@ -71,6 +74,7 @@ def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = Non
         "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
+    result["sanity"] = common.check(SANITY, result)
     _print(result)
     if plot:
         plot_latency(result, plot)
@@ -82,8 +86,6 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
     import torch
 
     from reflow_exp import prefix
-    from reflow_exp.bench.models import image_embeddings
-
     head = teacher.head
     chunk, dim = teacher.config.chunk_size, teacher.config.max_action_dim
     noise = torch.randn(batch["action"].shape[0], chunk, dim, device=batch["action"].device)
@@ -93,7 +95,7 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
         return prefix.sample(h, prefix.extend(h, prefix.encode(h, batch), batch), noise, k)
 
     fns = {"prefix": lambda: prefix.extend(head, prefix.encode(head, batch), batch),
-           "vision": lambda: image_embeddings(head, batch)}
+           "vision": lambda: prefix.image_embeddings(head, batch)}
     for name, h, k in [("teacher", head, TEACHER_STEPS)] + [("student", student, k) for k in STUDENT_STEPS]:
         fns[f"expert {name}@{k}"] = lambda h=h, k=k: prefix.sample(h, ready, noise, k)
     fns[f"chunk teacher@{TEACHER_STEPS}"] = lambda: whole(head, TEACHER_STEPS)
@@ -116,14 +118,15 @@ def _print(result: dict) -> None:
     common.print_table(
         f"latency ({result['size']}, batch 1, {result['device']}, median of {result['repeats']}; seconds)",
         ["", "expert", "prefix + expert", "chunk (timed)", "chunk / teacher@10"], rows)
-    print(f"  expert_ratio {result['expert_ratio']:.3f}   end_to_end_ratio {result['end_to_end_ratio']:.3f}"
-          f"   limit_ratio {result['limit_ratio']:.3f}")
+    print(f"  end_to_end_ratio {result['end_to_end_ratio']:.3f} against limit_ratio {result['limit_ratio']:.3f}"
+          f" ({100 * result['end_to_end_vs_limit']:.1f} % off)   sanity: expert_ratio {result['expert_ratio']:.3f}")
     print(f"  on CPU time: expert_ratio {result['expert_ratio_cpu']:.3f}   "
           f"end_to_end_ratio {result['end_to_end_ratio_cpu']:.3f}")
     tp = result["throughput_chunks_per_s"]
     print(f"  throughput at batch {result['throughput_batch']}: "
           + ", ".join(f"{k} {v:.3f} chunks/s" for k, v in tp.items()) + f" (x{result['throughput_ratio']:.2f})")
     common.print_table("targets", ["", "value"], [[k, result[k]] for k in TARGETS], TARGETS, result["met"])
+    common.print_table("sanity checks", ["", "value"], [[k, result[k]] for k in SANITY], SANITY, result["sanity"])
 
 
 def plot_latency(result: dict, path: Path) -> Path:

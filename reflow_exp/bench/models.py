@@ -206,13 +206,6 @@ def trainable_count(module: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- counting VLM loads
-def image_embeddings(head, batch: dict) -> list:
-    """The image part of a head's prefix pass on `batch`: resize, SigLIP encoder and connector,
-    one (B, tokens, hidden) tensor per camera."""
-    images, _ = head.lerobot.prepare_images(batch)
-    return [head.lerobot.model.vlm_with_expert.embed_image(image) for image in images]
-
-
 class VlmLoadCounter:
     """Counts VLM materialisations, whoever does them: a `SmolVLMForConditionalGeneration` built with
     real (non-meta) parameters, one built on meta whose parameters `load_state_dict` then fills, or a

@@ -4,7 +4,10 @@
   backbone) + `jobs._student_head` (the student head copies the teacher head, borrows the backbone).
 - naive: two `SmolVLAPolicy.from_pretrained(teacher)` (LeRobot as is; the second load is the student,
   a copy of the teacher by way of its checkpoint) + LeRobot's processors, teacher frozen, student in
-  training mode.
+  training mode. Each `from_pretrained` first builds a randomly initialised SmolVLM.
+- naive_no_init: the same two policies without random initialisation: each `SmolVLAPolicy` built on
+  the meta device and given the checkpoint's tensors with `load_state_dict(assign=True)` (the file
+  read twice). `*_no_random_init` ratios compare ours with it: what loading once buys by itself.
 
 Each child imports the same modules (torch, LeRobot's SmolVLA, reflow_exp) before its clock starts;
 `load_s` is from there to "ready", `process_s` the whole child process as the parent saw it
@@ -25,15 +28,15 @@ from pathlib import Path
 
 from reflow_exp.bench import common
 
-TARGETS = {"time_ratio": ("<=", 0.55), "memory_ratio": ("<=", 0.65), "load_count_ours": ("==", 1),
-           "load_count_naive": ("==", 2)}
+TARGETS = {"time_ratio": ("<=", 0.55), "memory_ratio": ("<=", 0.65), "memory_ratio_no_random_init": ("<=", 0.55),
+           "load_count_ours": ("==", 1), "load_count_naive": ("==", 2)}
 RESULT_PREFIX = "BENCH_CHILD "
-SIDES = ("ours", "naive")
+SIDES = ("ours", "naive", "naive_no_init")
 
 
 def run(size: str, repeats: int, cache: Path, device: str = "cpu", budget_s: float | None = None) -> dict:
-    """Alternate fresh `ours` and `naive` children `repeats` times (no new repeat after `budget_s`);
-    medians and ratios."""
+    """Fresh `ours`, `naive` and `naive_no_init` children, `repeats` times in rotating order (no new
+    repeat after `budget_s`); medians and ratios."""
     from reflow_exp.bench.models import get_size, teacher_checkpoint
 
     checkpoint = teacher_checkpoint(get_size(size), cache)
@@ -43,7 +46,8 @@ def run(size: str, repeats: int, cache: Path, device: str = "cpu", budget_s: flo
     for r in range(repeats):
         if common.out_of_budget(r, repeats, start, budget_s):
             break
-        for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+        shift = r % len(SIDES)
+        for side in SIDES[shift:] + SIDES[:shift]:
             runs[side].append(_spawn(side, checkpoint, device))
     med = {side: {key: common.median([x[key] for x in runs[side]]) for key in runs[side][0]} for side in SIDES}
     result = {
@@ -55,18 +59,24 @@ def run(size: str, repeats: int, cache: Path, device: str = "cpu", budget_s: flo
         "memory_ratio_above_imports": common.ratio(
             med["ours"]["peak_rss_gb"] - med["ours"]["import_rss_gb"],
             med["naive"]["peak_rss_gb"] - med["naive"]["import_rss_gb"]),
+        "time_ratio_no_random_init": common.ratio(med["ours"]["load_s"], med["naive_no_init"]["load_s"]),
+        "memory_ratio_no_random_init": common.ratio(med["ours"]["peak_rss_gb"], med["naive_no_init"]["peak_rss_gb"]),
+        "memory_ratio_no_random_init_above_imports": common.ratio(
+            med["ours"]["peak_rss_gb"] - med["ours"]["import_rss_gb"],
+            med["naive_no_init"]["peak_rss_gb"] - med["naive_no_init"]["import_rss_gb"]),
         "load_count_ours": int(med["ours"]["vlm_loads"]),
         "load_count_naive": int(med["naive"]["vlm_loads"]),
+        "load_count_naive_no_init": int(med["naive_no_init"]["vlm_loads"]),
         "median": med, "runs": runs, "machine": machine | {"load_average_end": common.load_average()},
         "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
     keys = ["load_s", "load_cpu_s", "vlm_random_init_s", "process_s", "import_s", "peak_rss_gb", "import_rss_gb",
             "vlm_loads"]
-    rows = [[key, med["ours"][key], med["naive"][key], common.ratio(med["ours"][key], med["naive"][key])]
-            for key in keys]
+    rows = [[key, *(med[side][key] for side in SIDES), common.ratio(med["ours"][key], med["naive"][key]),
+             common.ratio(med["ours"][key], med["naive_no_init"][key])] for key in keys]
     common.print_table(f"startup ({size}, {device}, median of {result['repeats']})",
-                       ["", "ours", "naive", "ours/naive"], rows, TARGETS, result["met"])
+                       ["", *SIDES, "ours/naive", "ours/naive_no_init"], rows, TARGETS, result["met"])
     return result
 
 
@@ -119,6 +129,13 @@ def child(side: str, checkpoint: str, device: str) -> dict:
         student.train()
         make_pre_post_processors(teacher.config, pretrained_path=checkpoint)
         models = [teacher, student]
+    elif side == "naive_no_init":
+        teacher = _lerobot_without_random_init(checkpoint).requires_grad_(False)
+        student = _lerobot_without_random_init(checkpoint)
+        student.config.num_steps = 1
+        student.train()
+        make_pre_post_processors(teacher.config, pretrained_path=checkpoint)
+        models = [teacher, student]
     else:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     for model in models:
@@ -139,6 +156,30 @@ def child(side: str, checkpoint: str, device: str) -> dict:
     if device != "cpu":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+def _lerobot_without_random_init(checkpoint: str):
+    """LeRobot's `SmolVLAPolicy` for `checkpoint`, built on the meta device and given the file's
+    tensors with `load_state_dict(assign=True)`: the VLM's through SmolVLM's own `load_state_dict` (so
+    the load counter sees it), the expert's and projections' through the policy's."""
+    from accelerate import init_empty_weights
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    from safetensors.torch import load_file
+
+    from reflow_exp.backbone import VLM_PREFIX
+
+    config = PreTrainedConfig.from_pretrained(checkpoint)
+    with init_empty_weights(include_buffers=False):
+        policy = SmolVLAPolicy(config)
+    state = load_file(str(Path(checkpoint) / "model.safetensors"))
+    vlm = {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
+    policy.model.vlm_with_expert.vlm.load_state_dict(vlm, strict=True, assign=True)
+    rest = policy.load_state_dict({k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)},
+                                  strict=False, assign=True)
+    if rest.unexpected_keys or any(not k.startswith(VLM_PREFIX) for k in rest.missing_keys):
+        raise RuntimeError(f"checkpoint and SmolVLAPolicy differ: {rest}")
+    return policy
 
 
 def _touch(model) -> None:
