@@ -8,14 +8,14 @@ export HF_DATASETS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export NO_PROXY := localhost,127.0.0.1
 
-.PHONY: demo test setup clean dashboard browser ffmpeg
+.PHONY: demo test setup clean dashboard browser ffmpeg gpu-check gl bench-metaworld
 
 setup: $(STAMP) ffmpeg
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/pip install -c constraints.txt -e '.[dev,metaworld]'
 	@touch $(STAMP)
 
 # The embedded CPU demo: tiny SmolVLM + sandbox data -> teacher (1-RF) -> reflow student, evaluated.
@@ -24,7 +24,7 @@ demo: $(STAMP) ffmpeg
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/teacher.gin
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/reflow.gin
 
-test: $(STAMP) ffmpeg browser
+test: $(STAMP) ffmpeg browser gl
 	$(VENV)/bin/python -m pytest -q tests
 
 # The Gradio dashboard (binds 127.0.0.1; e.g. `make dashboard DASHBOARD_ARGS="--port 7860 --runs-dir runs"`).
@@ -32,9 +32,22 @@ DASHBOARD_ARGS ?=
 dashboard: $(STAMP)
 	$(VENV)/bin/reflow-dashboard $(DASHBOARD_ARGS)
 
+# On a CUDA machine: tiny teacher + reflow in bf16, then the GPU benchmark, in under 8 minutes.
+gpu-check: $(STAMP)
+	PYTHON=$(VENV)/bin/python scripts/gpu_check.sh
+
 # The browser test drives Debian's chromium (Playwright cannot download its own browsers here).
 browser:
 	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+# MetaWorld renders offscreen with MUJOCO_GL=egl (the default in reflow_exp.metaworld): Mesa's EGL.
+gl:
+	@test -e /usr/lib/x86_64-linux-gnu/libEGL_mesa.so.0 || (apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri)
+
+# record -> teacher -> reflow -> eval on five MetaWorld tasks; writes runs/bench/metaworld.json.
+bench-metaworld: $(STAMP) gl
+	$(VENV)/bin/python -m reflow_exp.bench metaworld
 
 # torchcodec (LeRobot's video decoder) loads FFmpeg's shared libraries; Debian's ffmpeg provides them.
 ffmpeg:

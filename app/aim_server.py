@@ -1,7 +1,8 @@
 """``aim up`` over the runs folder, started on demand on 127.0.0.1 at a free port.
 
 The dashboard never reads Aim's storage itself (PITFALLS.md: another process's SDK sees nothing
-until ``aim up`` has indexed the runs); it only links to the explorer.
+until ``aim up`` has indexed the runs); it only links to the explorer. Aim has no login: a
+dashboard that requires one does not start it (``app.ui.Dashboard.aim_link``).
 """
 
 from __future__ import annotations

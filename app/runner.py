@@ -2,7 +2,8 @@
 reflow_exp.run ...`` in its own process group, with the chosen device in its environment only.
 
 Launch = check the form (``plan``: gin files inside gin/, overrides, name, device), validate the
-config with ``--dry_run`` in a subprocess (``validate``), then start (``start``). Stop = SIGINT
+config with ``--dry_run`` in a subprocess (``validate``), then start (``start``). Several GPUs start
+one process per GPU with torchrun (``LaunchPlan.launch_command``). Stop = SIGINT
 to the run's process group, escalating to SIGTERM and SIGKILL in a background thread.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,9 +23,9 @@ from typing import Callable
 
 from app import gpus as gpus_mod
 from app.runs import (
-    EXIT_FILE, GIN_DIR, LAUNCH_FILE, REPO_ROOT, LaunchError, RunInfo, build_command, check_run_name,
+    EXIT_FILE, GIN_DIR, LAUNCH_FILE, REPO_ROOT, LaunchError, RunInfo, build_command, check_write_locations,
     config_error_message, default_run_name, is_run_dir, parse_overrides, pid_alive, process_start_time,
-    read_json, resolve_gin_file, run_status, write_json_atomic,
+    read_json, resolve_gin_file, run_folder, run_status, write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,23 @@ class LaunchPlan:
     gin_files: list[str]  # as passed to the CLI, relative to the repo root: gin/...
     overrides: list[str]
     cuda_visible_devices: str  # "" = CPU
-    command: list[str]
+    command: list[str]  # one process: python -m reflow_exp.run ... (also what --dry_run validates)
     resume: bool  # the run folder exists: the run continues from its last checkpoint
+    master_port: int = 0  # several GPUs: torchrun's rendezvous port
+
+    @property
+    def processes(self) -> int:
+        return gpus_mod.process_count(self.cuda_visible_devices)
+
+    @property
+    def launch_command(self) -> list[str]:
+        """What starts: ``command``, or torchrun with one process per chosen GPU (global batch =
+        the job's batch_size × processes)."""
+        if self.processes == 1:
+            return self.command
+        python, *rest = self.command
+        return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.processes),
+                "--master_port", str(self.master_port), *rest]
 
 
 class Runner:
@@ -68,8 +85,11 @@ class Runner:
     # -- launch ----------------------------------------------------------------------------------
 
     def plan(self, gin_file: str, extra_gin_files: list[str] | None, overrides: str | None,
-             device: str | None, name: str | None) -> LaunchPlan:
+             device: str | None, name: str | None, allow_outside: bool = False) -> LaunchPlan:
         """Check the form (fast, nothing started) and build the command.
+
+        ``allow_outside``: let overrides point write locations (``WRITE_LOCATIONS``) outside the
+        runs folder.
 
         Raises:
             LaunchError: with a message for the user.
@@ -80,12 +100,14 @@ class Runner:
                 files.append(resolve_gin_file(extra, self.gin_dir))
         rel_files = [_relative_to_repo(p, self.repo_root) for p in files]
         bindings = parse_overrides(overrides)
+        if not allow_outside:
+            check_write_locations(bindings, self.runs_dir, self.repo_root)
         try:
             cuda = gpus_mod.resolve_device(device, self.list_gpus() if _wants_gpu(device) else [])
         except ValueError as e:
             raise LaunchError(str(e)) from None
-        name = check_run_name(name) if (name or "").strip() else default_run_name(self.runs_dir)
-        run_dir = self.runs_dir / name
+        name = (name or "").strip() or default_run_name(self.runs_dir)
+        run_dir = run_folder(self.runs_dir, name)
         resume = run_dir.exists()
         if resume:
             if not is_run_dir(run_dir):
@@ -94,7 +116,8 @@ class Runner:
             if info.alive:
                 raise LaunchError(f"Run {name!r} is already {info.status}; choose another run name or stop it first.")
         command = build_command(rel_files, bindings, name, self.runs_dir, python=self.python)
-        return LaunchPlan(name, run_dir, rel_files, bindings, cuda, command, resume)
+        port = _free_port() if gpus_mod.process_count(cuda) > 1 else 0
+        return LaunchPlan(name, run_dir, rel_files, bindings, cuda, command, resume, port)
 
     def validate(self, plan: LaunchPlan) -> str:
         """Run the CLI with ``--dry_run`` (writes nothing); returns its output.
@@ -126,7 +149,7 @@ class Runner:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
             previous = read_json(plan.run_dir / LAUNCH_FILE)
             (plan.run_dir / EXIT_FILE).unlink(missing_ok=True)
-            wrapper = [self.python, "-m", "app.launcher", str(plan.run_dir), "--", *plan.command]
+            wrapper = [self.python, "-m", "app.launcher", str(plan.run_dir), "--", *plan.launch_command]
             proc = subprocess.Popen(
                 wrapper, cwd=self.repo_root, env=self._env(plan.cuda_visible_devices), start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -138,7 +161,8 @@ class Runner:
                 "proc_start": process_start_time(proc.pid),
                 "cuda_visible_devices": plan.cuda_visible_devices,
                 "device": gpus_mod.device_label(plan.cuda_visible_devices),
-                "command": plan.command,
+                "processes": plan.processes,
+                "command": plan.launch_command,
                 "gin_files": plan.gin_files,
                 "overrides": plan.overrides,
                 "cwd": str(self.repo_root),
@@ -152,9 +176,9 @@ class Runner:
             threading.Thread(target=proc.wait, name=f"reap-{plan.name}", daemon=True).start()
         return run_status(plan.run_dir)
 
-    def launch(self, gin_file, extra_gin_files, overrides, device, name) -> RunInfo:
+    def launch(self, gin_file, extra_gin_files, overrides, device, name, allow_outside=False) -> RunInfo:
         """``plan`` + ``validate`` + ``start``."""
-        plan = self.plan(gin_file, extra_gin_files, overrides, device, name)
+        plan = self.plan(gin_file, extra_gin_files, overrides, device, name, allow_outside)
         self.validate(plan)
         return self.start(plan)
 
@@ -173,8 +197,8 @@ class Runner:
         Raises:
             LaunchError: no such run, or it was not started by a dashboard.
         """
-        run_dir = self.runs_dir / (name or "")
-        if not name or not is_run_dir(run_dir):
+        run_dir = run_folder(self.runs_dir, name or "")  # never a folder outside runs_dir
+        if not is_run_dir(run_dir):
             raise LaunchError(f"No run named {name!r} in {self.runs_dir}.")
         launch = read_json(run_dir / LAUNCH_FILE)
         info = run_status(run_dir)
@@ -207,6 +231,12 @@ class Runner:
 
 def _wants_gpu(device) -> bool:
     return str(device if device is not None else "").strip().lower() not in ("", gpus_mod.CPU)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _relative_to_repo(path: Path, repo_root: Path) -> str:

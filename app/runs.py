@@ -11,7 +11,14 @@ A run folder ``<runs_dir>/<name>/`` is written by ``python -m reflow_exp.run`` (
 - ``console.txt``          the process's stdout/stderr (``log.txt`` is the run's own tee; this
                            also has what was printed before the run folder was opened)
 
-so the runs table can be rebuilt from the folder alone after a dashboard restart.
+so the runs table can be rebuilt from the folder alone after a dashboard restart. A run's status
+comes from exit records, never from log text: the run's own ``status.json`` (written by
+``reflow_exp.run`` when it opens the folder and when it ends, with the exit code and the reason),
+else the launcher's ``dashboard_exit.json``.
+
+Everything the dashboard acts on stays inside the runs folder: ``confined_path`` is the one check
+for the run folders it launches, stops and shows, and for the folders that overrides make a run
+write to (``WRITE_LOCATIONS``).
 """
 
 from __future__ import annotations
@@ -34,12 +41,21 @@ CONSOLE_FILE = "console.txt"
 LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+STATUS_FILE = "status.json"  # reflow_exp.rundir.STATUS_FILE
 # Bindings the dashboard sets itself (from the Name field and --runs-dir).
 RESERVED_BINDINGS = {"run.name": "the Run name field", "run.runs_dir": "the dashboard's --runs-dir"}
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Folders under runs_dir that are never runs (the Aim repo; the sandbox's data cache has no run files).
 NOT_RUNS = {".aim"}
 EXIT_INTERRUPTED = 130
+STOPPED_CODES = (EXIT_INTERRUPTED, -2, -15, -9)  # SIGINT handled, or killed by SIGINT/SIGTERM/SIGKILL
+# Parameters that name a folder a run writes into: an override may point them only inside the runs
+# folder, unless the launch form's "allow writes outside runs/" is on.
+WRITE_LOCATIONS = {
+    "sandbox_source.root": "the sandbox cache is built there",
+    "lerobot_source.root": "a dataset missing there is downloaded there",
+    "Tracker.repo": "the Aim repo is written there",
+}
 STATUSES = ("running", "stopping", "finished", "failed", "stopped", "unknown")
 
 
@@ -129,6 +145,59 @@ def parse_overrides(text: str | None) -> list[str]:
             raise LaunchError(f"{where}: {key} is set by {RESERVED_BINDINGS[key]}; remove this line.")
         bindings.append(line)
     return bindings
+
+
+def check_write_locations(bindings: list[str], runs_dir: Path, repo_root: Path) -> None:
+    """Refuse overrides that make a run write outside ``runs_dir`` (see ``WRITE_LOCATIONS``).
+
+    Values are paths relative to ``repo_root`` (the runs' working directory) or absolute;
+    ``None`` (the default location) is fine.
+
+    Raises:
+        LaunchError: naming the binding, the folder and the option that allows it.
+    """
+    from gin import config_parser
+
+    for line in bindings:
+        (stmt,) = config_parser.ConfigParser(line + "\n", _PlainDelegate())
+        key = f"{stmt.selector.rsplit('.', 1)[-1]}.{stmt.arg_name}"  # module-qualified selectors too
+        if key not in WRITE_LOCATIONS or stmt.value is None:
+            continue
+        if not isinstance(stmt.value, str) or stmt.value.startswith(("@", "%")):
+            raise LaunchError(f"Override {line!r}: {key} must be a quoted folder path.")
+        try:
+            confined_path(runs_dir, stmt.value, base=repo_root, what=f"{key} ({WRITE_LOCATIONS[key]})")
+        except LaunchError as e:
+            raise LaunchError(f"Override {line!r}: {e} Put it inside the runs folder, or tick "
+                              "\"Allow writes outside runs/\" on the launch form.") from None
+
+
+def confined_path(runs_dir: Path, path: str | Path, *, base: Path | None = None, what: str = "Path") -> Path:
+    """``path`` resolved (relative to ``base``, default ``runs_dir``; ``~`` expanded, ``..`` and
+    symlinks followed) when it lies inside ``runs_dir``: the one confinement check of the
+    dashboard, for run folders (launch, stop, show) and for folders overrides write to.
+
+    Raises:
+        LaunchError: it points outside ``runs_dir``.
+    """
+    root = Path(runs_dir).resolve()
+    resolved = (Path(base or root) / Path(os.path.expanduser(str(path)))).resolve()
+    if not resolved.is_relative_to(root):
+        raise LaunchError(f"{what} {str(path)!r} resolves to {resolved}, outside the runs folder {root}.")
+    return resolved
+
+
+def run_folder(runs_dir: Path, name: str) -> Path:
+    """The folder of run ``name``: a plain name (``check_run_name``) inside ``runs_dir``, also
+    after following symlinks (``confined_path``).
+
+    Raises:
+        LaunchError: a bad name, or a folder that leads outside ``runs_dir``.
+    """
+    path = confined_path(runs_dir, check_run_name(name), what="Run folder")
+    if path == Path(runs_dir).resolve():
+        raise LaunchError(f"Run name {name!r} names the runs folder itself.")
+    return path
 
 
 class _PlainDelegate:
@@ -508,38 +577,18 @@ def is_run_dir(path: Path) -> bool:
         (path / f).exists() for f in (LAUNCH_FILE, "config.gin", LOG_FILE))
 
 
-def run_status(run_dir: Path, recent_s: float = 120.0) -> RunInfo:
-    """The status of one run folder, from the dashboard's launch/exit files if present (pid
-    liveness + exit code), else from the run's own files (CLI launches)."""
+def run_status(run_dir: Path) -> RunInfo:
+    """The status of one run folder, from exit records and process liveness, never log text:
+    see ``_status``."""
     from app.gpus import device_label
 
     run_dir = Path(run_dir)
     launch = read_json(run_dir / LAUNCH_FILE)
-    exit_info = read_json(run_dir / EXIT_FILE)
     summary = read_summary(run_dir)
     rows = read_metrics(run_dir)
     step, loss = train_progress(rows)
-    pid = launch.get("pid")
-    exit_code = exit_info.get("exit_code")
-    stop_requested = bool(launch.get("stop_requested"))
-    detail = ""
-
-    if launch and exit_info:
-        if exit_code == 0:
-            status = "finished"
-        elif stop_requested or exit_code in (EXIT_INTERRUPTED, -2, -15, -9):
-            status, detail = "stopped", f"exit code {exit_code}"
-        else:
-            status, detail = "failed", f"exit code {exit_code}" + (" (config error)" if exit_code == 2 else "")
-    elif launch and pid_alive(pid, launch.get("proc_start")):
-        status = "stopping" if stop_requested else "running"
-    elif launch and stop_requested:
-        status, detail = "stopped", "killed"
-    else:
-        status, detail = _status_from_files(run_dir, summary, recent_s)
-        if launch and status in ("running", "unknown"):
-            status, detail = "failed", "the process ended without recording an exit code"
-
+    status, detail, exit_code = _status(launch, read_json(run_dir / EXIT_FILE), read_json(run_dir / STATUS_FILE),
+                                        summary)
     started = launch.get("started")
     if started is None:
         started = _mtime(run_dir / "config.gin") or _mtime(run_dir / LOG_FILE)
@@ -547,23 +596,60 @@ def run_status(run_dir: Path, recent_s: float = 120.0) -> RunInfo:
         name=run_dir.name, path=run_dir, status=status,
         device=device_label(launch.get("cuda_visible_devices")) if launch else "—",
         started=started, step=step, total_steps=total_steps(run_dir), last_loss=loss,
-        pid=pid, exit_code=exit_code, detail=detail, launch=launch,
+        pid=launch.get("pid"), exit_code=exit_code, detail=detail, launch=launch,
     )
 
 
-def _status_from_files(run_dir: Path, summary: dict, recent_s: float) -> tuple[str, str]:
-    """For runs started outside the dashboard: the log's end and the summary tell."""
-    tail = _read_tail(run_dir / LOG_FILE, 4000)
-    if "Interrupted; the run resumes" in tail:
-        return "stopped", "interrupted"
-    if "Traceback (most recent call last)" in tail:
-        return "failed", "see the log"
-    if "train" in summary:  # jobs write their training result last
-        return "finished", ""
-    mtime = max(_mtime(run_dir / LOG_FILE) or 0, _mtime(run_dir / METRICS_FILE) or 0)
-    if mtime and time.time() - mtime < recent_s:
-        return "running", "started outside the dashboard"
-    return "unknown", "started outside the dashboard"
+def _status(launch: dict, exit_info: dict, record: dict, summary: dict) -> tuple[str, str, int | None]:
+    """(status, detail, exit code) from the dashboard's launch and exit files and the run's own
+    ``status.json``, in this order:
+
+    1. a live process: the launcher of a dashboard run, or the pid that holds ``status.json``'s
+       "running" record (a run started from the command line);
+    2. the newest exit record of the last session: the run's ``status.json`` (it has the reason)
+       unless it is older than the dashboard's launch, else the launcher's exit code;
+    3. no exit record: the process died without a word (SIGKILL, OOM).
+    """
+    stop_requested = bool(launch.get("stop_requested"))
+    if launch and not exit_info and pid_alive(launch.get("pid"), launch.get("proc_start")):
+        return ("stopping" if stop_requested else "running"), "", None
+    if record.get("status") == "running" and _record_owner_alive(record):
+        return "running", "" if launch else "started outside the dashboard", None
+
+    final = None
+    if record.get("exit_code") is not None and (record.get("started") or 0) >= (launch.get("started") or 0):
+        final = record
+    elif launch and exit_info.get("exit_code") is not None:
+        final = exit_info
+    if final is not None:
+        code, message = final["exit_code"], final.get("message") or ""
+        if code == 0:
+            return "finished", "", code
+        if code in STOPPED_CODES or (stop_requested and final is exit_info):
+            return "stopped", f"exit code {code}", code
+        reason = message or ("config error" if code == 2 else "")
+        return "failed", f"exit code {code}" + (f": {reason}" if reason else ""), code
+
+    if launch and stop_requested:
+        return "stopped", "killed", None
+    if launch or record.get("status") == "running":
+        return "failed", "the process ended without recording an exit code (killed?)", None
+    if "train" in summary:  # a run from before status.json existed: jobs write `train` last
+        return "finished", "", None
+    return "unknown", "no exit record", None
+
+
+def _record_owner_alive(record: dict) -> bool:
+    """Whether the process that wrote a "running" status.json still runs (same pid, created
+    before it wrote the record: a reused pid is a younger process)."""
+    import psutil
+
+    try:
+        process = psutil.Process(int(record["pid"]))
+        return (process.status() != psutil.STATUS_ZOMBIE
+                and process.create_time() <= float(record["started"]) + 1.0)
+    except (KeyError, TypeError, ValueError, psutil.Error):
+        return False
 
 
 def _mtime(path: Path) -> float | None:

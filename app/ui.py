@@ -25,7 +25,7 @@ from app.aim_server import AimServer
 from app.runner import Runner
 from app.runs import (
     EVAL_COLUMNS, GIN_DIR, LAUNCH_FILE, LaunchError, RunInfo, curve_points, eval_rows, find_media, is_run_dir,
-    list_gin_files, list_runs, params_rows, read_json, read_log, read_metrics, read_summary, run_status,
+    list_gin_files, list_runs, params_rows, read_json, read_log, read_metrics, read_summary, run_folder, run_status,
     vlm_load_count,
 )
 
@@ -73,10 +73,17 @@ def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 
 
-def launch_kwargs(runs_dir: str | Path) -> dict[str, Any]:
-    """What ``demo.launch`` needs besides host/port/auth: theme, CSS, and the runs folder as an
-    allowed path (plots and videos are served from it)."""
-    return {"theme": theme(), "css": CSS, "allowed_paths": [str(Path(runs_dir).resolve())]}
+def launch_kwargs(runs_dir: str | Path, host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What ``demo.launch`` needs besides host/port/auth: theme, CSS, the runs folder as an
+    allowed path (plots and videos are served from it), and the same-origin guard for a server
+    bound to ``host`` (see ``app.origin``; ``allow_hosts``: more names users reach it by)."""
+    from starlette.middleware import Middleware
+
+    from app.origin import SameOriginOnly, allowed_hosts
+
+    guard = Middleware(SameOriginOnly, allowed=allowed_hosts(host, allow_hosts))
+    return {"theme": theme(), "css": CSS, "allowed_paths": [str(Path(runs_dir).resolve())],
+            "app_kwargs": {"middleware": [guard]}}
 
 
 # -- small HTML pieces -----------------------------------------------------------------------
@@ -177,10 +184,15 @@ def _points_frame(points: list[dict]) -> pd.DataFrame:
 
 
 class Dashboard:
-    """State shared by all sessions: the runs folder, the runner, the Aim server."""
+    """State shared by all sessions: the runs folder, the runner, the Aim server.
+
+    ``login``: the dashboard requires a login. The Aim explorer has none, so it is then not
+    started from here (it would open the runs to anyone who reaches its port).
+    """
 
     def __init__(self, runs_dir: str | Path, *, gin_dir: Path = GIN_DIR, runner: Runner | None = None,
-                 aim: AimServer | None = None, list_gpus=gpus_mod.list_gpus):
+                 aim: AimServer | None = None, list_gpus=gpus_mod.list_gpus, login: bool = False):
+        self.login = login
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.gin_dir = Path(gin_dir)
@@ -192,9 +204,10 @@ class Dashboard:
     # -- helpers ---------------------------------------------------------------------------------
 
     def run_dir(self, name: str | None) -> Path | None:
-        if not name or "/" in name or name.startswith("."):
+        try:
+            path = run_folder(self.runs_dir, name or "")
+        except LaunchError:
             return None
-        path = self.runs_dir / name
         return path if is_run_dir(path) else None
 
     def run_names(self) -> list[str]:
@@ -205,17 +218,17 @@ class Dashboard:
 
     # -- handlers --------------------------------------------------------------------------------
 
-    def launch(self, gin_file, extra_gin_files, overrides, device, name):
+    def launch(self, gin_file, extra_gin_files, overrides, device, name, allow_outside=False):
         """Validate, dry-run, start. Yields (message, run selector, tabs)."""
         try:
-            plan = self.runner.plan(gin_file, extra_gin_files, overrides, device, name)
+            plan = self.runner.plan(gin_file, extra_gin_files, overrides, device, name, bool(allow_outside))
         except LaunchError as e:
             yield message_html("error", str(e)), gr.skip(), gr.skip()
             return
         verb = "Resuming" if plan.resume else "Validating"
         yield message_html("info", f"{verb} {plan.name}: checking the config (--dry_run)…"), gr.skip(), gr.skip()
         try:
-            self.runner.validate(plan)
+            checked = self.runner.validate(plan)
             info = self.runner.start(plan)
         except LaunchError as e:
             yield message_html("error", str(e)), gr.skip(), gr.skip()
@@ -226,7 +239,9 @@ class Dashboard:
             return
         what = "Resumed" if plan.resume else "Started"
         text = f"{what} {info.name} on {info.device} (pid {info.pid})."
-        yield (message_html("ok", text, _shown_command(plan.command)),
+        device = next((line for line in checked.splitlines() if line.startswith("Device: ")), "")
+        text += f" {device}." if device else ""  # what the run itself sees, from its dry run
+        yield (message_html("ok", text, _shown_command(plan.launch_command)),
                gr.update(choices=self.run_names(), value=info.name), gr.Tabs(selected="log"))
 
     def stop(self, name):
@@ -265,6 +280,11 @@ class Dashboard:
             time.sleep(LOG_POLL_S)
 
     def aim_link(self):
+        if self.login:
+            yield message_html("error", "The Aim explorer has no login, so a dashboard with a login does not start "
+                               f"it. On this machine, run `aim up --repo {self.runs_dir}` (it binds 127.0.0.1) "
+                               "and reach it through an SSH tunnel.")
+            return
         yield message_html("info", "Starting the Aim explorer (aim up)…")
         try:
             url = self.aim.start()
@@ -438,7 +458,12 @@ class Dashboard:
                         run_name = gr.Textbox(label="Run name", placeholder="default: a timestamp (YYYYmmdd-HHMMSS)",
                                               elem_id="run-name")
                         device = gr.Dropdown(devices, value=devices[0][1], label="Device", allow_custom_value=True,
-                                             elem_id="device", info="GPU · memory used/total · utilisation")
+                                             elem_id="device",
+                                             info="GPU · memory used/total · utilisation; "
+                                                  "type 0,1 for one process per GPU")
+                        allow_outside = gr.Checkbox(False, label="Allow writes outside runs/", elem_id="allow-outside",
+                                                    info="let overrides such as sandbox_source.root or Tracker.repo "
+                                                         "point outside the runs folder")
                     with gr.Row():
                         gpu_refresh = gr.Button("↻ Refresh GPUs", size="sm", scale=1, min_width=100)
                         launch_button = gr.Button("Launch", variant="primary", elem_id="launch", scale=2)
@@ -520,7 +545,7 @@ class Dashboard:
             timer.tick(self.tick, [run, fingerprints, table_key], [runs_df, run, *page_outputs, table_key],
                        api_visibility="private", concurrency_limit=None, show_progress="hidden")
             runs_df.select(self.select_from_table, None, run, api_visibility="private")
-            launch_button.click(self.launch, [gin_file, extra_gins, overrides, device, run_name],
+            launch_button.click(self.launch, [gin_file, extra_gins, overrides, device, run_name, allow_outside],
                                 [launch_msg, run, tabs], api_name="launch", show_progress="minimal")
             stop_button.click(self.stop, run, stop_msg, api_name="stop", concurrency_limit=None)
             run.change(lambda: "", None, stop_msg, api_visibility="private", show_progress="hidden")

@@ -10,14 +10,22 @@ Layout (LeRobot's, so a student checkpoint loads like any SmolVLA checkpoint)::
         last -> 001000            symlink, repointed atomically after each save
 
 A save writes into ``.tmp-<step>`` and renames it into place only when ``write`` returned, so a
-crash (or SIGKILL) mid-save leaves the previous checkpoint and ``last`` untouched.
+crash (or SIGKILL) mid-save leaves the previous checkpoint and ``last`` untouched. Every file and
+folder is fsynced before the rename, and the parent folder after it, so a power loss cannot
+publish a checkpoint whose content is not on disk yet.
+
+When resuming, a checkpoint with a damaged file (empty, or a truncated safetensors/JSON file)
+is skipped with a warning and the one before it is used.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import struct
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +74,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         write(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -80,6 +89,7 @@ def save_checkpoint(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    fsync_dir(ckpt_root)
     _point_last(ckpt_root, final.name)
 
     if keep_last is not None:
@@ -90,11 +100,12 @@ def save_checkpoint(
 
 
 def latest_checkpoint(ckpt_root: Path, clean: bool = False) -> Path | None:
-    """The newest complete checkpoint under ``ckpt_root``, or None if there is none.
+    """The newest complete, undamaged checkpoint under ``ckpt_root``, or None if there is none.
 
     Follows ``last`` when it points at an existing folder, else takes the highest-numbered one
     (``last`` may be missing after a crash between rename and repoint). ``.tmp-*`` folders are
-    never returned.
+    never returned. A checkpoint with a damaged file (see ``checkpoint_problem``) is skipped with
+    a warning on stderr, falling back to the one before.
 
     Args:
         clean: also delete ``.tmp-*`` leftovers of crashed saves. Only the process that owns
@@ -110,11 +121,85 @@ def latest_checkpoint(ckpt_root: Path, clean: bool = False) -> Path | None:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+    candidates = _step_dirs(ckpt_root)[::-1]  # newest first
     last = ckpt_root / LAST
     if last.is_symlink() and last.resolve().is_dir() and _STEP_DIR.match(last.resolve().name):
-        return ckpt_root / last.resolve().name
-    dirs = _step_dirs(ckpt_root)
-    return dirs[-1] if dirs else None
+        newest = ckpt_root / last.resolve().name
+        candidates = [newest] + [c for c in candidates if int(c.name) < int(newest.name)]
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"Warning: checkpoint {ckpt} is damaged ({problem}); falling back to the one before it",
+              file=sys.stderr)
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why the checkpoint folder cannot be trusted (a file that is empty, a truncated safetensors
+    file, unreadable JSON), or None. Reads only headers: cheap even for large checkpoints."""
+    for path in sorted(p for p in Path(ckpt).rglob("*") if p.is_file()):
+        problem = file_problem(path)
+        if problem:
+            return f"{path.relative_to(ckpt)}: {problem}"
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Whether a checkpoint file is damaged: empty; a ``.safetensors`` file shorter than its
+    header says; a ``.json`` file that does not parse. None when it looks whole."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path, size)
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"not valid JSON ({e})"
+    return None
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """The safetensors layout: 8-byte little-endian header length, JSON header, then the data;
+    the largest ``data_offsets`` end must equal the data size."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes)"
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            return f"truncated: the header alone needs {8 + header_len} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
+            return "unreadable safetensors header"
+    if 8 + header_len + end != size:
+        return f"truncated: {8 + header_len + end} bytes expected, the file has {size}"
+    return None
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so renames and new entries in it survive a power loss."""
+    fsync_file(path)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (``root`` included)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
 
 
 def _step_dirs(ckpt_root: Path) -> list[Path]:
@@ -129,3 +214,4 @@ def _point_last(ckpt_root: Path, target_name: str) -> None:
     tmp_link.unlink(missing_ok=True)
     os.symlink(target_name, tmp_link)  # relative: the run folder stays movable
     os.replace(tmp_link, ckpt_root / LAST)
+    fsync_dir(ckpt_root)

@@ -59,7 +59,7 @@ class EnvSpec:
     module: imported first (it registers `gym_id` with gymnasium).
     kwargs: `gym.make` keyword arguments (the Evaluator's `env_kwargs` override them).
     max_steps: episode step limit when the Evaluator gives none.
-    task: the instruction for envs that carry none; None reads `env.unwrapped.task`.
+    task: the instruction for envs that carry none; None reads the env's own (`instruction`).
     routes: whether rollouts are classified left/right around the sandbox's bar.
     """
 
@@ -80,7 +80,9 @@ ENVS = {
         max_steps=300, task=PUSHT_TASK,
     ),
 }
-ALIASES = {"sandbox": SANDBOX_ENV_ID, "gym_pusht/PushT-v0": "pusht"}
+# LeRobot's MetaworldEnv, subclassed (reflow_exp.metaworld.env); choose the task with env_kwargs={"task": ...}.
+ENVS["metaworld"] = EnvSpec("reflow_exp/MetaWorld-v0", "reflow_exp.metaworld", {}, max_steps=500)
+ALIASES = {"sandbox": SANDBOX_ENV_ID, "gym_pusht/PushT-v0": "pusht", "reflow_exp/MetaWorld-v0": "metaworld"}
 
 
 def env_spec(env_id: str) -> EnvSpec:
@@ -98,6 +100,13 @@ def make_vector_env(spec: EnvSpec, num_envs: int, env_kwargs: dict | None = None
     importlib.import_module(spec.module)
     kwargs = spec.kwargs | (env_kwargs or {})
     return gym.vector.SyncVectorEnv([lambda: gym.make(spec.gym_id, **kwargs) for _ in range(num_envs)])
+
+
+def instruction(env: gym.Env) -> str:
+    """The env's language instruction, read as `lerobot_eval` does: `task_description` when the env
+    has one (LeRobot's MetaWorld, LIBERO), else `task` (the sandbox)."""
+    env = env.unwrapped
+    return getattr(env, "task_description", None) or env.task
 
 
 def observation_batch(obs: dict[str, np.ndarray], tasks: list[str]) -> dict:
@@ -147,7 +156,9 @@ class SmolVLAChunkPolicy:
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
         model = SmolVLAPolicy.from_pretrained(str(path)).eval()
-        pre, post = make_pre_post_processors(model.config, pretrained_path=str(path))
+        # LeRobot's eval script overrides the processors' device: a checkpoint saved elsewhere keeps its own.
+        device = {"device_processor": {"device": str(model.config.device)}}
+        pre, post = make_pre_post_processors(model.config, pretrained_path=str(path), preprocessor_overrides=device)
         return cls(model, pre, post)
 
     @property
@@ -266,7 +277,7 @@ def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int]
     """
     policy.reset(seeds)
     obs, _ = env.reset(seed=seeds)
-    tasks = [default_task if default_task is not None else e.unwrapped.task for e in env.envs]
+    tasks = [default_task if default_task is not None else instruction(e) for e in env.envs]
     episodes = [Episode(seed, positions=[obs["agent_pos"][i].copy()]) for i, seed in enumerate(seeds)]
     for i in range(record):
         episodes[i].frames = [env.envs[i].render()]
@@ -305,7 +316,7 @@ def measure_latency(policy: ChunkPolicy, env: gym.vector.SyncVectorEnv, seed: in
     """Median wall time in ms of one chunk prediction at batch 1, pre/post-processing included,
     on the first observation of the episode with env seed `seed`. One unmeasured warm-up call."""
     obs, _ = env.reset(seed=[seed])
-    tasks = [default_task if default_task is not None else env.envs[0].unwrapped.task]
+    tasks = [default_task if default_task is not None else instruction(env.envs[0])]
     batch = observation_batch(obs, tasks)
     policy.reset([seed])
     _to_numpy(policy.predict_chunk(batch, num_steps))  # first calls pay lazy initialisation

@@ -20,7 +20,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
 from reflow_exp import coupling as coupling_module
-from reflow_exp import flow
+from reflow_exp import distributed, flow
 from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
@@ -28,6 +28,7 @@ from reflow_exp.data import (
     open_metadata, policy_features, split_episodes,
 )
 from reflow_exp.heads import ActionHead
+from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
 from reflow_exp.evaluate import Evaluator
 from reflow_exp.offline import offline_metrics
 from reflow_exp.plots import success_latency_plot
@@ -53,6 +54,18 @@ def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 
                           holdout_layouts=holdout_layouts, video=video, cameras=cameras)
     return DataSource(str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]), built["expert"],
                       dict(rename_map or {}))
+
+
+@gin.configurable
+def metaworld_source(root: str = "runs/metaworld", tasks=DEFAULT_METAWORLD_TASKS, episodes_per_task: int = 50,
+                     seed: int = 0, image_size: int = 64, state: str = "objects", video: bool = True,
+                     min_expert_success: float = 0.8) -> DataSource:
+    """MetaWorld (LeRobot's env): scripted-expert demonstrations of `tasks` and a tiny SmolVLM that
+    knows their instructions, made locally once and cached (see `metaworld.record.record_dataset`)."""
+    from reflow_exp.metaworld.record import build_metaworld
+
+    built = build_metaworld(root, tasks, episodes_per_task, seed, image_size, state, video, min_expert_success)
+    return DataSource(built["vlm_path"], built["repo_id"], built["dataset_root"], built["expert"])
 
 
 @gin.configurable
@@ -143,25 +156,32 @@ def train_teacher(
     rather than pretrained and must learn to see the goals. The trained VLM is saved with the
     teacher, and reflow keeps it frozen.
     """
-    trainer, loads_before = Trainer(), vlm_load_count()
+    trainer, loads_before = Trainer(find_unused_parameters=train_backbone), vlm_load_count()
     if dry_run:
         print(f"[Teacher] would train {trainer.steps} steps at batch {batch_size} on {source.__name__}()")
         return
-    data = source()
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
     if data.report:
         print(f"[Teacher] Data: {data.report}")
         run.update_summary({"data": data.report})
-    meta = open_metadata(data)
-    config = smolvla_config(data.vlm_model_name, policy_features(meta, data.rename_map))
+    device = distributed.device()
+    features = policy_features(meta, data.rename_map)
+    config = dataclasses.replace(smolvla_config(data.vlm_model_name, features), device=device.type)
     train_eps, holdout_eps = (split_episodes(meta.total_episodes, holdout_episodes) if holdout_episodes
                               else (list(range(meta.total_episodes)), []))
     run.update_summary({"data_split": data_split(meta, train_eps, holdout_eps)})
-    dataset = load_dataset(data, meta, config.chunk_size, train_eps, cameras=list(config.image_features))
+    with distributed.main_first():
+        dataset = load_dataset(data, meta, config.chunk_size, train_eps, cameras=list(config.image_features))
     torch.manual_seed(run.seed)
-    backbone = Backbone.from_pretrained_vlm(data.vlm_model_name, config.num_vlm_layers)
+    backbone = Backbone.from_pretrained_vlm(data.vlm_model_name, config.num_vlm_layers).to(device)
     if train_backbone:
         backbone.unfreeze()
-    preprocessor, postprocessor = make_smolvla_pre_post_processors(config, dataset_stats(meta, data.rename_map))
+    # The processors send batches to this process's exact device (e.g. cuda:1).
+    preprocessor, postprocessor = make_smolvla_pre_post_processors(
+        dataclasses.replace(config, device=str(device)), dataset_stats(meta, data.rename_map)
+    )
     policy = Policy(backbone, ActionHead(config, backbone), preprocessor, postprocessor)
     params = param_summary(policy, "teacher_head")
     print(f"[Teacher] Parameters: {params}")
@@ -229,17 +249,19 @@ def reflow(
         if value is not None:
             warnings.warn(f"reflow.{flag}={value} is ignored: reflow handles it automatically ({_HANDLED[flag]})")
     coupling = coupling or coupling_module.OnlineCoupling()
+    trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
     if dry_run:
         return _reflow_dry_run(teacher, student_steps, freeze_vision_encoder)
 
     loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
     teacher_path = resolve_policy_folder(teacher)
-    data = source()
-    meta = open_metadata(data)
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
     check_features(PreTrainedConfig.from_pretrained(teacher_path), policy_features(meta, data.rename_map),
                    f"{source.__name__}.rename_map")
     print(f"[Reflow] Loading teacher model from {teacher}")
-    teacher_policy = Policy.from_pretrained(teacher_path)
+    teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
     teacher_policy.head.requires_grad_(False)
     print("[Reflow] ✓ Teacher loaded and frozen")
     print("[Reflow] Creating student model (copying weights from teacher)")
@@ -262,8 +284,9 @@ def reflow(
     run.update_summary({"data_split": split})
     config = teacher_policy.config
     cameras = list(config.image_features)
-    train_set = load_dataset(data, meta, config.chunk_size, train_eps, cameras)
-    holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps, cameras)
+    with distributed.main_first():
+        train_set = load_dataset(data, meta, config.chunk_size, train_eps, cameras)
+        holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps, cameras)
     num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
     fingerprint = {
@@ -271,21 +294,26 @@ def reflow(
         "data": dataset_digest(meta),
         "episodes": train_eps,
     }
-    pair_loader = make_dataloader(train_set, batch_size, run.seed, num_workers, shuffle=False)
+    # Each process makes the pairs of its own share of the frames (a cached coupling merges them).
+    pair_loader = make_dataloader(distributed.shard(train_set), batch_size, run.seed, num_workers, shuffle=False)
     coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
     holdout_loader = make_dataloader(holdout_set, batch_size, run.seed, shuffle=False)
     holdout = [preprocess(batch) for batch, _ in zip(holdout_loader, range(offline_batches))]
 
     def evaluate(step: int) -> dict:
+        if not run.is_main:  # rank 0 measures and logs; the others go on to the next step
+            return {}
         metrics = offline_metrics(model, holdout, reference_steps=coupling.teacher_steps, seed=run.seed)
         _log_offline(run, step, metrics)
         return metrics
 
     evaluate(0)
-    result = Trainer().fit(
+    result = trainer.fit(
         model, make_dataloader(train_set, batch_size, run.seed, num_workers), run,
         preprocess=preprocess, context={"head": "student"}, evaluate=evaluate,
     )
+    if not run.is_main:  # rank 0 alone saves the student and runs the rollouts
+        return
     offline = evaluate(result["steps"])
     student_dir = model.student_policy().save_pretrained(run.path / "student")
     print(f"[Reflow] Student saved to {student_dir} (num_steps={student_steps})")
@@ -514,5 +542,42 @@ def evaluate_policies(run: RunDir, policies: dict = gin.REQUIRED, dry_run: bool 
     if dry_run:
         print(f"[Eval] would evaluate {sorted(policies)} with {Evaluator().protocol}")
         return
-    loaded = {name: (Policy.from_pretrained(path), tuple(steps)) for name, (path, steps) in policies.items()}
+    if not run.is_main:  # rollouts are rank 0's alone
+        return
+    device = distributed.device()
+    loaded = {name: (Policy.from_pretrained(path, device), tuple(steps)) for name, (path, steps) in policies.items()}
     evaluate_rollouts(run, 0, loaded)
+
+
+@gin.configurable
+def evaluate_metaworld(run: RunDir, policies: dict = gin.REQUIRED, tasks=gin.REQUIRED, dry_run: bool = False) -> None:
+    """`evaluate_policies` on every MetaWorld task in `tasks` (`metaworld.evaluation.evaluate_tasks`):
+    summary.json gets `tasks` ({task: {head: {steps: metrics}}}), `mean` (pooled over tasks), `paired`
+    (pooled, by task and seed), `paired_by_task` and `eval_protocol`; each step count of each head is
+    logged with the pooled numbers."""
+    from reflow_exp.metaworld.evaluation import evaluate_tasks
+
+    if dry_run:
+        protocol = Evaluator(env_id="metaworld").protocol
+        print(f"[Eval] would evaluate {sorted(policies)} on {list(tasks)} with {protocol}")
+        return
+    loaded = {name: (Policy.from_pretrained(path), tuple(steps)) for name, (path, steps) in policies.items()}
+    results = evaluate_tasks(loaded, tasks, out_dir=run.path)
+    keys = ("success_rate", "ci_low", "ci_high", "mean_length", "latency_ms")
+    for name, by_steps in results["mean"].items():
+        for k, m in by_steps.items():
+            run.log_metrics(0, {key: m[key] for key in keys if key in m}, subset="eval", head=name, steps=k)
+    per_task = {task: _summary_table(heads, run.path) for task, heads in results["tasks"].items()}
+    mean = _summary_table(results["mean"], run.path)
+    run.update_summary({"tasks": per_task, "mean": mean, "paired": results["paired"],
+                        "paired_by_task": results["paired_by_task"], "eval_protocol": results["protocol"]})
+    for task, heads in per_task.items():
+        print(f"{task}\n{eval_table(heads)}")
+    print(f"mean over {len(per_task)} tasks\n{eval_table(mean)}")
+    if results["paired"]:
+        print(paired_table(results["paired"]))
+
+
+def _summary_table(results: dict, root: Path) -> dict:
+    """{head: {steps: Evaluator metrics}} as summary.json stores it (see `_relative`)."""
+    return {name: {str(k): _relative(m, root) for k, m in by_steps.items()} for name, by_steps in results.items()}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from reflow_exp import flow, prefix
+from reflow_exp import distributed, flow, prefix
 from reflow_exp.backbone import Backbone
 from reflow_exp.heads import ActionHead
 from reflow_exp.policy import Policy
@@ -105,7 +105,7 @@ class Reflow(nn.Module):
         """Velocity MSE (or pseudo-Huber) against z − x; metrics: the loss binned by t."""
         shared = self.encode(batch)
         noise, action = self.coupling.pairs(self, batch, shared)
-        t = self.time_sampler(noise.shape[0], device=noise.device)
+        t = distributed.rank_rows(lambda n: self.time_sampler(n, device=noise.device), noise.shape[0])
         squared = self.student_squared_error(batch, noise, action, t, shared)
         mask = self.valid_mask(squared)
         # c from d = the supervised values: every chunk step's real action dims

@@ -5,8 +5,13 @@
 
 Gin files are found relative to the working directory or the repo's ``gin/`` folder (so are
 their ``include``s). The whole config is checked before anything is built or written: syntax,
-unknown configurables/parameters/references, and parameters whose Python default is
-``gin.REQUIRED`` but that no binding sets. Problems exit with code 2 and name file and line.
+unknown configurables/parameters/references, undefined macros, parameters whose Python default
+is ``gin.REQUIRED`` but that no binding sets, and literal values whose type does not fit the
+parameter's annotation (``reflow_exp.config_types``). Problems exit with code 2 and name file and
+line, before the run folder exists.
+
+Exit codes: 0 done, 1 the job failed (status.json in the run folder says why), 2 config error,
+3 another process has the run folder open (nothing written), 130 interrupted (resumable).
 
 Then ``run.*`` (see ``reflow_exp.rundir.run_settings``) picks the job and the run folder
 ``<run.runs_dir>/<run.name>``; the job is called as ``job(run_dir)``, or as
@@ -37,12 +42,14 @@ from typing import Any, Iterator, NamedTuple
 import gin
 from gin import config_parser
 
-from reflow_exp import jobs, rundir, trainer, tracking  # noqa: F401  register the configurables
+from reflow_exp import config_types
+from reflow_exp import distributed, jobs, rundir, trainer, tracking  # noqa: F401  register the configurables
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 EXIT_CONFIG_ERROR = 2
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_RUN_LOCKED = 3  # another process has the run folder open
 
 gin.add_config_file_search_path(str(GIN_DIR))  # for gin's own `include` resolution
 
@@ -69,27 +76,76 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
+    try:
+        distributed.check_devices()  # a wrong GPU index fails here, before the run folder exists
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
     if args.dry_run:
         return _dry_run(settings)
 
-    with rundir.RunDir(
-        settings.path, seed=settings.seed, config_text=config.text, hparams=config.hparams
-    ) as run:
-        print(f"Job {_name(settings.job)} in {run.path}")
+    try:
+        distributed.start(settings.dist_timeout_s)
+    except distributed.UnreachableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    try:
+        return _open_and_run(settings, config)
+    finally:
+        distributed.stop()
+
+
+def _open_and_run(settings: rundir.RunSettings, config: Config) -> int:
+    """Open the run folder (rank 0; the other processes share it) and run the job in it."""
+    try:
+        run = _open_run(settings, config)
+    except rundir.RunLocked as e:  # another process has this run folder open; nothing was written
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUN_LOCKED
+    with run:
+        print(f"Job {_name(settings.job)} in {run.path} on {distributed.describe()}")
         run.save_operative_config()
-        try:
-            with _sigterm_as_keyboard_interrupt():
-                rundir.seed_everything(settings.seed)  # last, so nothing before shifts the stream
-                settings.job(run)
-        except KeyboardInterrupt:
-            print("Interrupted; the run resumes from its last checkpoint if started again.", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except Exception:
-            traceback.print_exc()  # into log.txt too: the tee is still installed
-            return EXIT_JOB_FAILED
-        finally:
-            run.save_operative_config()
-    return 0
+        code, message = _run_job(settings, run)
+        run.save_operative_config()
+        run.record_exit(_STATUS.get(code, "failed"), code, message)
+    return code
+
+
+_STATUS = {0: "finished", EXIT_INTERRUPTED: "interrupted"}
+
+
+def _run_job(settings: rundir.RunSettings, run: rundir.RunDir) -> tuple[int, str]:
+    """Run the job; returns (exit code, one-line reason for status.json)."""
+    try:
+        with _sigterm_as_keyboard_interrupt():
+            rundir.seed_everything(settings.seed)  # last, so nothing before shifts the stream
+            settings.job(run)
+    except KeyboardInterrupt:
+        print("Interrupted; the run resumes from its last checkpoint if started again.", file=sys.stderr)
+        return EXIT_INTERRUPTED, "interrupted"
+    except trainer.TrainingDiverged as e:  # a known end: the message says it all, no traceback
+        print(f"error: {_reason(e)}", file=sys.stderr)
+        return EXIT_JOB_FAILED, _reason(e)
+    except Exception as e:
+        traceback.print_exc()  # into log.txt too: the tee is still installed
+        return EXIT_JOB_FAILED, f"{type(e).__name__}: {_reason(e)}"
+    return 0, ""
+
+
+def _reason(error: Exception) -> str:
+    """The error's message without the "In call to configurable ..." lines gin appends."""
+    return str(error).split("\n  In call to configurable")[0]
+
+
+def _open_run(settings: rundir.RunSettings, config: Config) -> rundir.RunDir | rundir.WorkerRun:
+    """Rank 0 (or the only process) opens the run folder; the others wait for it, then share it."""
+    if distributed.is_main():
+        run = rundir.RunDir(settings.path, seed=settings.seed, config_text=config.text, hparams=config.hparams)
+        distributed.barrier()
+        return run
+    distributed.barrier()  # rank 0 has created the folder (and resumed or started its Aim run)
+    return rundir.WorkerRun(settings.path, seed=settings.seed)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,6 +159,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _dry_run(settings: rundir.RunSettings) -> int:
     state = "exists: would resume" if settings.path.exists() else "would be created"
     print(f"Dry run: job {_name(settings.job)}, run folder {settings.path} ({state}); nothing is written.")
+    print(f"Device: {distributed.describe()}")
     print(gin.config_str())
     if not _accepts_dry_run(settings.job):
         print(f"Job {_name(settings.job)} has no dry_run parameter; not called.")
@@ -164,6 +221,9 @@ def load_config(gin_files: list[str], gin_params: list[str]) -> Config:
         texts.append("# ---- --gin_param\n" + "\n".join(gin_params) + "\n")
         scanner.scan_params(gin_params)
 
+    undefined = scanner.undefined_macros()  # gin's own message for these names no file
+    if undefined:
+        raise ConfigError("\n".join(undefined))
     # The scan caught the usual mistakes with exact locations; gin's own parse checks the rest.
     root_logger = logging.getLogger()
     root_logger.addFilter(_quiet_gin_search)
@@ -174,7 +234,7 @@ def load_config(gin_files: list[str], gin_params: list[str]) -> Config:
     finally:
         root_logger.removeFilter(_quiet_gin_search)
 
-    problems = scanner.missing_required()
+    problems = scanner.missing_required() + scanner.wrong_types()
     if problems:
         raise ConfigError("\n".join(problems))
     return Config(text="\n".join(texts), hparams=scanner.hparams())
@@ -339,6 +399,29 @@ class _Scanner:
                 problems.append(f"{where}{key} is required; add `{key} = ...` to a gin file or pass --gin_param")
         return problems
 
+    def wrong_types(self) -> list[str]:
+        """Messages for literal values that do not fit the bound parameter's annotation."""
+        problems = []
+        for stmt in self.bindings:
+            if not stmt.arg_name or self._dynamic_registration:
+                continue
+            with contextlib.suppress(ValueError, KeyError):
+                expected = config_types.annotation(gin.get_configurable(stmt.selector), stmt.arg_name)
+                problem = config_types.type_problem(stmt.value, expected, _is_marker)
+                if problem:
+                    problems.append(f"{_where(stmt.location)}: {stmt.selector}.{stmt.arg_name}: {problem}")
+        return problems
+
+    def undefined_macros(self) -> list[str]:
+        """Messages for ``%NAME`` uses that no ``NAME = ...`` defines (gin would fail at run time)."""
+        defined = {stmt.selector for stmt in self.bindings if not stmt.arg_name}
+        return [
+            f"{_where(stmt.location)}: macro %{macro.name} is not defined; add `{macro.name} = ...` to a gin file"
+            for stmt in self.bindings
+            for macro in _macros(stmt.value)
+            if macro.name not in defined and not macro.name.startswith("gin.")  # %gin.REQUIRED
+        ]
+
     def hparams(self) -> dict:
         """Final bindings as ``{"Trainer": {"lr": 1e-4}, "teacher/Head": {...}}`` of plain values."""
         out: dict[str, dict] = {}
@@ -372,6 +455,22 @@ def _refs(value: Any) -> Iterator[_Ref]:
     elif isinstance(value, (list, tuple)) and not isinstance(value, _Macro):
         for v in value:
             yield from _refs(v)
+
+
+def _macros(value: Any) -> Iterator[_Macro]:
+    """Every macro inside a parsed value (nested containers included)."""
+    if isinstance(value, _Macro):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _macros(v)
+    elif isinstance(value, (list, tuple)) and not isinstance(value, _Ref):
+        for v in value:
+            yield from _macros(v)
+
+
+def _is_marker(value: Any) -> bool:
+    return isinstance(value, (_Ref, _Macro))
 
 
 def _plain(value: Any) -> Any:

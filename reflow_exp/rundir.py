@@ -7,16 +7,27 @@
     log.txt                everything printed to stdout/stderr (line-buffered: tail it live)
     metrics.jsonl          one JSON object per log_metrics call
     summary.json           machine-readable results (DESIGN.md §5)
+    status.json            how the last session ended: {"status", "exit_code", "message", "pid",
+                           "started", "ended"}; "running" while a process holds the folder
     checkpoints/           see checkpoint.py
     aim_run_hash.txt       the Aim run this folder logs to
+    .lock                  flock-ed by the process that has the folder open (its pid inside)
 
 Running again with the same ``run.name`` resumes: the folder is reopened, logs are appended to
-and the trainer continues from ``checkpoints/last``.
+and the trainer continues from ``checkpoints/last``. Only one process at a time may have a run
+folder open: a second one is refused (``RunLocked``) before it writes anything. The lock is the
+kernel's (``flock``), so it goes with its process, even a SIGKILLed one: a stale ``.lock`` file
+never blocks.
+
+Non-finite metric values (NaN, ±inf) are written as ``null`` in metrics.jsonl, so every line is
+strict JSON.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import random
 import sys
@@ -27,7 +38,8 @@ from typing import Any, Callable, Mapping, TextIO
 
 import gin
 
-from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
+from reflow_exp.checkpoint import checkpoint_step, fsync_dir, latest_checkpoint
+from reflow_exp.distributed import DEFAULT_TIMEOUT_S
 from reflow_exp.tracking import Tracker, deep_merge
 
 CONFIG_FILE = "config.gin"
@@ -36,6 +48,12 @@ LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+STATUS_FILE = "status.json"
+LOCK_FILE = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another live process has this run folder open; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,7 @@ class RunSettings:
     name: str
     runs_dir: Path
     seed: int
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def path(self) -> Path:
@@ -53,7 +72,13 @@ class RunSettings:
 
 
 @gin.configurable("run")
-def run_settings(job=gin.REQUIRED, name: str | None = None, runs_dir: str = "runs", seed: int = 0) -> RunSettings:
+def run_settings(
+    job=gin.REQUIRED,
+    name: str | None = None,
+    runs_dir: str = "runs",
+    seed: int = 0,
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> RunSettings:
     """Settings of a run, bound in gin as ``run.job = @train_teacher``, ``run.name = "x"``, ...
 
     Args:
@@ -62,14 +87,20 @@ def run_settings(job=gin.REQUIRED, name: str | None = None, runs_dir: str = "run
         name: run folder name under ``runs_dir``; None → a timestamp ``YYYYmmdd-HHMMSS``.
             An existing folder with that name is resumed.
         runs_dir: folder that holds all run folders (also the Aim repo by default).
-        seed: seeds python, numpy and torch before the job starts.
+        seed: seeds python, numpy and torch before the job starts (the same in every process).
+        dist_timeout_s: with several processes (torchrun / accelerate launch), how long a process
+            waits to reach rank 0 and, later, for the others at each synchronisation point.
     """
     if not callable(job):
         raise TypeError(f"run.job must be a job reference like `@train_teacher`, got {job!r}")
     name = name or time.strftime("%Y%m%d-%H%M%S")
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"run.name must be a plain folder name, got {name!r}")
-    return RunSettings(job=job, name=name, runs_dir=Path(runs_dir), seed=int(seed))
+    if not dist_timeout_s > 0:
+        raise ValueError(f"run.dist_timeout_s must be > 0 seconds, got {dist_timeout_s!r}")
+    return RunSettings(
+        job=job, name=name, runs_dir=Path(runs_dir), seed=int(seed), dist_timeout_s=float(dist_timeout_s)
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -94,7 +125,11 @@ class RunDir:
         config_text: text for ``config.gin`` (the gin files and bindings as given).
         hparams: nested dict of hyper-parameters for Aim (e.g. the parsed gin bindings).
         tracker: a ready Tracker; None → ``Tracker(path)`` configured by gin.
+
+    With several processes only rank 0 opens a RunDir; the others get a ``WorkerRun``.
     """
+
+    is_main = True  # the process that writes (see WorkerRun)
 
     def __init__(
         self,
@@ -109,7 +144,7 @@ class RunDir:
         self.seed = seed
         self.checkpoints_dir = self.path / CHECKPOINTS_DIR
         resuming = self.checkpoints_dir.is_dir()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_run_folder(self.path)  # first: a refused process writes nothing
         self.tracker: Tracker | None = None
         self._log = open(self.path / LOG_FILE, "a", buffering=1, encoding="utf-8")
         self._stdout, self._stderr = sys.stdout, sys.stderr
@@ -125,6 +160,9 @@ class RunDir:
                 print(f"[{stamp}] Run folder {self.path} has no complete checkpoint; starting at step 0")
             else:
                 print(f"[{stamp}] Run folder {self.path}")
+            self._started = time.time()
+            _write_atomic(self.path / STATUS_FILE, json.dumps(
+                {"status": "running", "pid": os.getpid(), "started": self._started}) + "\n")
             if config_text is not None:
                 self._write_config(config_text)
             self.summary: dict = _read_json(self.path / SUMMARY_FILE)
@@ -147,9 +185,10 @@ class RunDir:
         if reserved:
             raise ValueError(f"metric names {sorted(reserved)} are reserved in metrics.jsonl; rename them")
         context = {k: _jsonable(v) for k, v in context.items()}
-        record = {"step": int(step), "time": time.time(), "context": context, **values}
+        finite = {k: v if math.isfinite(v) else None for k, v in values.items()}  # strict JSON: null
+        record = {"step": int(step), "time": time.time(), "context": context, **finite}
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         for name, value in values.items():
             self.tracker.track(name, value, step=step, context=context)
 
@@ -158,6 +197,12 @@ class RunDir:
         self.summary = deep_merge(self.summary, _jsonable(update))
         _write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
         return self.summary
+
+    def record_exit(self, status: str, exit_code: int, message: str = "") -> None:
+        """Write status.json for this session's end (``status``: finished, failed, interrupted)."""
+        record = {"status": status, "exit_code": int(exit_code), "message": message, "pid": os.getpid(),
+                  "started": self._started, "ended": time.time()}
+        _write_atomic(self.path / STATUS_FILE, json.dumps(record, indent=2) + "\n")
 
     def save_operative_config(self) -> str:
         """Write operative_config.gin (values of every configurable called so far) and log it."""
@@ -191,8 +236,53 @@ class RunDir:
                 sys.stderr.flush_pending()
                 sys.stderr = self._stderr
             self._log.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WorkerRun:
+    """What ranks > 0 of a multi-process run get instead of a ``RunDir``: the same folder, seed and
+    checkpoints (to resume from), and writing methods that do nothing, because rank 0 writes the
+    config, log, metrics, summary, Aim run and checkpoints. Its stdout is discarded (rank 0 prints
+    for everyone); stderr stays, so errors still show.
+    """
+
+    is_main = False
+
+    def __init__(self, path: str | Path, *, seed: int = 0):
+        self.path = Path(path)
+        self.seed = seed
+        self.checkpoints_dir = self.path / CHECKPOINTS_DIR
+        self.summary: dict = {}
+        self.tracker = Tracker(self.path, enabled=False)
+        self._stdout, self._devnull = sys.stdout, open(os.devnull, "w")
+        sys.stdout = self._devnull
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any], **context: Any) -> None:
+        pass
+
+    def update_summary(self, update: Mapping[str, Any]) -> dict:
+        return self.summary
+
+    def save_operative_config(self) -> str:
+        return ""
+
+    def record_exit(self, status: str, exit_code: int, message: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        if sys.stdout is self._devnull:
+            sys.stdout = self._stdout
+        self._devnull.close()
+
+    def __enter__(self) -> "WorkerRun":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -272,8 +362,52 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def lock_run_folder(path: Path) -> int | None:
+    """Create the run folder if needed and take an exclusive ``flock`` on ``<path>/.lock``, held
+    until the returned descriptor is closed (or the process dies). The lock file records the
+    owner (pid, command line, start time) for the message a refused process prints.
+
+    Under torchrun only rank 0 locks (the other ranks belong to the same run); returns None then.
+
+    Raises:
+        RunLocked: another live process holds the lock.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        owner = _read_json_quietly(path / LOCK_FILE)
+        pid = owner.get("pid", "?")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["started"])) if "started" in owner else "?"
+        raise RunLocked(
+            f"run folder {path} is in use by process {pid} (started {since}: {owner.get('command', '?')}). "
+            f"Wait for it to end or stop it (kill -INT {pid}), or choose another run.name."
+        ) from None
+    owner = {"pid": os.getpid(), "started": time.time(), "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+    return fd
+
+
+def _read_json_quietly(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + os.replace, so readers never see a half-written file."""
+    """Write via a temp file + os.replace, so readers never see a half-written file; fsynced
+    (file, then folder), so the new content also survives a power loss."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -8,6 +8,12 @@ The model contract is small::
 Only parameters with ``requires_grad`` are optimised and checkpointed. A run folder with a
 checkpoint is resumed: trainable parameters, optimizer, scheduler, RNG and the position in the
 data (epoch, batch) are restored, and training continues to the same total ``steps``.
+
+With N processes (torchrun / accelerate launch; see ``reflow_exp.distributed``) the model is
+wrapped in DDP, each process reads its own shard of every epoch (the dataloader's batch size is
+per process: global batch = batch × N), logged metrics are means over all processes, and only
+rank 0 logs and writes checkpoints. Resume with the same N: the data position is counted in
+per-process batches.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from typing import Any, Callable, Iterator, Mapping
 import gin
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from lerobot.optim import load_optimizer_state, load_scheduler_state, save_optimizer_state, save_scheduler_state
 from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.random_utils import load_rng_state, save_rng_state
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from reflow_exp import distributed
 from reflow_exp.checkpoint import latest_checkpoint, save_checkpoint
 from reflow_exp.rundir import RunDir
 
@@ -35,6 +42,10 @@ PRETRAINED_MODEL_DIR = "pretrained_model"
 TRAINING_STATE_DIR = "training_state"
 TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
 TRAINING_STEP_FILE = "training_step.json"  # LeRobot's name; we add epoch/batch/first_loss
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient or the parameters became NaN or infinite; the message says where."""
 
 
 @gin.configurable
@@ -54,7 +65,11 @@ class Trainer:
         keep_last_checkpoints: keep only this many newest checkpoints (None: keep all).
         eval_every: call ``fit``'s ``evaluate(step)`` every this many steps (None or 0: never;
             the job evaluates at the end itself).
-        mixed_precision: accelerate's "no", "fp16" or "bf16".
+        mixed_precision: accelerate's "no", "fp16" (CUDA only) or "bf16" (CPU, or a GPU with bf16:
+            compute capability >= 8.0); float32 weights, the forward under autocast.
+        find_unused_parameters: with several processes, let DDP skip trainable weights that get no
+            gradient in a step (costs a graph traversal per step); the sandbox teacher, which trains
+            its VLM, needs it (the last VLM layer's outputs are unused).
     """
 
     def __init__(
@@ -73,6 +88,7 @@ class Trainer:
         keep_last_checkpoints: int | None = None,
         eval_every: int | None = None,
         mixed_precision: str = "no",
+        find_unused_parameters: bool = False,
     ):
         if steps < 1:
             raise ValueError(f"Trainer.steps must be >= 1, got {steps}")
@@ -84,6 +100,7 @@ class Trainer:
             raise ValueError(f"Trainer.decay_steps must be >= 1 or None (= steps), got {decay_steps}")
         if mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"Trainer.mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+        distributed.check_mixed_precision(mixed_precision)
         self.steps = steps
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.grad_clip_norm = grad_clip_norm
@@ -95,6 +112,7 @@ class Trainer:
         self.keep_last_checkpoints = keep_last_checkpoints
         self.eval_every = eval_every or None
         self.mixed_precision = mixed_precision
+        self.find_unused_parameters = find_unused_parameters
 
     def fit(
         self,
@@ -110,7 +128,7 @@ class Trainer:
         Args:
             model: ``nn.Module`` with ``loss(batch)`` and ``save_pretrained(dir)``.
             dataloader: a shuffling DataLoader; cycled over epochs, reshuffled each epoch.
-            run: the run folder (metrics, checkpoints).
+            run: the run folder (metrics, checkpoints); a ``WorkerRun`` on ranks > 0.
             preprocess: applied to each batch after the dataloader (on the device), e.g. the
                 teacher making (noise, action) pairs.
             context: extra Aim context for the metrics, e.g. ``{"head": "student"}``.
@@ -128,6 +146,7 @@ class Trainer:
             step_scheduler_with_optimizer=False,
             # The shuffle order depends on (seed, epoch) only, so a resumed run can find its place.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.find_unused_parameters)],
         )
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -139,7 +158,10 @@ class Trainer:
         wrapped, optimizer, dataloader, scheduler = accelerator.prepare(_LossForward(model), optimizer, dataloader, scheduler)
 
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "first_loss": None}
-        ckpt = latest_checkpoint(run.checkpoints_dir, clean=accelerator.is_main_process)
+        if accelerator.is_main_process:  # only rank 0 may delete a crashed save's leftovers
+            latest_checkpoint(run.checkpoints_dir, clean=True)
+        accelerator.wait_for_everyone()
+        ckpt = latest_checkpoint(run.checkpoints_dir)
         if ckpt is not None:
             state = _load_training_state(ckpt / TRAINING_STATE_DIR, model, optimizer, scheduler)
             print(f"Resuming training from {ckpt} (step {state['step']} of {self.steps})")
@@ -155,11 +177,17 @@ class Trainer:
             batch = preprocess(next(batches))
             loss, metrics = wrapped(batch)  # prepare() already wrapped forward in autocast
             loss_value = loss.item()
+            self._check_finite("loss", loss_value, step + 1, run)
             if state["first_loss"] is None:  # "loss at start", before any update
-                state["first_loss"] = loss_value
-                self._log(run, accelerator, 0, {"loss": loss_value, **metrics}, context)
+                first = _Window()
+                first.add(loss=loss_value, **metrics)
+                logged = first.means(accelerator)
+                state["first_loss"] = logged["loss"]
+                self._log(run, accelerator, 0, logged, context)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, self.grad_clip_norm or math.inf)
+            if self.mixed_precision != "fp16":  # fp16's grad scaler skips overflowing steps itself
+                self._check_finite("the gradient norm", grad_norm.item(), step + 1, run)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -170,7 +198,8 @@ class Trainer:
 
             if step % self.log_every == 0 or step == self.steps:
                 now = time.perf_counter()
-                logged = window.means() | {"lr": scheduler.get_last_lr()[0], "steps_per_s": window.count / (now - t_log)}
+                speed = {"lr": scheduler.get_last_lr()[0], "steps_per_s": window.count / (now - t_log)}
+                logged = window.means(accelerator) | speed
                 self._log(run, accelerator, step, logged, context)
                 state["last_loss"], t_log, window = logged["loss"], now, _Window()
             if evaluate and self.eval_every and step % self.eval_every == 0 and step < self.steps:
@@ -179,6 +208,9 @@ class Trainer:
                 wrapped.train()  # evaluate may have switched the model to eval mode
             if (self.save_every and step % self.save_every == 0) or step == self.steps:
                 state.update(step=step, epoch=batches.epoch, batch_in_epoch=batches.index)
+                bad = next((n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+                if bad is not None:
+                    self._check_finite(f"parameter {bad}", math.nan, step, run)
                 self._save(run, accelerator, wrapped, optimizer, scheduler, state)
         bar.close()
         # ---------------------------------------------------------------------------------------
@@ -193,6 +225,18 @@ class Trainer:
         }
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _check_finite(self, what: str, value: float, step: int, run: RunDir) -> None:
+        """Raise ``TrainingDiverged`` if ``value`` is NaN/inf: the step, the cause, what to try."""
+        if math.isfinite(value):
+            return
+        kept = latest_checkpoint(run.checkpoints_dir)
+        kept_text = f"checkpoint {kept.name} (the last finite one) is kept" if kept else "no checkpoint was saved"
+        raise TrainingDiverged(
+            f"{what} is {value} at step {step}; training stopped and {kept_text}. Lower Trainer.lr "
+            f"(now {self.lr:g}), keep Trainer.grad_clip_norm set (now {self.grad_clip_norm}), or check the "
+            "data for NaN/inf values."
+        )
 
     def _log(self, run: RunDir, accelerator: Accelerator, step: int, metrics: dict, context: dict) -> None:
         if not accelerator.is_main_process:
@@ -241,7 +285,11 @@ class _LossForward(torch.nn.Module):
 
 
 class _Window:
-    """Running means of the metrics since the last log line."""
+    """Running means of the metrics since the last log line, over all processes.
+
+    Each process sees its own part of every global batch; all parts have the same size, so the
+    mean over processes of their means is the mean over the global batch.
+    """
 
     def __init__(self):
         self.sums: dict[str, float] = {}
@@ -252,8 +300,18 @@ class _Window:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
-    def means(self) -> dict[str, float]:
-        return {k: v / self.count for k, v in self.sums.items()}
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """The window's means over every process (a collective: all processes must call it)."""
+        parts = [(self.sums, self.count)]
+        if accelerator.num_processes > 1:
+            parts = [None] * accelerator.num_processes
+            torch.distributed.all_gather_object(parts, (self.sums, self.count))
+        sums, counts = {}, {}
+        for part_sums, part_count in parts:
+            for k, v in part_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + part_count
+        return {k: sums[k] / counts[k] for k in sums}
 
 
 class _Batches:

@@ -25,3 +25,56 @@ def _clear_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+# -- helpers shared by tests that run real processes -------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free TCP port on 127.0.0.1."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(gin_file, *bindings, wait=True)``: ``python -m reflow_exp.run`` in a real process, from
+    the repo root; returns the finished ``subprocess.CompletedProcess`` (text output), or the
+    running ``Popen`` (its own session, output discarded: read the run's log.txt) when
+    ``wait=False``. ``--dry_run`` may be one of the bindings."""
+    import subprocess
+    import sys
+
+    def run(gin_file: str, *bindings: str, wait: bool = True, timeout: float = 300):
+        argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", gin_file]
+        for binding in bindings:
+            argv += [binding] if binding.startswith("--") else ["--gin_param", binding]
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        if not wait:
+            # Never a pipe: nobody reads it while the run goes on, and a full pipe would block the run.
+            return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, cli):
+    """A finished tiny teacher run folder (gin/sandbox/tiny.gin: checkpoints at steps 3 and 6),
+    trained by a real process once per session; its sandbox cache is ``<its runs dir>/sandbox``.
+    Copy it before changing anything in it."""
+    root = tmp_path_factory.mktemp("tiny-teacher")
+    result = cli("gin/sandbox/tiny.gin", f'run.runs_dir = "{root / "runs"}"',
+                 f'sandbox_source.root = "{root / "runs" / "sandbox"}"', "Tracker.enabled = False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "tiny-teacher"

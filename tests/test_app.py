@@ -118,6 +118,39 @@ def test_gpus_parse_and_device_checks():
         gpus.resolve_device("tpu", found)
 
 
+TWO_GPUS = [gpus.Gpu(0, "GPU-aaa", "NVIDIA H100", 81559.0, 500.0, 0.0),
+            gpus.Gpu(1, "GPU-bbb", "NVIDIA H100", 81559.0, 500.0, 0.0)]
+
+
+def test_several_gpus_and_busy_gpus():
+    assert gpus.resolve_device("0,1", TWO_GPUS) == "0,1" and gpus.resolve_device(" 1 , 0 ", TWO_GPUS) == "1,0"
+    assert gpus.device_choices(TWO_GPUS)[2] == ("All 2 GPUs (0,1) · one process each", "0,1")
+    assert gpus.device_label("0,1") == "GPUs 0,1 · 2 processes" and gpus.device_label("1") == "GPU 1"
+    assert gpus.process_count("0,1") == 2 and gpus.process_count("") == gpus.process_count("3") == 1
+    for bad, words in (("0,0", "names a GPU twice"), ("0,cpu", "mixes CPU and GPUs"), ("0,2", "GPU 2 does not exist")):
+        with pytest.raises(ValueError, match=words):
+            gpus.resolve_device(bad, TWO_GPUS)
+    apps = gpus.parse_compute_apps("GPU-bbb, 4242\nGPU-bbb, 4343\nno pid line\n")
+    assert apps == {"GPU-bbb": (4242, 4343)}
+    busy = [TWO_GPUS[0], gpus.Gpu(1, "GPU-bbb", "NVIDIA H100", 81559.0, 9000.0, 90.0, pids=apps["GPU-bbb"])]
+    assert busy[1].label.endswith("in use by pid 4242, 4343")
+    with pytest.raises(ValueError, match="GPU 1 is busy: process\\(es\\) 4242, 4343 compute on it"):
+        gpus.resolve_device("0,1", busy)
+
+
+def test_runner_starts_one_process_per_chosen_gpu_with_torchrun(tmp_path):
+    runner = Runner(tmp_path / "runs", list_gpus=lambda: TWO_GPUS)
+    plan = runner.plan("sandbox/tiny.gin", [], "", "0,1", "two-gpus")
+    assert plan.cuda_visible_devices == "0,1" and plan.processes == 2 and plan.master_port > 0
+    assert plan.launch_command[:8] == [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                       str(plan.master_port), "-m"]
+    assert plan.launch_command[8:] == ["reflow_exp.run", *plan.command[3:]]
+    assert plan.command[1:3] == ["-m", "reflow_exp.run"]  # what --dry_run validates: one process
+    assert runner._env(plan.cuda_visible_devices)["CUDA_VISIBLE_DEVICES"] == "0,1"
+    cpu = runner.plan("sandbox/tiny.gin", [], "", "cpu", "on-cpu")
+    assert cpu.processes == 1 and cpu.launch_command == cpu.command  # the CPU: one plain process
+
+
 def test_list_gpus_without_nvidia_smi(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert gpus.list_gpus() == []
@@ -197,13 +230,17 @@ def test_run_status(tmp_path):
     _launched(tmp_path / "lost", dead.pid)  # died without a word
     # Same pid, other process (pid reuse): the recorded start time does not match.
     _launched(tmp_path / "reused", os.getpid(), proc_start=1)
-    # Started from the CLI: no dashboard files.
-    for name, log, summary in [("cli-done", "step 6/6\n", {"train": {}}),
-                               ("cli-stopped", "Interrupted; the run resumes from its last checkpoint\n", {}),
-                               ("cli-failed", "Traceback (most recent call last):\nValueError: x\n", {})]:
+    # Started from the CLI: no dashboard files; the run's own status.json (none: an older run).
+    for name, record, summary in [("cli-done", {}, {"train": {}}),
+                                  ("cli-stopped", {"status": "interrupted", "exit_code": 130}, {}),
+                                  ("cli-failed", {"status": "failed", "exit_code": 1, "message": "ValueError: x"}, {}),
+                                  ("cli-running", {"status": "running", "pid": os.getpid(), "started": time.time()},
+                                   {})]:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "log.txt").write_text(log)
+        (tmp_path / name / "log.txt").write_text("Traceback (most recent call last):\n")  # log text is not read
         runs.write_json_atomic(tmp_path / name / "summary.json", summary)
+        if record:
+            runs.write_json_atomic(tmp_path / name / runs.STATUS_FILE, record)
     (tmp_path / "sandbox" / "data").mkdir(parents=True)  # a data cache, not a run
     (tmp_path / ".aim").mkdir()
 
@@ -211,8 +248,9 @@ def test_run_status(tmp_path):
     assert {n: r.status for n, r in found.items()} == {
         "alive": "running", "done": "finished", "crashed": "failed", "stopped": "stopped", "killed": "stopped",
         "lost": "failed", "reused": "failed", "cli-done": "finished", "cli-stopped": "stopped",
-        "cli-failed": "failed",
+        "cli-failed": "failed", "cli-running": "running",
     }
+    assert found["cli-failed"].detail == "exit code 1: ValueError: x"
     assert found["alive"].device == "GPU 0" and found["cli-done"].device == "—"
     assert found["crashed"].detail == "exit code 1"
     assert found["alive"].alive and not found["done"].alive
@@ -355,12 +393,12 @@ def tiny_run(app, sandbox_root):
     """
     client, dashboard = app
     message, selected = client.predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"', "cpu",
-                                       "tiny-api", api_name="/launch")
+                                       "tiny-api", allow_outside=True, api_name="/launch")  # a shared cache
     assert "Started tiny-api on CPU" in message, message
     assert (selected["value"] if isinstance(selected, dict) else selected) == "tiny-api"  # the run page follows
     side_jobs = {
         "bad_config": client.submit("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"\nTrainer.stepz = 3',
-                                    "cpu", "bad-config", api_name="/launch"),
+                                    "cpu", "bad-config", allow_outside=True, api_name="/launch"),
         "aim": client.submit(api_name="/aim"),
     }
     log = client.submit("tiny-api", api_name="/follow_log").result(timeout=300)
@@ -389,6 +427,7 @@ def test_launch_follow_log_and_read_back(app, tiny_run):
     assert row["last_loss"] == pytest.approx(summary["train"]["last_loss"])
     launch = json.loads((dashboard.runs_dir / name / "dashboard.json").read_text())
     assert launch["cuda_visible_devices"] == "" and launch["command"][1:3] == ["-m", "reflow_exp.run"]
+    assert launch["processes"] == 1  # the CPU: one process, no torchrun
 
     # A fresh dashboard over the same folder (an app restart) finds the run as it was.
     from app.ui import Dashboard
@@ -412,6 +451,20 @@ def test_bad_form_input_starts_nothing(app, form, words):
     assert words in message.replace("&#x27;", "'") and "msg-error" in message
     assert "Traceback" not in message
     assert sorted(os.listdir(dashboard.runs_dir)) == before and not dashboard.runner.running()
+
+
+def test_two_gpus_missing_here_are_refused_before_the_run_folder(app):
+    """The dashboard lists two GPUs (nvidia-smi's answer stubbed: this machine has none); launching
+    on both validates with CUDA_VISIBLE_DEVICES=0,1, which the run's own device check refuses."""
+    client, dashboard = app
+    saved = dashboard.list_gpus, dashboard.runner.list_gpus
+    dashboard.list_gpus = dashboard.runner.list_gpus = lambda: TWO_GPUS
+    try:
+        message, _ = client.predict("sandbox/tiny.gin", [], "", "0,1", "two-gpus", api_name="/launch")
+    finally:
+        dashboard.list_gpus, dashboard.runner.list_gpus = saved
+    assert "CUDA_VISIBLE_DEVICES=0,1 names 2 GPU(s) but CUDA sees 0" in message and "msg-error" in message
+    assert not (dashboard.runs_dir / "two-gpus").exists()
 
 
 def test_config_error_from_the_dry_run_is_shown_inline(app, tiny_run):

@@ -76,6 +76,7 @@ def launch(page, sandbox_root, name: str, extra: str = "") -> None:
     page.locator("#gin-file input").click()
     page.get_by_role("option", name="sandbox/tiny.gin", exact=True).click()
     page.locator("#overrides textarea").fill(f'sandbox_source.root = "{sandbox_root}"\n{extra}')
+    page.locator("#allow-outside input").check()  # the sandbox cache is shared, outside the runs folder
     page.locator("#run-name textarea").fill(name)
     page.locator("#launch").click()
     page.locator("#launch-msg").get_by_text(f"Started {name} on CPU").wait_for(timeout=180_000)

@@ -37,9 +37,18 @@ def resolve_vlm(name_or_path: str) -> str:
 
 def architecture_config(teacher: str) -> SmolVLAConfig:
     """The teacher's SmolVLA config without reading weights: its config.json when `teacher` is a
-    local policy folder, else SmolVLA's defaults; the VLM resolved with `resolve_vlm`."""
-    from reflow_exp.policy import local_policy_folder
+    local policy folder, else (a hub id) SmolVLA's defaults; the VLM resolved with `resolve_vlm`.
+
+    Raises:
+        FileNotFoundError: `teacher` is a local path (see `looks_local`) that does not exist.
+        ValueError: the folder holds another policy type.
+    """
+    from reflow_exp.policy import check_smolvla_folder, local_policy_folder, looks_local
 
     folder = local_policy_folder(teacher)
+    if folder is not None:
+        check_smolvla_folder(folder)
+    elif looks_local(teacher):  # a missing folder, not a hub id: the real run would fail on it
+        raise FileNotFoundError(f"Cannot find the teacher folder {teacher!r} (relative to {Path.cwd()}).")
     config = PreTrainedConfig.from_pretrained(folder) if folder else SmolVLAConfig(**PLACEHOLDER_FEATURES)
     return dataclasses.replace(config, vlm_model_name=resolve_vlm(config.vlm_model_name))

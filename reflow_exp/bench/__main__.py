@@ -1,4 +1,4 @@
-"""Command line: `python -m reflow_exp.bench {startup,train_step,latency,gpu,data} [options]`."""
+"""Command line: `python -m reflow_exp.bench {startup,train_step,latency,gpu,data,metaworld} [options]`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 from reflow_exp.bench import common
 
 DEFAULT_SIZES = {"startup": ["real"], "train_step": ["tiny", "mid", "real"], "latency": ["real"], "gpu": ["real"],
-                 "data": []}
+                 "data": [],
+                 "metaworld": []}  # metaworld: the whole pipeline once (bench/metaworld.py), no sizes
 DEFAULT_REPEATS = {"startup": 3, "train_step": 7, "latency": 9, "gpu": 5, "data": 1}
 # ratio fields copied to the top of <name>.json from the largest size that ran
 HEADLINE = {
@@ -35,6 +36,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (train_step, latency)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own, all cores)")
     parser.add_argument("--plot", type=Path, help="latency/gpu: write the latency-vs-steps PNG here")
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help="metaworld: a binding for every stage, e.g. 'Trainer.steps=100', or for one: "
+                             "'reflow:reflow.batch_size=8' (repeatable)")
     parser.add_argument("--episodes", type=int, nargs="+", default=[200, 2000],
                         help="data: episode counts of the recorded video datasets (default 200 2000)")
     parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers on both sides (default 2)")
@@ -45,7 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.size = args.size or DEFAULT_SIZES[args.name]
-    args.repeats = args.repeats or DEFAULT_REPEATS[args.name]
+    args.repeats = args.repeats or DEFAULT_REPEATS.get(args.name, 1)
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--warmup must be >= 0 and --threads >= 1")
     if min(args.episodes) < 1 or args.workers < 0 or args.batches < 1:
@@ -61,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from reflow_exp.bench import gpu, latency, startup, train_step
 
+    if args.name == "metaworld":
+        from reflow_exp.bench import metaworld
+
+        path = common.write_result(args.out, "metaworld", metaworld.run(args.out, args.gin_param))
+        print(f"\nwrote {path}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 

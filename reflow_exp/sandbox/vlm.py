@@ -107,37 +107,37 @@ def _replace(work: Path, dest: Path) -> None:
 
 # -- the tiny SmolVLM ---------------------------------------------------------------------------
 
-def vocabulary() -> list[str]:
-    """Pad, unk, the image special tokens, punctuation, then every word of the instructions."""
-    words = sorted({word for text in INSTRUCTIONS for word in text.lower().split()})
+def vocabulary(instructions=INSTRUCTIONS) -> list[str]:
+    """Pad, unk, the image special tokens, punctuation, then every word of `instructions`."""
+    words = sorted({word for text in instructions for word in text.lower().split()})
     return [PAD, UNK, *IMAGE_TOKENS.values(), ".", ",", *words]
 
 
-def make_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+def make_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE, instructions=INSTRUCTIONS) -> Path:
     """Write the tiny SmolVLM (weights, config, tokenizer, processors) to `path`; return `path`.
 
+    `instructions`: the texts whose words the tokenizer knows (default: the sandbox's).
     Idempotent: a folder already made with the same arguments is reused as is.
     """
     if image_size % (PATCH_SIZE * SCALE_FACTOR):
         raise ValueError(f"image_size must be a multiple of {PATCH_SIZE * SCALE_FACTOR}, got {image_size}")
     path = Path(path)
     marker = {"kind": "tiny_smolvlm", "version": VLM_VERSION, "seed": seed, "image_size": image_size,
-              "vocabulary": vocabulary()}
-    build_once(path, marker, lambda tmp: _write_vlm(tmp, seed, image_size))
+              "vocabulary": vocabulary(instructions)}
+    build_once(path, marker, lambda tmp: _write_vlm(tmp, seed, image_size, marker["vocabulary"]))
     return path
 
 
-def _write_vlm(folder: Path, seed: int, image_size: int) -> dict:
-    tokenizer = _tokenizer()
+def _write_vlm(folder: Path, seed: int, image_size: int, vocab: list[str]) -> dict:
+    tokenizer = _tokenizer(vocab)
     model = _model(tokenizer, seed, image_size)
     model.save_pretrained(folder)
     _processor(tokenizer, image_size).save_pretrained(folder)
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """Lower-casing word-level tokenizer; unknown words map to <unk>."""
-    vocab = vocabulary()
+def _tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
+    """Lower-casing word-level tokenizer over `vocab`; unknown words map to <unk>."""
     core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation; drops "\n"
