@@ -45,6 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="data: episode counts of the recorded video datasets (default 200 2000)")
     parser.add_argument("--workers", type=int, default=2, help="data: DataLoader workers on both sides (default 2)")
     parser.add_argument("--batches", type=int, default=100, help="data: timed batches per side (default 100)")
+    parser.add_argument("--root", action="append", default=[], metavar="EPISODES=FOLDER",
+                        help="data: use this existing dataset for that episode count instead of recording one")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "data":
         from reflow_exp.bench import data
 
-        report = data.run(sorted(set(args.episodes)), args.cache, batch=args.batch or 32, workers=args.workers,
-                          batches=args.batches)
+        roots = {int(n): folder for n, folder in (item.split("=", 1) for item in args.root)}
+        report = data.run(sorted(set(args.episodes) | set(roots)), args.cache, batch=args.batch or 32,
+                          workers=args.workers, batches=args.batches, roots=roots)
         path = common.write_result(args.out, "data", {"bench": "data", "command": common.command_line(), **report})
         print(f"\nwrote {path}")
         return 0

@@ -28,9 +28,10 @@ TARGETS = {"samples_per_s_ratio": (">=", 1.0), "rss_growth": ("<=", 1.10)}
 
 
 def run(episodes: list[int], cache: Path, batch: int = 32, workers: int = 2, batches: int = 100,
-        timeout_s: float = 1800) -> dict:
-    """Record (or reuse) the datasets, measure both sides per episode count; the report."""
-    roots = {n: record(n, cache) for n in episodes}
+        timeout_s: float = 1800, roots: dict[int, Path] | None = None) -> dict:
+    """Record (or reuse) the datasets, measure both sides per episode count; the report.
+    `roots`: existing dataset folders to use for some episode counts instead of recording."""
+    roots = {n: Path((roots or {}).get(n) or record(n, cache)) for n in episodes}
     machine = common.machine_info()
     results = {}
     for n, root in roots.items():
@@ -45,6 +46,7 @@ def run(episodes: list[int], cache: Path, batch: int = 32, workers: int = 2, bat
         f"rss_gb_{large}": results[f"ours_{large}"]["peak_rss_gb"],
         "rss_gb_lerobot": {n: results[f"lerobot_{n}"]["peak_rss_gb"] for n in episodes},
         "pss_gb": {side: {n: results[f"{side}_{n}"]["peak_pss_gb"] for n in episodes} for side in ("ours", "lerobot")},
+        "datasets": {n: str(root) for n, root in roots.items()},
         "batch": batch, "workers": workers, "batches": batches, "chunk": CHUNK,
         "runs": results, "machine": machine, "load_average_end": common.load_average(),
     }
