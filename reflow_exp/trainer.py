@@ -208,9 +208,7 @@ class Trainer:
                 wrapped.train()  # evaluate may have switched the model to eval mode
             if (self.save_every and step % self.save_every == 0) or step == self.steps:
                 state.update(step=step, epoch=batches.epoch, batch_in_epoch=batches.index)
-                bad = next((n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
-                if bad is not None:
-                    self._check_finite(f"parameter {bad}", math.nan, step, run)
+                self._check_parameters(model, step, run)  # never checkpoint non-finite weights
                 self._save(run, accelerator, wrapped, optimizer, scheduler, state)
         bar.close()
         # ---------------------------------------------------------------------------------------
@@ -237,6 +235,12 @@ class Trainer:
             f"(now {self.lr:g}), keep Trainer.grad_clip_norm set (now {self.grad_clip_norm}), or check the "
             "data for NaN/inf values."
         )
+
+    def _check_parameters(self, model: torch.nn.Module, step: int, run: RunDir) -> None:
+        """``_check_finite`` for the first trainable parameter holding a NaN/inf value, if any."""
+        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+        if bad is not None:
+            self._check_finite(f"parameter {bad}", math.nan, step, run)
 
     def _log(self, run: RunDir, accelerator: Accelerator, step: int, metrics: dict, context: dict) -> None:
         if not accelerator.is_main_process:
