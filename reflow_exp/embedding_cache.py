@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from reflow_exp import prefix
+from reflow_exp.checkpoint import fsync_dir, fsync_file
 from reflow_exp.heads import ActionHead
 
 RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v1"
@@ -230,7 +231,9 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
     if writer is None or row != frames:
         raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
     writer.close()
+    fsync_file(tmp)  # durable like every other atomic write (checkpoint.py)
     tmp.replace(path)
+    fsync_dir(path.parent)
 
 
 class _Writer:

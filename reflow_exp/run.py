@@ -345,7 +345,7 @@ class _Scanner:
                 f"{_where(stmt.location)}: {stmt.selector} has no parameter {stmt.arg_name!r}; "
                 f"its parameters are: {', '.join(params) or '(none)'}"
             )
-        for ref in _refs(stmt.value):
+        for ref in _found(stmt.value, _Ref):
             self._configurable(ref.scoped_selector.split("/")[-1], stmt.location)
 
     @staticmethod
@@ -383,7 +383,7 @@ class _Scanner:
             use(stmt.scope, stmt.selector, stmt.location)
             with contextlib.suppress(ValueError, KeyError):
                 bound[gin.get_configurable(stmt.selector)].add((stmt.scope, stmt.arg_name))
-            for ref in _refs(stmt.value):
+            for ref in _found(stmt.value, _Ref):
                 *ref_scope, selector = ref.scoped_selector.split("/")
                 # A scoped reference replaces the scope; an unscoped one runs in the binding's.
                 use("/".join(ref_scope) or stmt.scope, selector, stmt.location)
@@ -418,7 +418,7 @@ class _Scanner:
         return [
             f"{_where(stmt.location)}: macro %{macro.name} is not defined; add `{macro.name} = ...` to a gin file"
             for stmt in self.bindings
-            for macro in _macros(stmt.value)
+            for macro in _found(stmt.value, _Macro)
             if macro.name not in defined and not macro.name.startswith("gin.")  # %gin.REQUIRED
         ]
 
@@ -445,28 +445,17 @@ def _is_bound(bound: set[tuple[str, str]], scope: str, arg: str) -> bool:
     return any(("/".join(parts[:i]), arg) in bound for i in range(len(parts) + 1))
 
 
-def _refs(value: Any) -> Iterator[_Ref]:
-    """Every configurable reference inside a parsed value (nested containers included)."""
-    if isinstance(value, _Ref):
+def _found(value: Any, kind: type) -> Iterator[Any]:
+    """Every marker of `kind` (`_Ref` or `_Macro`) inside a parsed value, nested containers included
+    (both markers are tuples themselves, so they are never walked into)."""
+    if isinstance(value, kind):
         yield value
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _refs(v)
-    elif isinstance(value, (list, tuple)) and not isinstance(value, _Macro):
+            yield from _found(v, kind)
+    elif isinstance(value, (list, tuple)) and not isinstance(value, (_Ref, _Macro)):
         for v in value:
-            yield from _refs(v)
-
-
-def _macros(value: Any) -> Iterator[_Macro]:
-    """Every macro inside a parsed value (nested containers included)."""
-    if isinstance(value, _Macro):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _macros(v)
-    elif isinstance(value, (list, tuple)) and not isinstance(value, _Ref):
-        for v in value:
-            yield from _macros(v)
+            yield from _found(v, kind)
 
 
 def _is_marker(value: Any) -> bool:
