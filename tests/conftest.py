@@ -6,6 +6,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -78,3 +80,22 @@ def tiny_teacher(tmp_path_factory, cli):
                  f'sandbox_source.root = "{root / "runs" / "sandbox"}"', "Tracker.enabled = False")
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "tiny-teacher"
+
+
+@contextlib.contextmanager
+def running_dashboard(runs_dir, port: int):
+    """The dashboard without a login on 127.0.0.1:`port` over `runs_dir`: yields (url, Dashboard);
+    on exit stops any run a failed test left behind, the Aim explorer and the server."""
+    from app.ui import build_demo, launch_kwargs
+
+    demo = build_demo(runs_dir)
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port,
+                                    quiet=True, **launch_kwargs(runs_dir))
+    try:
+        yield url, demo.dashboard
+    finally:
+        for name in demo.dashboard.runner.running():
+            with contextlib.suppress(Exception):
+                demo.dashboard.runner.stop(name)
+        demo.dashboard.aim.stop()
+        demo.close()

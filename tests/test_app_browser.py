@@ -6,11 +6,12 @@ download is not reachable here)."""
 
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import running_dashboard
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -20,33 +21,12 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: run `make test` (installs it)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, free_port):
     """The dashboard on a free port: (url, its Dashboard)."""
     os.environ["NO_PROXY"] = "localhost,127.0.0.1"
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from app.ui import build_demo, launch_kwargs
-
-    runs_dir = tmp_path_factory.mktemp("dashboard-browser") / "runs"
-    demo = build_demo(runs_dir)
-    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                    quiet=True, **launch_kwargs(runs_dir))
-    try:
-        yield url, demo.dashboard
-    finally:
-        for name in demo.dashboard.runner.running():  # a failed test may leave a run behind
-            try:
-                demo.dashboard.runner.stop(name)
-            except Exception:
-                pass
-        demo.dashboard.aim.stop()
-        demo.close()
+    with running_dashboard(tmp_path_factory.mktemp("dashboard-browser") / "runs", free_port()) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

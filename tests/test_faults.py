@@ -25,6 +25,7 @@ from app.runner import Runner
 from app.runs import LaunchError
 from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import latest_checkpoint
+from tests.conftest import running_dashboard
 from reflow_exp.rundir import RunDir
 from reflow_exp.tracking import Tracker
 
@@ -67,16 +68,8 @@ def teacher_copy(tiny_teacher, tmp_path):
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory, free_port):
     """The dashboard without a login, on 127.0.0.1: (url, Dashboard)."""
-    from app.ui import build_demo, launch_kwargs
-
-    runs_dir = tmp_path_factory.mktemp("faults-dashboard") / "runs"
-    demo = build_demo(runs_dir)
-    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                    quiet=True, **launch_kwargs(runs_dir))
-    try:
-        yield url, demo.dashboard
-    finally:
-        demo.close()
+    with running_dashboard(tmp_path_factory.mktemp("faults-dashboard") / "runs", free_port()) as served:
+        yield served
 
 
 def test_stop_never_signals_a_process_outside_the_runs_folder(dashboard, tmp_path):
