@@ -54,7 +54,7 @@ class Tracker:
 
         import aim
 
-        self.repo.mkdir(parents=True, exist_ok=True)
+        _init_repo(self.repo)
         hash_file = self.run_dir / HASH_FILE
         run_hash = hash_file.read_text().strip() if hash_file.exists() else None
         settings = dict(repo=str(self.repo), experiment=experiment, system_tracking_interval=None,
@@ -166,3 +166,16 @@ def _run_aim_cleanup_inline_at_exit() -> None:
     atexit.unregister(AutoClean.cleanup)
     atexit.unregister(AutoClean._cleanup)
     atexit.register(AutoClean._cleanup)
+
+
+def _init_repo(path: Path) -> None:
+    """Create the Aim repo at `path` once, under a file lock: two runs starting together in a fresh
+    runs folder would otherwise both create `.aim`, and the second, finding it half made (no VERSION
+    yet), fails with a bare RuntimeError from Aim."""
+    from aim.sdk.repo import Repo, RepoStatus
+    from filelock import FileLock
+
+    path.mkdir(parents=True, exist_ok=True)
+    with FileLock(path / ".aim.lock"):
+        if Repo.check_repo_status(str(path)) == RepoStatus.MISSING:
+            Repo.from_path(str(path), init=True)

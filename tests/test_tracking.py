@@ -100,3 +100,30 @@ def test_non_numeric_metric_is_rejected_with_its_name(tmp_path):
             tracker.track("loss", "nan-ish", step=0)
     finally:
         tracker.close()
+
+
+def test_runs_starting_together_share_one_fresh_aim_repo(tmp_path):
+    """Four processes open Trackers in one fresh runs folder at the same instant (a start file
+    releases them): each gets its own Aim run. Without the lock around the repo's creation, the
+    ones that found `.aim` half made failed with Aim's bare RuntimeError."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    script = (
+        "import sys, time, pathlib\n"
+        "from reflow_exp.tracking import Tracker\n"
+        "go = pathlib.Path(sys.argv[1])\n"
+        "while not go.exists(): time.sleep(0.001)\n"
+        "Tracker(pathlib.Path(sys.argv[2]) / f'run{sys.argv[3]}').close()\n"
+    )
+    runs = tmp_path / "runs"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(go), str(runs), str(i)], stderr=subprocess.PIPE,
+                              text=True) for i in range(4)]
+    time.sleep(8)  # every process has imported aim and waits on the start file
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)
+    hashes = {(runs / f"run{i}" / HASH_FILE).read_text().strip() for i in range(4)}
+    assert len(hashes) == 4
