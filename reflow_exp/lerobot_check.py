@@ -1,6 +1,7 @@
 """Roll out an exported policy through LeRobot's own evaluation loop, on the sandbox's seeds.
 
     python -m reflow_exp.lerobot_check runs/sandbox-reflow/student --split report --episodes 500 [--ours]
+    python -m reflow_exp.lerobot_check runs/sandbox-reflow/student --teacher runs/sandbox-teacher --split report
 
 A new user of a distilled student would load it with LeRobot alone: `SmolVLAPolicy.from_pretrained`,
 `make_pre_post_processors` (device override as in `lerobot_eval.py`), and `select_action` with its
@@ -11,6 +12,9 @@ same seeds, so the two loops can be compared: their intervals should overlap. Le
 noise from the global torch generator, seeded here per batch with the batch's first env seed; ours
 draws from one generator per env seed. With `--n_envs 1` the two are the same noise and the loops
 must agree episode by episode; with batches they agree in distribution only.
+
+`--teacher FOLDER` instead rolls out student@1, student@2 and teacher@1, @2, @10, all through LeRobot's
+loop on the same seeds, and applies the sandbox's quality bar (the paired tests included) to them.
 """
 
 from __future__ import annotations
@@ -111,6 +115,41 @@ def check(path: str, split: str = "report", episodes: int = 500, seed: int = 0, 
     return result
 
 
+TARGET_ROWS = (("student", 1), ("student", 2), ("teacher", 1), ("teacher", 2), ("teacher", 10))
+
+
+def targets(student: str, teacher: str, split: str = "report", episodes: int = 500, seed: int = 0,
+            layouts: str = "all", n_envs: int = 10, device: str = "cpu") -> dict:
+    """TARGET_ROWS through LeRobot's loop on one set of seeds: {"protocol", "rows": {"head@steps":
+    rate}, "paired": the three paired comparisons, "quality_bar": `jobs.quality_bar` of them}."""
+    from reflow_exp.jobs import PAIRS, quality_bar
+
+    seeds = eval_seeds(episodes, seed, split, layouts)
+    folders = {"student": student, "teacher": teacher}
+    outcomes = {}
+    for head, steps in TARGET_ROWS:
+        policy, pre, post = load_lerobot_policy(folders[head], device, steps)
+        outcomes[(head, steps)] = lerobot_rollouts(policy, pre, post, seeds, n_envs)[0]
+        print(f"LeRobot select_action  {head}@{steps}: success {sum(outcomes[head, steps]) / len(seeds):.3f}")
+    rows = {f"{head}@{steps}": rate(o) for (head, steps), o in outcomes.items()}
+    paired = {f"{a}@{i} vs {b}@{j}": paired_comparison(outcomes[a, i], outcomes[b, j]) for a, i, b, j in PAIRS}
+    summary = {head: {str(steps): rows[f"{head}@{steps}"] for h, steps in TARGET_ROWS if h == head}
+               for head in folders}
+    return {"protocol": {"student": student, "teacher": teacher, "split": split, "seed": seed, "layouts": layouts,
+                         "episodes": episodes}, "rows": rows, "paired": paired, "quality_bar": quality_bar(summary, paired)}
+
+
+def targets_report(result: dict) -> str:
+    """The printed lines of `targets`."""
+    lines = [f"{name:<12} success {r['success_rate']:.3f}  95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}"
+             for name, r in result["rows"].items()]
+    lines += [f"{name:<24} {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
+              f"McNemar p = {d['p_value']:.4f}" for name, d in result["paired"].items()]
+    lines.append("Quality bar: " + "; ".join(f"{check}: {'PASS' if ok else 'FAIL'}"
+                                             for check, ok in result["quality_bar"].items()))
+    return "\n".join(lines)
+
+
 def report(result: dict) -> str:
     """The printed lines of a check."""
     p = result["protocol"]
@@ -139,13 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_envs", type=int, default=10, help="episodes per batch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ours", action="store_true", help="also run reflow_exp's Evaluator on the same seeds")
+    parser.add_argument("--teacher", default=None,
+                        help="the teacher folder: roll out student@1,2 and teacher@1,2,10 and apply the quality bar")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.n_envs < 1 or (args.num_steps is not None and args.num_steps < 1):
         parser.error("--episodes, --n_envs and --num_steps must be >= 1")
-    options = {k: v for k, v in vars(args).items() if k not in ("policy", "out")}
-    result = check(args.policy, **options)
-    print(report(result))
+    if args.teacher is not None:
+        if args.ours or args.num_steps is not None:
+            parser.error("--teacher runs its own step counts through LeRobot's loop; drop --ours and --num_steps")
+        result = targets(args.policy, args.teacher, args.split, args.episodes, args.seed, args.layouts, args.n_envs,
+                         args.device)
+        print(targets_report(result))
+    else:
+        options = {k: v for k, v in vars(args).items() if k not in ("policy", "out", "teacher")}
+        result = check(args.policy, **options)
+        print(report(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -51,3 +51,25 @@ def test_bad_arguments_fail_before_loading(tmp_path):
         lerobot_check.main([str(tmp_path), "--split", "test"])
     with pytest.raises(SystemExit):
         lerobot_check.main([str(tmp_path), "--episodes", "0"])
+
+
+def test_targets_roll_out_every_row_through_lerobot_and_apply_the_bar(exported_student, tmp_path, capsys):
+    """The student folder doubles as the teacher: student@k and teacher@k are then the same policy on
+    the same seeds, so LeRobot's loop must give them identical outcomes (difference 0, no discordant)."""
+    out = tmp_path / "targets.json"
+    argv = [str(exported_student), "--teacher", str(exported_student), "--split", "dev", "--episodes", "6",
+            "--n_envs", "3", "--out", str(out)]
+    assert lerobot_check.main(argv) == 0
+    assert "Quality bar:" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"student@1", "student@2", "teacher@1", "teacher@2", "teacher@10"}
+    assert all(r["episodes"] == 6 for r in result["rows"].values())
+    same = result["paired"]["student@1 vs teacher@1"]
+    assert same["difference"] == 0 and same["first_only"] == same["second_only"] == 0
+    assert result["rows"]["student@2"] == result["rows"]["teacher@2"]
+    assert "student@1 >= teacher@1 + 0.20" in result["quality_bar"] and not result["quality_bar"]["student@1 >= teacher@1 + 0.20"]
+
+
+def test_targets_refuse_step_overrides(exported_student):
+    with pytest.raises(SystemExit):
+        lerobot_check.main([str(exported_student), "--teacher", str(exported_student), "--num_steps", "2"])
