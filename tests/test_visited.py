@@ -95,17 +95,19 @@ def test_held_out_set_is_unchanged(runs):
     assert errors and teacher_errors_at_start(runs["visited"]) == pytest.approx(errors, rel=1e-6)
 
 
-def test_a_second_run_reuses_the_recording(runs):
+def test_a_second_run_reuses_the_recording_and_online_pairs_train_on_it(runs):
+    """The same run again (it resumes), 2 more steps with the default OnlineCoupling: the recording
+    is reused as it is, and training goes on over the dataset + visited frames."""
     folder = runs["visited"] / visited.FOLDER
     marker = folder / "reflow_exp_sandbox.json"
     before = marker.stat().st_mtime_ns, summary(runs["visited"])["visited"]
     reflow_run(runs["dir"], "with-visited", runs["sandbox"], runs["teacher"], f"reflow.visited_episodes = {EPISODES}",
-               "reflow.visited_teacher_steps = 2")  # the same run again: resumes
+               "reflow.visited_teacher_steps = 2", "reflow.coupling = @OnlineCoupling()", "Trainer.steps = 6")
     log = (runs["visited"] / "log.txt").read_text()
     assert f"[Reflow] Reusing the teacher's recorded rollouts in {folder}" in log
-    assert "[Reflow] Reusing cached pairs" in log
     assert (marker.stat().st_mtime_ns, summary(runs["visited"])["visited"]) == before
     assert not list(folder.parent.glob(".visited.tmp-*"))  # no scratch folder left behind
+    assert summary(runs["visited"])["train"]["steps"] == 6
 
 
 @pytest.mark.parametrize("binding, message", [
@@ -155,3 +157,23 @@ def test_visited_frames_are_the_teachers_executed_steps(runs):
             moves += 1
     assert moves == len(state) - EPISODES
     assert {dataset[0]["task"], dataset[len(dataset) - 1]["task"]} <= set(INSTRUCTIONS)
+
+
+def test_two_processes_record_once_and_train_on_the_same_frames(runs):
+    """torchrun with 2 gloo ranks: rank 0 records while rank 1 waits, then both read the recording;
+    the merged pair file covers the same frames as the 1-process run's."""
+    from tests.test_distributed import launch, torchrun
+
+    params = [f'run.runs_dir = "{runs["dir"]}"', 'run.name = "two-ranks"', f'sandbox_source.root = "{runs["sandbox"]}"',
+              f'reflow.teacher = "{runs["teacher"]}"', "Tracker.enabled = False", "reflow.coupling = @CachedCoupling()",
+              "CachedCoupling.teacher_steps = 3", "reflow.batch_size = 4", "reflow.teacher_eval_steps = ()",
+              "reflow.student_eval_steps = ()", f"reflow.visited_episodes = {EPISODES}", "reflow.visited_teacher_steps = 2"]
+    result = launch(torchrun(), "gin/sandbox/tiny_reflow.gin", [x for p in params for x in ("--gin_param", p)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = runs["dir"] / "two-ranks"
+    assert summary(folder)["visited"] == summary(runs["visited"])["visited"]  # same seeds, same teacher
+    pairs = load_file(folder / "reflow_pairs.safetensors")["index"]
+    one_process = load_file(runs["visited"] / "reflow_pairs.safetensors")["index"]
+    assert sorted(pairs.tolist()) == sorted(one_process.tolist())
+    assert (result.stdout + result.stderr).count("recording teacher@2 rollouts:   0%") == 1  # one process recorded
+    assert "Reusing the teacher's recorded rollouts" not in (folder / "log.txt").read_text()  # and it was rank 0
