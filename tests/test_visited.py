@@ -6,12 +6,15 @@ import json
 import numpy as np
 import pytest
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reflow_exp import jobs, run, visited
-from reflow_exp.sandbox.task import EVAL_SEED_OFFSETS, SEED_STRIDE, TRAIN_SEED_OFFSET, VISITED_SEED_OFFSET
-from reflow_exp.sandbox.task import visited_seeds
+from reflow_exp.sandbox.task import (
+    EVAL_SEED_OFFSETS, HELDOUT_LAYOUTS, INSTRUCTIONS, MAX_STEP, SEED_STRIDE, TRAIN_SEED_OFFSET, VISITED_SEED_OFFSET,
+    layout_of, visited_seeds,
+)
 
 EPISODES = 2  # visited rollouts in the tests
 
@@ -142,10 +145,6 @@ def test_visited_seeds_meet_no_training_or_evaluation_seed():
 def test_visited_frames_are_the_teachers_executed_steps(runs):
     """Each frame holds the observation the teacher acted from and the action the env executed:
     the next frame's state is this one's moved by that action (capped at MAX_STEP, kept in the square)."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-    from reflow_exp.sandbox.task import INSTRUCTIONS, MAX_STEP
-
     dataset = LeRobotDataset(visited.REPO_ID, root=runs["visited"] / visited.FOLDER)
     table = dataset.hf_dataset.with_format("numpy")[:]
     state, action, episode = table["observation.state"], table["action"], table["episode_index"]
@@ -164,10 +163,12 @@ def test_two_processes_record_once_and_train_on_the_same_frames(runs):
     the merged pair file covers the same frames as the 1-process run's."""
     from tests.test_distributed import launch, torchrun
 
-    params = [f'run.runs_dir = "{runs["dir"]}"', 'run.name = "two-ranks"', f'sandbox_source.root = "{runs["sandbox"]}"',
+    params = [f'run.runs_dir = "{runs["dir"]}"', 'run.name = "two-ranks"',
+              f'sandbox_source.root = "{runs["sandbox"]}"',
               f'reflow.teacher = "{runs["teacher"]}"', "Tracker.enabled = False", "reflow.coupling = @CachedCoupling()",
               "CachedCoupling.teacher_steps = 3", "reflow.batch_size = 4", "reflow.teacher_eval_steps = ()",
-              "reflow.student_eval_steps = ()", f"reflow.visited_episodes = {EPISODES}", "reflow.visited_teacher_steps = 2"]
+              "reflow.student_eval_steps = ()", f"reflow.visited_episodes = {EPISODES}",
+              "reflow.visited_teacher_steps = 2"]
     result = launch(torchrun(), "gin/sandbox/tiny_reflow.gin", [x for p in params for x in ("--gin_param", p)])
     assert result.returncode == 0, result.stderr[-3000:]
     folder = runs["dir"] / "two-ranks"
@@ -177,3 +178,4 @@ def test_two_processes_record_once_and_train_on_the_same_frames(runs):
     assert sorted(pairs.tolist()) == sorted(one_process.tolist())
     assert (result.stdout + result.stderr).count("recording teacher@2 rollouts:   0%") == 1  # one process recorded
     assert "Reusing the teacher's recorded rollouts" not in (folder / "log.txt").read_text()  # and it was rank 0
+    assert not {layout_of(s) for s in visited_seeds(20, layouts="train")} & HELDOUT_LAYOUTS
