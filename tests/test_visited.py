@@ -98,6 +98,18 @@ def test_held_out_set_is_unchanged(runs):
     assert errors and teacher_errors_at_start(runs["visited"]) == pytest.approx(errors, rel=1e-6)
 
 
+def test_normalisation_stays_the_teachers(runs):
+    """The visited frames never re-derive statistics: the student's processors hold the teacher's."""
+    teacher = runs["teacher"] / "checkpoints" / "last" / "pretrained_model"
+    recorded = json.loads((runs["visited"] / visited.FOLDER / "meta" / "stats.json").read_text())
+    for name in ("policy_preprocessor_step_5_normalizer_processor", "policy_postprocessor_step_0_unnormalizer_processor"):
+        ours = load_file(runs["visited"] / "student" / f"{name}.safetensors")
+        theirs = load_file(teacher / f"{name}.safetensors")
+        assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+        mean = ours["action.mean"].tolist()
+        assert mean != pytest.approx(recorded["action"]["mean"])  # the teacher's, not the recording's
+
+
 def test_a_second_run_reuses_the_recording_and_online_pairs_train_on_it(runs):
     """The same run again (it resumes), 2 more steps with the default OnlineCoupling: the recording
     is reused as it is, and training goes on over the dataset + visited frames."""
