@@ -102,7 +102,8 @@ def test_normalisation_stays_the_teachers(runs):
     """The visited frames never re-derive statistics: the student's processors hold the teacher's."""
     teacher = runs["teacher"] / "checkpoints" / "last" / "pretrained_model"
     recorded = json.loads((runs["visited"] / visited.FOLDER / "meta" / "stats.json").read_text())
-    for name in ("policy_preprocessor_step_5_normalizer_processor", "policy_postprocessor_step_0_unnormalizer_processor"):
+    for name in ("policy_preprocessor_step_5_normalizer_processor",
+                 "policy_postprocessor_step_0_unnormalizer_processor"):
         ours = load_file(runs["visited"] / "student" / f"{name}.safetensors")
         theirs = load_file(teacher / f"{name}.safetensors")
         assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
