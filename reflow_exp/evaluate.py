@@ -261,11 +261,12 @@ class Episode:
     length: int = 0
     positions: list = dataclasses.field(default_factory=list)  # agent_pos (2,) per step, start included
     frames: list | None = None
+    steps: list | None = None  # (observation, executed action (d,), task) per step, when kept
 
 
 def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int], num_steps: int,
             max_steps: int, default_task: str | None = None, record: int = 0,
-            n_action_steps: int | None = None) -> list[Episode]:
+            n_action_steps: int | None = None, keep_steps: bool = False) -> list[Episode]:
     """Run one episode per sub-env, in lockstep, for at most `max_steps` env steps.
 
     Every `n_action_steps` steps (default: the policy's own) the policy re-plans from the current
@@ -273,7 +274,8 @@ def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int]
     (LeRobot's action queue).
     All rows re-plan together because all episodes start together; a finished row keeps being
     stepped (gymnasium auto-resets it) but its results are frozen. The first `record` rows keep
-    their rendered frames.
+    their rendered frames; `keep_steps` keeps every row's env observations (one sub-env's dict),
+    each with the action executed from it and the task (what `reflow_exp.visited` records).
     """
     policy.reset(seeds)
     obs, _ = env.reset(seed=seeds)
@@ -281,6 +283,8 @@ def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int]
     episodes = [Episode(seed, positions=[obs["agent_pos"][i].copy()]) for i, seed in enumerate(seeds)]
     for i in range(record):
         episodes[i].frames = [env.envs[i].render()]
+    for episode in episodes if keep_steps else ():
+        episode.steps = []
     done = np.zeros(len(seeds), bool)
     every = n_action_steps or policy.n_action_steps
     for t in range(max_steps):
@@ -288,10 +292,13 @@ def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int]
             chunk = _to_numpy(policy.predict_chunk(observation_batch(obs, tasks), num_steps))  # (B, chunk, d)
             if chunk.shape[1] < every:
                 raise ValueError(f"n_action_steps={every} exceeds the policy's chunk of {chunk.shape[1]} actions")
+        seen = obs
         obs, reward, terminated, truncated, info = env.step(chunk[:, t % every])
         success = info.get("is_success", np.zeros(len(seeds), bool))
         for i in np.flatnonzero(~done):
             episode = episodes[i]
+            if episode.steps is not None:
+                episode.steps.append(({key: value[i] for key, value in seen.items()}, chunk[i, t % every], tasks[i]))
             episode.ret += float(reward[i])
             episode.length += 1
             episode.success |= bool(success[i])

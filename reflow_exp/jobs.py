@@ -20,7 +20,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
 from reflow_exp import coupling as coupling_module
-from reflow_exp import distributed, flow
+from reflow_exp import distributed, flow, visited
 from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
@@ -232,6 +232,8 @@ def reflow(
     freeze_vision_encoder: bool | None = None,
     load_vlm_weights: bool | None = None,
     train_expert_only: bool | None = None,
+    visited_episodes: int = 0,
+    visited_teacher_steps: int = 10,
     dry_run: bool = False,
 ) -> None:
     """2-rectified flow: distil the teacher at `teacher` (a LeRobot SmolVLA folder, a run folder
@@ -248,6 +250,9 @@ def reflow(
     camera (`embedding_cache.ImageEmbeddingCache`, a file in the run folder) and fed to the shared
     prefix. None (default): on when valid (shared prefix, no image augmentation, every teacher
     camera in the data), else off with a message; True: required (an error when not valid); False: off.
+
+    `visited_episodes` > 0: also train on the states the teacher itself visits, from that many of
+    its rollouts at `visited_teacher_steps` steps, recorded once into `<run>/visited/` (`visited.py`).
     """
     if image_embedding_cache and not shared_prefix:
         raise ValueError("reflow.image_embedding_cache=True needs reflow.shared_prefix=True (the plain path is "
@@ -258,6 +263,7 @@ def reflow(
     for flag, value in (("load_vlm_weights", load_vlm_weights), ("train_expert_only", train_expert_only)):
         if value is not None:
             warnings.warn(f"reflow.{flag}={value} is ignored: reflow handles it automatically ({_HANDLED[flag]})")
+    visited.check_settings(visited_episodes, visited_teacher_steps, getattr(run, "seed", 0))
     coupling = coupling or coupling_module.OnlineCoupling()
     trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
     if dry_run:
@@ -303,7 +309,12 @@ def reflow(
     num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
     data_key = {"data": dataset_digest(meta), "episodes": train_eps}
-    fingerprint = {"teacher": coupling_module.file_digest(teacher_path / "model.safetensors"), **data_key}
+    teacher_digest = coupling_module.file_digest(teacher_path / "model.safetensors")
+    if visited_episodes:  # the teacher's own rollouts join the training frames (and the caches' keys)
+        train_set, data_key["visited"] = visited.add_frames(run, teacher_policy, teacher_digest, data, meta, train_set,
+                                                            visited_episodes, visited_teacher_steps,
+                                                            config.chunk_size, cameras)
+    fingerprint = {"teacher": teacher_digest, **data_key}
     if image_cache is not None:
         # Rank 0 builds the file over every training frame; the other ranks then only open it.
         with distributed.main_first():

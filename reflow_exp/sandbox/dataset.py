@@ -8,6 +8,7 @@ the same number, so the data are a pure function of (seed, episodes). Evaluation
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -90,6 +91,28 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
 
 
 def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: float, spec: dict) -> dict:
+    env = SandboxEnv()
+    kept, frames = 0, 0
+    routes = Counter({route: 0 for route in (*ROUTES, "none")})
+    with episode_writer(root, repo_id, fps, spec) as add_episode:
+        for episode_seed in tqdm(seeds, desc="recording sandbox episodes", unit="ep"):
+            noise = np.random.default_rng((_NOISE_SALT, episode_seed))
+            success, route, steps = _run_episode(env, ScriptedExpert(episode_seed), episode_seed, action_noise, noise)
+            if not success:
+                continue
+            add_episode(steps)
+            kept += 1
+            routes[route] += 1
+            frames += len(steps)
+    return {"episodes": kept, "frames": frames, "success_rate": kept / len(seeds),
+            "routes": dict(routes), "discarded": len(seeds) - kept}
+
+
+@contextlib.contextmanager
+def episode_writer(root: Path, repo_id: str, fps: int, spec: dict):
+    """A new LeRobotDataset at `root` with features `spec`; yields `add_episode(frames)`, which saves
+    one episode of `frame(...)` dicts (the zoom camera is derived here when `spec` has it). The
+    dataset is finalised (parquet footers, stats) when the block ends without an error."""
     video = any(f["dtype"] == "video" for f in spec.values())
     if video:  # the encoders' per-episode notes (SVT-AV1's banner, FFmpeg's mp4 muxer) would bury the bar
         os.environ.setdefault("SVT_LOG", "1")
@@ -97,31 +120,32 @@ def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: 
     backend = video_backend() if video else None  # LeRobot's own probe prints a traceback when it falls back
     dataset = LeRobotDataset.create(repo_id, fps, root=root, features=spec, use_videos=video,
                                     streaming_encoding=video, video_backend=backend)
-    env = SandboxEnv()
-    kept, frames = 0, 0
-    routes = Counter({route: 0 for route in (*ROUTES, "none")})
+
+    def add_episode(frames: list[dict]) -> None:
+        for item in frames:
+            if CAMERA_KEYS[1] in spec:
+                item[CAMERA_KEYS[1]] = zoom(item[CAMERA_KEYS[0]])
+            dataset.add_frame(item)
+        dataset.save_episode()
+
     bars_were_on = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # one bar per saved episode would bury ours
     try:
-        for episode_seed in tqdm(seeds, desc="recording sandbox episodes", unit="ep"):
-            noise = np.random.default_rng((_NOISE_SALT, episode_seed))
-            success, route, steps = _run_episode(env, ScriptedExpert(episode_seed), episode_seed, action_noise, noise)
-            if not success:
-                continue
-            for frame in steps:
-                if CAMERA_KEYS[1] in spec:
-                    frame[CAMERA_KEYS[1]] = zoom(frame[CAMERA_KEYS[0]])
-                dataset.add_frame(frame)
-            dataset.save_episode()
-            kept += 1
-            routes[route] += 1
-            frames += len(steps)
+        yield add_episode
         dataset.finalize()  # writes parquet footers and the stats used for normalisation
     finally:
         if bars_were_on:
             datasets_logging.enable_progress_bar()
-    return {"episodes": kept, "frames": frames, "success_rate": kept / len(seeds),
-            "routes": dict(routes), "discarded": len(seeds) - kept}
+
+
+def frame(obs: dict, action: np.ndarray, task: str) -> dict:
+    """One step as a dataset frame: the observation the action was chosen from, and the action."""
+    return {
+        "observation.image": obs["pixels"],  # (64, 64, 3) uint8
+        "observation.state": obs["agent_pos"],  # (2,) float32
+        "action": np.asarray(action, np.float32),  # (2,)
+        "task": task,
+    }
 
 
 def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, action_noise: float,
@@ -133,12 +157,7 @@ def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, act
     done = False
     while not done:
         action = expert.act(obs, env)
-        steps.append({
-            "observation.image": obs["pixels"],  # (64, 64, 3) uint8
-            "observation.state": obs["agent_pos"],  # (2,) float32
-            "action": action,  # (2,) float32: the clean label
-            "task": env.task,
-        })
+        steps.append(frame(obs, action, env.task))  # the clean action is the label
         obs, _, terminated, truncated, info = env.step(action + noise.normal(0.0, action_noise, 2))
         path.append(obs["agent_pos"])
         done = terminated or truncated

@@ -64,10 +64,14 @@ _AGENT_DRAW_RADIUS = 0.03  # a little larger than AGENT_RADIUS so the agent stay
 #   "dev"    — for choosing anything (task, defaults, ablations); what every number before the
 #              split was measured on (EVAL_SEED_OFFSET is its offset);
 #   "report" — for publishing only: no default, gin file or README choice is tuned on it.
+# A fourth range, VISITED_SEED_OFFSET, holds the episodes the teacher is rolled out on to record the
+# states it visits (`reflow.visited_episodes`, reflow_exp/visited.py): frames the student trains on,
+# so they meet neither a training nor an evaluation seed. It is not an evaluation split.
 TRAIN_SEED_OFFSET = 0
 EVAL_SEED_OFFSET = 1_000_000_000
 REPORT_SEED_OFFSET = 2_000_000_000
 EVAL_SEED_OFFSETS = {"dev": EVAL_SEED_OFFSET, "report": REPORT_SEED_OFFSET}
+VISITED_SEED_OFFSET = 3_000_000_000
 SEED_STRIDE = 1_000_000
 
 
@@ -127,6 +131,12 @@ def train_seeds(episodes: int, seed: int = 0, layouts: str = "all") -> list[int]
     """The env seeds of a dataset's episodes: the first `episodes` of the training range (for
     `seed`) whose layout is in `layouts` ("all": train_episode_seed(seed, i) for i < episodes)."""
     return _first_seeds(lambda i: train_episode_seed(seed, i), episodes, layouts)
+
+
+def visited_seeds(episodes: int, seed: int = 0, layouts: str = "all") -> list[int]:
+    """The env seeds of the teacher's own rollouts recorded for training (`reflow.visited_episodes`):
+    the first `episodes` of the visited range (for `seed`) whose layout is in `layouts`."""
+    return _first_seeds(lambda i: _episode_seed(VISITED_SEED_OFFSET, seed, i), episodes, layouts)
 
 
 def _first_seeds(episode_seed, episodes: int, layouts: str) -> list[int]:
