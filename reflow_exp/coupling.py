@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from reflow_exp import distributed
 from reflow_exp.checkpoint import file_problem, fsync_dir, fsync_file
+from reflow_exp.data import rows_by_index
 
 
 class OnlineCoupling:
@@ -90,7 +91,7 @@ class CachedCoupling:
             tensors = load_file(str(path))
         self.noise, self.action = tensors["noise"], tensors["action"]  # (N, K, chunk, D)
         # dataset index -> row of the file
-        self.row = {int(i): r for r, i in enumerate(tensors["index"].tolist())}
+        self.row = rows_by_index(tensors["index"].tolist(), str(path))
 
     def pairs(self, model, batch: dict, shared) -> tuple[Tensor, Tensor]:
         if self.noise is None:

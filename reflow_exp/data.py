@@ -325,6 +325,16 @@ def make_dataloader(
     )
 
 
+def rows_by_index(index: list[int], where: str) -> dict[int, int]:
+    """Dataset frame `index` -> row of a per-frame file (pairs, embeddings). Duplicated indices would
+    silently make one frame's row serve another, so they are refused."""
+    rows = {int(i): r for r, i in enumerate(index)}
+    if len(rows) != len(index):
+        raise ValueError(f"{where}: {len(index) - len(rows)} duplicated frame indices; every training frame needs its "
+                         "own dataset `index` (datasets added to the training set must offset theirs)")
+    return rows
+
+
 def split_episodes(total: int, holdout: int) -> tuple[list[int], list[int]]:
     """Training episodes first, the last `holdout` held out (for offline metrics)."""
     if not 0 < holdout < total:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from reflow_exp import prefix
 from reflow_exp.checkpoint import fsync_dir, fsync_file
+from reflow_exp.data import rows_by_index
 from reflow_exp.heads import ActionHead
 
 RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v1"
@@ -140,7 +141,7 @@ class ImageEmbeddingCache:
         index = tensors.pop("index")
         if any(len(t) != len(index) for t in tensors.values()):
             raise ValueError(f"{self.path}: cameras and index have different lengths")
-        self.row = {int(i): r for r, i in enumerate(index.tolist())}
+        self.row = rows_by_index(index.tolist(), str(self.path))
         self.tensors = tensors
         return metadata.get("fingerprint")
 

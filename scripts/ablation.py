@@ -37,6 +37,7 @@ VARIANTS = {
     "lr 1e-3": ["Trainer.lr = 1e-3"],
     "lr 1e-4": ["Trainer.lr = 1e-4"],
     "teacher-visited 200": ["reflow.visited_episodes = 200"],
+    "no image cache": ["reflow.image_embedding_cache = False"],  # issue 15: the cache changes nothing but speed
 }
 COMMON = [
     'Evaluator.split = "dev"', "Evaluator.videos = 0", "Evaluator.latency_calls = 0",

@@ -261,3 +261,13 @@ def test_lerobot_train_teacher_is_distilled_on_its_video_dataset(recorded, tiny_
     action = act_with_lerobot(runs / "tiny-reflow" / "student", load_dataset(
         source(recorded["video"]), open_metadata(source(recorded["video"])), CHUNK))
     assert action.shape == (1, 2)
+
+
+def test_per_frame_files_refuse_duplicated_frame_indices():
+    """Pairs and image embeddings are looked up by the frame's dataset `index`: a duplicate would make
+    one frame's row silently serve another (e.g. a second dataset added without offsetting indices)."""
+    from reflow_exp.data import rows_by_index
+
+    assert rows_by_index([7, 3, 9], "pairs.safetensors") == {7: 0, 3: 1, 9: 2}
+    with pytest.raises(ValueError, match=r"pairs.safetensors: 1 duplicated frame indices"):
+        rows_by_index([0, 1, 1, 2], "pairs.safetensors")
