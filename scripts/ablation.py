@@ -6,7 +6,7 @@ Every variant is `gin/sandbox/reflow.gin` plus its own bindings, run as a `pytho
 process in `runs/ablation/<name>` (a finished variant is only re-read, an unfinished one resumed).
 The student is rolled out at 1 and 2 steps on the DEVELOPMENT range (the report range is never used
 for choosing), and the teacher once at 1, 2 and 10 steps on the same seeds, so every row
-is compared with the baseline and with teacher@10 seed by seed (exact McNemar). Writes
+is compared with its base and with teacher@10 seed by seed (exact McNemar). Writes
 `runs/ablation/ablation.json` and prints a Markdown table.
 """
 
@@ -25,23 +25,46 @@ from reflow_exp.stats import paired_comparison
 
 ROOT = Path("runs/ablation")
 TEACHER = "runs/sandbox-teacher"
-# name -> extra bindings over gin/sandbox/reflow.gin (the defaults at the time of the ablation)
+# name -> extra bindings over gin/sandbox/reflow.gin as it was before the ablation (pairs from teacher@10,
+# 1,000 steps, u-shaped t, squared error, lr 3e-4). The first group varies that baseline; pairs from
+# teacher@2 won there (and are 3.6x cheaper per step), so the "@2 + ..." group varies that instead.
+T2 = "OnlineCoupling.teacher_steps = 2"
 VARIANTS = {
     "baseline": [],
-    "cached K=4": ["reflow.coupling = @CachedCoupling()", "CachedCoupling.pairs_per_sample = 4"],
-    "2000 steps": ["Trainer.steps = 2000"],
-    "uniform t": ["reflow.time_sampler = @uniform"],
-    "beta t": ["reflow.time_sampler = @beta"],
-    "logit-normal t": ["reflow.time_sampler = @logit_normal"],
-    "pseudo-Huber": ["reflow.huber = True"],
-    "lr 1e-3": ["Trainer.lr = 1e-3"],
-    "lr 1e-4": ["Trainer.lr = 1e-4"],
+    "pairs from teacher@2": [T2],  # offline errors are then against teacher@2
     "teacher-visited 200": ["reflow.visited_episodes = 200"],
-    "no image cache": ["reflow.image_embedding_cache = False"],  # issue 15: the cache changes nothing but speed
+    "3-RF": [
+        'reflow.teacher = "runs/ablation/baseline/student"'
+    ],  # the 2-RF student at 10 steps as teacher
+    "@2 + 3000 steps": [T2, "Trainer.steps = 3000"],
+    "@2 + lr 1e-3": [T2, "Trainer.lr = 1e-3"],
+    "@2 + pseudo-Huber": [T2, "reflow.huber = True"],
+    "@2 + uniform t": [T2, "reflow.time_sampler = @uniform"],
+    "@2 + beta t": [T2, "reflow.time_sampler = @beta"],
+    "@2 + cached K=4": [
+        "reflow.coupling = @CachedCoupling()",
+        "CachedCoupling.pairs_per_sample = 4",
+        "CachedCoupling.teacher_steps = 2",
+    ],
+    "@2 + no image cache": [
+        T2,
+        "reflow.image_embedding_cache = False",
+    ],  # issue 15: only speed may change
 }
+
+
+def reference(name: str) -> str:
+    """The run a variant is compared with: its group's base."""
+    return "pairs from teacher@2" if name.startswith("@2 +") else "baseline"
+
+
 COMMON = [
-    'Evaluator.split = "dev"', "Evaluator.videos = 0", "Evaluator.latency_calls = 0",
-    "reflow.teacher_eval_steps = ()", "reflow.student_eval_steps = (1, 2)", f'reflow.teacher = "{TEACHER}"',
+    'Evaluator.split = "dev"',
+    "Evaluator.videos = 0",
+    "Evaluator.latency_calls = 0",
+    "reflow.teacher_eval_steps = ()",
+    "reflow.student_eval_steps = (1, 2)",
+    f'reflow.teacher = "{TEACHER}"',
 ]
 
 
@@ -55,8 +78,17 @@ def run_job(gin_file: str, name: str, bindings: list[str], log: Path) -> float:
     summary = ROOT / name / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("eval"):
         return 0.0
-    command = [sys.executable, "-m", "reflow_exp.run", "--gin_file", gin_file,
-               "--gin_param", f'run.runs_dir = "{ROOT}"', "--gin_param", f'run.name = "{name}"']
+    command = [
+        sys.executable,
+        "-m",
+        "reflow_exp.run",
+        "--gin_file",
+        gin_file,
+        "--gin_param",
+        f'run.runs_dir = "{ROOT}"',
+        "--gin_param",
+        f'run.name = "{name}"',
+    ]
     for binding in bindings:
         command += ["--gin_param", binding]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -69,65 +101,135 @@ def run_job(gin_file: str, name: str, bindings: list[str], log: Path) -> float:
 
 
 def outcomes(run: Path, head: str, steps: int) -> list[bool]:
-    return json.loads((run / "eval_episodes.json").read_text())[head][str(steps)]["success"]
+    return json.loads((run / "eval_episodes.json").read_text())[head][str(steps)][
+        "success"
+    ]
 
 
 def row(name: str, teacher: Path) -> dict:
     run = ROOT / folder(name)
     summary = json.loads((run / "summary.json").read_text())
-    result = {"bindings": VARIANTS[name], "steps_per_s": summary["train"]["steps_per_s"],
-              "offline_ratio": summary["offline"]["student"]["1"]["error"] / summary["offline"]["teacher"]["1"]["error"]}
+    result = {
+        "bindings": VARIANTS[name],
+        "steps_per_s": summary["train"]["steps_per_s"],
+        "offline_ratio": summary["offline"]["student"]["1"]["error"]
+        / summary["offline"]["teacher"]["1"]["error"],
+    }
     for k in (1, 2):
-        result[f"student@{k}"] = {key: summary["eval"]["student"][str(k)][key] for key in ("success_rate", "ci_low", "ci_high")}
+        result[f"student@{k}"] = {
+            key: summary["eval"]["student"][str(k)][key]
+            for key in ("success_rate", "ci_low", "ci_high")
+        }
     student1 = outcomes(run, "student", 1)
-    result["vs teacher@10"] = paired_comparison(student1, outcomes(teacher, "teacher", 10))
-    if name != "baseline":
-        result["vs baseline"] = paired_comparison(student1, outcomes(ROOT / "baseline", "student", 1))
+    result["vs teacher@10"] = paired_comparison(
+        student1, outcomes(teacher, "teacher", 10)
+    )
+    if name != reference(name):
+        result["reference"] = reference(name)
+        result["vs reference"] = paired_comparison(
+            student1, outcomes(ROOT / folder(reference(name)), "student", 1)
+        )
     return result
 
 
 def markdown(rows: dict, teacher: dict) -> str:
-    lines = ["| variant | student@1 (95% CI) | vs baseline (p) | vs teacher@10 (p) | student@2 | offline ratio |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| variant | student@1 (95% CI) | vs its base (p) | vs teacher@10 (p) | student@2 | offline ratio | steps/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in rows.items():
         s1, s2 = r["student@1"], r["student@2"]
-        base = r.get("vs baseline")
-        base_text = f"{base['difference']:+.3f} ({base['p_value']:.3f})" if base else "—"
+        base = r.get("vs reference")
+        base_text = (
+            f"{base['difference']:+.3f} ({base['p_value']:.3f})" if base else "—"
+        )
         t10 = r["vs teacher@10"]
-        lines.append(f"| {name} | {s1['success_rate']:.3f} ({s1['ci_low']:.3f}–{s1['ci_high']:.3f}) | {base_text} "
-                     f"| {t10['difference']:+.3f} ({t10['p_value']:.3f}) | {s2['success_rate']:.3f} "
-                     f"| {r['offline_ratio']:.3f} |")
-    teacher_text = ", ".join(f"teacher@{k} {m['success_rate']:.3f}" for k, m in teacher.items())
+        lines.append(
+            f"| {name} | {s1['success_rate']:.3f} ({s1['ci_low']:.3f}–{s1['ci_high']:.3f}) | {base_text} "
+            f"| {t10['difference']:+.3f} ({t10['p_value']:.3f}) | {s2['success_rate']:.3f} "
+            f"| {r['offline_ratio']:.3f} | {r['steps_per_s']:.2f} |"
+        )
+    teacher_text = ", ".join(
+        f"teacher@{k} {m['success_rate']:.3f}" for k, m in teacher.items()
+    )
     return "\n".join(lines) + f"\n\nSame seeds: {teacher_text}."
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=2, help="variants trained side by side (default 2)")
-    parser.add_argument("--episodes", type=int, default=300, help="dev-range rollouts per row (default 300)")
-    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants (and the baseline)")
-    parser.add_argument("--extra", action="append", default=[], metavar="NAME=BINDING;BINDING",
-                        help="a further variant, e.g. 'combined=Trainer.steps = 3000;reflow.huber = True'")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="variants trained side by side (default 2)"
+    )
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=300,
+        help="dev-range rollouts per row (default 300)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        help="run these variants (and their bases)",
+    )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=BINDING;BINDING",
+        help="a further variant, e.g. 'combined=Trainer.steps = 3000;reflow.huber = True'",
+    )
     args = parser.parse_args()
     for extra in args.extra:
         name, _, bindings = extra.partition("=")
         VARIANTS[name] = [b.strip() for b in bindings.split(";") if b.strip()]
-    names = ["baseline", *[n for n in (args.only or VARIANTS) if n != "baseline"], *[e.partition("=")[0] for e in args.extra]]
-    names = list(dict.fromkeys(names))
+    names = [n for n in (args.only or VARIANTS) if n != "baseline"] + [
+        e.partition("=")[0] for e in args.extra
+    ]
+    names = list(dict.fromkeys(["baseline", *(reference(n) for n in names), *names]))
     ROOT.mkdir(parents=True, exist_ok=True)
     episodes = f"Evaluator.episodes = {args.episodes}"
     teacher_name = "teacher-dev"
-    jobs = [("gin/sandbox/eval.gin", teacher_name,
-             [episodes, *COMMON[:3], f'evaluate_policies.policies = {{"teacher": ("{TEACHER}", [1, 2, 10])}}'])]
-    jobs += [("gin/sandbox/reflow.gin", folder(n), [*COMMON, episodes, *VARIANTS[n]]) for n in names]
+    jobs = [
+        (
+            "gin/sandbox/eval.gin",
+            teacher_name,
+            [
+                episodes,
+                *COMMON[:3],
+                f'evaluate_policies.policies = {{"teacher": ("{TEACHER}", [1, 2, 10])}}',
+            ],
+        )
+    ]
+    jobs += [
+        ("gin/sandbox/reflow.gin", folder(n), [*COMMON, episodes, *VARIANTS[n]])
+        for n in names
+    ]
     with ThreadPoolExecutor(args.jobs) as pool:
-        seconds = list(pool.map(lambda job: run_job(*job, ROOT / f"{job[1]}.log"), jobs))
-    print("wall seconds per job:", dict(zip([j[1] for j in jobs], [round(s) for s in seconds])))
+        seconds = list(
+            pool.map(lambda job: run_job(*job, ROOT / f"{job[1]}.log"), jobs)
+        )
+    print(
+        "wall seconds per job:",
+        dict(zip([j[1] for j in jobs], [round(s) for s in seconds])),
+    )
     teacher_run = ROOT / teacher_name
     teacher = json.loads((teacher_run / "summary.json").read_text())["eval"]["teacher"]
     rows = {name: row(name, teacher_run) for name in names}
-    (ROOT / "ablation.json").write_text(json.dumps({"episodes": args.episodes, "split": "dev", "teacher": teacher,
-                                                    "variants": rows}, indent=1) + "\n")
+    (ROOT / "ablation.json").write_text(
+        json.dumps(
+            {
+                "episodes": args.episodes,
+                "split": "dev",
+                "teacher": teacher,
+                "variants": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(markdown(rows, teacher))
     return 0
 
