@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from app.runs import (
     config_error_message, default_run_name, is_run_dir, parse_overrides, pid_alive, process_start_time,
     read_json, resolve_gin_file, run_folder, run_status, write_json_atomic,
 )
+from reflow_exp.files import free_port
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Runner:
             if info.alive:
                 raise LaunchError(f"Run {name!r} is already {info.status}; choose another run name or stop it first.")
         command = build_command(rel_files, bindings, name, self.runs_dir, python=self.python)
-        port = _free_port() if gpus_mod.process_count(cuda) > 1 else 0
+        port = free_port() if gpus_mod.process_count(cuda) > 1 else 0
         return LaunchPlan(name, run_dir, rel_files, bindings, cuda, command, resume, port)
 
     def validate(self, plan: LaunchPlan) -> str:
@@ -231,12 +231,6 @@ class Runner:
 
 def _wants_gpu(device) -> bool:
     return str(device if device is not None else "").strip().lower() not in ("", gpus_mod.CPU)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _relative_to_repo(path: Path, repo_root: Path) -> str:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reflow_exp.files import read_json, write_json_atomic  # noqa: F401  re-exported for the app
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIN_DIR = REPO_ROOT / "gin"
 LAUNCH_FILE = "dashboard.json"
@@ -277,22 +279,6 @@ def config_error_message(stderr: str, stdout: str = "") -> str:
 
 
 # -- reading files ---------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; {} when missing or half-written."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 _metrics_cache: dict[Path, tuple[tuple[int, int], list[dict]]] = {}

@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from reflow_exp.files import fsync_dir, fsync_tree
+
 LAST = "last"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^\d+$")
@@ -179,27 +181,6 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
     if 8 + header_len + end != size:
         return f"truncated: {8 + header_len + end} bytes expected, the file has {size}"
     return None
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a folder, so renames and new entries in it survive a power loss."""
-    fsync_file(path)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (``root`` included)."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fsync_file(Path(folder) / name)
-        fsync_dir(Path(folder))
 
 
 def _step_dirs(ckpt_root: Path) -> list[Path]:

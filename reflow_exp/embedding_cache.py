@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from reflow_exp import prefix
-from reflow_exp.checkpoint import fsync_dir, fsync_file
+from reflow_exp.files import atomic_path
 from reflow_exp.heads import ActionHead
 
 RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v1"
@@ -212,28 +212,25 @@ def vision_digest(head: ActionHead) -> str:
 def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: str) -> None:
     """Embed every frame of `loader` and write the file atomically (rows in the loader's order)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    writer, row = None, 0
-    for raw in tqdm(loader, desc="image embeddings", unit="batch"):
-        batch = preprocess(raw)
-        embedded = prefix.image_embeddings(head, batch)
-        cameras = [key for key in head.config.image_features if key in batch]
-        if writer is None:
-            shapes = {"index": (frames,), **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)}}
-            writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
-            print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
-        writer.write("index", row, raw["index"].to(torch.int64))
-        for camera, embedding in zip(cameras, embedded.embeddings):
-            if not torch.isfinite(embedding).all():
-                raise ValueError(f"non-finite image embeddings for {camera} at frames {raw['index'].tolist()}")
-            writer.write(camera, row, embedding.float().cpu())
-        row += len(raw["index"])
-    if writer is None or row != frames:
-        raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
-    writer.close()
-    fsync_file(tmp)  # durable like every other atomic write (checkpoint.py)
-    tmp.replace(path)
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        writer, row = None, 0
+        for raw in tqdm(loader, desc="image embeddings", unit="batch"):
+            batch = preprocess(raw)
+            embedded = prefix.image_embeddings(head, batch)
+            cameras = [key for key in head.config.image_features if key in batch]
+            if writer is None:
+                shapes = {"index": (frames,), **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)}}
+                writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
+                print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
+            writer.write("index", row, raw["index"].to(torch.int64))
+            for camera, embedding in zip(cameras, embedded.embeddings):
+                if not torch.isfinite(embedding).all():
+                    raise ValueError(f"non-finite image embeddings for {camera} at frames {raw['index'].tolist()}")
+                writer.write(camera, row, embedding.float().cpu())
+            row += len(raw["index"])
+        if writer is None or row != frames:
+            raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
+        writer.close()
 
 
 class _Writer:

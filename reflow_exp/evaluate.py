@@ -32,16 +32,17 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-import av
 import gin
 import gymnasium as gym
 import numpy as np
 import torch
 from lerobot.envs.utils import preprocess_observation
+from lerobot.utils.io_utils import write_video
 from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from reflow_exp import heads
 from reflow_exp.sandbox import ENV_ID as SANDBOX_ENV_ID
 from reflow_exp.sandbox import ScriptedExpert, route_of
 from reflow_exp.sandbox.task import EVAL_SEED_OFFSETS, LAYOUT_SETS, MAX_EPISODE_STEPS, eval_seeds
@@ -188,13 +189,8 @@ class SmolVLAChunkPolicy:
 
         if isinstance(self.model, Policy):
             return self.model.predict_action_chunk(batch, noise=noise, num_steps=num_steps)
-        # LeRobot's SmolVLAPolicy reads the step count from its config.
-        saved = self.config.num_steps
-        self.config.num_steps = num_steps
-        try:
+        with heads.num_steps(self.config, num_steps):  # LeRobot's SmolVLAPolicy
             return self.model.predict_action_chunk(batch, noise=noise)
-        finally:
-            self.config.num_steps = saved
 
     def _check_inputs(self, batch: dict) -> None:
         missing = [key for key in self.config.input_features if key not in batch]
@@ -331,19 +327,11 @@ def measure_latency(policy: ChunkPolicy, env: gym.vector.SyncVectorEnv, seed: in
 # -- videos --------------------------------------------------------------------------------------
 
 def write_mp4(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
-    """Frames (H, W, 3) uint8 -> H.264 (libx264, yuv420p) mp4 that browsers and Gradio play."""
+    """Frames (H, W, 3) uint8 -> H.264 (libx264, yuv420p) mp4 that browsers and Gradio play, with
+    LeRobot's writer (odd sizes are cropped by one pixel)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames[0].shape[:2]
-    # yuv420p halves the chroma resolution: odd sizes are cropped by one pixel.
-    height, width = height - height % 2, width - width % 2
-    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
-            container.mux(stream.encode(video_frame))
-        container.mux(stream.encode())  # flush
+    write_video(path, frames, fps)
     return path
 
 

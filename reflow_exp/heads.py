@@ -63,18 +63,24 @@ class ActionHead(nn.Module):
             del vlm_with_expert._modules["vlm"]
             object.__setattr__(vlm_with_expert, "vlm", vlm)
 
-    @contextlib.contextmanager
-    def num_steps(self, steps: int | None) -> Iterator[None]:
-        """Sample with `steps` Euler steps inside the block (LeRobot reads `config.num_steps`)."""
-        saved = self.config.num_steps
-        if steps is not None:
-            if steps < 1:
-                raise ValueError(f"num_steps must be >= 1, got {steps}")
-            self.config.num_steps = steps
-        try:
-            yield
-        finally:
-            self.config.num_steps = saved
+    def num_steps(self, steps: int | None):
+        """Sample with `steps` Euler steps inside the block (see `num_steps`)."""
+        return num_steps(self.config, steps)
+
+
+@contextlib.contextmanager
+def num_steps(config: SmolVLAConfig, steps: int | None) -> Iterator[None]:
+    """Set `config.num_steps` to `steps` inside the block (LeRobot's SmolVLA reads its step count
+    from there); None leaves it as is."""
+    saved = config.num_steps
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {steps}")
+        config.num_steps = steps
+    try:
+        yield
+    finally:
+        config.num_steps = saved
 
 
 def _initialise(policy: SmolVLAPolicy) -> None:

@@ -21,7 +21,7 @@ from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_pro
 
 from reflow_exp import coupling as coupling_module
 from reflow_exp import distributed, flow
-from reflow_exp.architectures import architecture_config
+from reflow_exp.architectures import architecture_config, make_smolvla_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
     DataSource, check_features, dataset_digest, dataset_stats, default_workers, load_dataset, make_dataloader,
@@ -31,12 +31,14 @@ from reflow_exp.embedding_cache import ImageEmbeddingCache
 from reflow_exp.heads import ActionHead
 from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
 from reflow_exp.evaluate import Evaluator
+from reflow_exp.files import file_digest
 from reflow_exp.offline import offline_metrics
 from reflow_exp.plots import success_latency_plot
 from reflow_exp.policy import Policy, resolve_policy_folder
 from reflow_exp.reflow import Reflow
 from reflow_exp.rundir import RunDir
 from reflow_exp.stats import paired_comparison
+from reflow_exp.torch_utils import count_params
 from reflow_exp.trainer import Trainer
 
 
@@ -102,10 +104,9 @@ def smolvla_config(
 
     `n_action_steps`: actions executed from each chunk before re-planning (None: the whole chunk).
     """
-    return SmolVLAConfig(
-        vlm_model_name=vlm_model_name,
-        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
-        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+    return make_smolvla_config(
+        vlm_model_name,
+        features,
         chunk_size=chunk_size,
         n_action_steps=chunk_size if n_action_steps is None else n_action_steps,
         num_steps=num_steps,
@@ -119,10 +120,6 @@ def smolvla_config(
         train_state_proj=train_state_proj,
         tokenizer_max_length=tokenizer_max_length,
     )
-
-
-def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def param_summary(policy: Policy, head_key: str) -> dict[str, int]:
@@ -303,7 +300,7 @@ def reflow(
     num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
     data_key = {"data": dataset_digest(meta), "episodes": train_eps}
-    fingerprint = {"teacher": coupling_module.file_digest(teacher_path / "model.safetensors"), **data_key}
+    fingerprint = {"teacher": file_digest(teacher_path / "model.safetensors"), **data_key}
     if image_cache is not None:
         # Rank 0 builds the file over every training frame; the other ranks then only open it.
         with distributed.main_first():

@@ -35,19 +35,6 @@ REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def free_port():
-    """A function returning a free TCP port on 127.0.0.1."""
-    import socket
-
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    return pick
-
-
-@pytest.fixture(scope="session")
 def cli():
     """``cli(gin_file, *bindings, wait=True)``: ``python -m reflow_exp.run`` in a real process, from
     the repo root; returns the finished ``subprocess.CompletedProcess`` (text output), or the

@@ -5,7 +5,6 @@ parameter table; bad form input gets a clear message and starts nothing)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from app import gpus, runs
 from app.launcher import main as launcher_main
 from app.runner import LaunchPlan, Runner
 from app.runs import LaunchError
+from reflow_exp.files import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -352,12 +352,6 @@ def test_auth_from_env():
 
 
 # -- the running app, through gradio_client --------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import running_dashboard
+from reflow_exp.files import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, free_port):
+def app(tmp_path_factory):
     """The dashboard on a free port: (url, its Dashboard)."""
     os.environ["NO_PROXY"] = "localhost,127.0.0.1"
     with running_dashboard(tmp_path_factory.mktemp("dashboard-browser") / "runs", free_port()) as served:

@@ -9,7 +9,6 @@ references run in-process with the same global batch (2 × 4 = 8).
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +18,12 @@ import torch
 
 from reflow_exp import distributed
 from reflow_exp import run as run_cli
+from reflow_exp.files import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TEACHER_GIN = "gin/sandbox/tiny.gin"
 REFLOW_GIN = "gin/sandbox/tiny_reflow.gin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bindings(tmp: Path, name: str, *extra: str) -> list[str]:

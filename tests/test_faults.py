@@ -28,6 +28,7 @@ from reflow_exp.checkpoint import latest_checkpoint
 from tests.conftest import running_dashboard
 from reflow_exp.rundir import RunDir
 from reflow_exp.tracking import Tracker
+from reflow_exp.files import free_port
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -66,7 +67,7 @@ def teacher_copy(tiny_teacher, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory, free_port):
+def dashboard(tmp_path_factory):
     """The dashboard without a login, on 127.0.0.1: (url, Dashboard)."""
     with running_dashboard(tmp_path_factory.mktemp("faults-dashboard") / "runs", free_port()) as served:
         yield served
@@ -155,7 +156,7 @@ def test_foreign_origin_or_host_gets_403(dashboard):
     assert Client(url, verbose=False).predict(api_name="/runs") is not None  # no login needed locally
 
 
-def test_aim_explorer_is_not_started_when_the_dashboard_has_a_login(tmp_path, free_port):
+def test_aim_explorer_is_not_started_when_the_dashboard_has_a_login(tmp_path):
     """Issue item 5: the Aim explorer has no login, so a dashboard with one does not start it."""
     from gradio_client import Client
 
@@ -379,13 +380,13 @@ FSYNC_SCRIPT = """
 import sys
 from pathlib import Path
 from reflow_exp.checkpoint import save_checkpoint
-from reflow_exp.rundir import _write_atomic
+from reflow_exp.files import write_atomic
 root = Path(sys.argv[1])
 def write(tmp):
     (tmp / "model").mkdir()
     (tmp / "model" / "weights.bin").write_bytes(b"w" * 100)
 save_checkpoint(root / "checkpoints", 5, write)
-_write_atomic(root / "summary.json", "{}")
+write_atomic(root / "summary.json", "{}")
 """
 
 

@@ -36,6 +36,7 @@ def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = Non
     import torch
 
     from reflow_exp.bench.models import get_size, load_ours, make_batch
+    from reflow_exp.torch_utils import autocast
 
     spec = get_size(size)
     machine = common.machine_info()
@@ -43,7 +44,7 @@ def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = Non
     student.eval()
     sync = torch.cuda.synchronize if device != "cpu" else None
     big = throughput_batch or spec.throughput_batch
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         fns = _latency_fns(teacher, student, make_batch(teacher.config, spec, 1, device=device))
         reference = {name: fns.pop(name) for name in [n for n in fns if n.startswith("lerobot")]}
         for _ in range(warmup):
@@ -160,11 +161,3 @@ def plot_latency(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _autocast(device: str, amp):
-    import contextlib
-
-    import torch
-
-    return torch.autocast(device_type=device, dtype=amp) if amp is not None else contextlib.nullcontext()

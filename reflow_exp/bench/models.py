@@ -34,9 +34,10 @@ from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_pro
 from transformers import AutoConfig, LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-from reflow_exp.architectures import SHIPPED
+from reflow_exp.architectures import SHIPPED, make_smolvla_config
 from reflow_exp.backbone import VLM_PREFIX
 from reflow_exp.sandbox.vlm import build_once, make_tiny_vlm
+from reflow_exp.torch_utils import count_params
 
 REAL_VLM = SHIPPED["HuggingFaceTB/SmolVLM2-500M-Video-Instruct"]
 CHECKPOINT_VERSION = 1  # bump when the checkpoint recipe changes: cached teachers rebuild
@@ -104,22 +105,14 @@ def _write_mid_vlm(folder: Path) -> dict:
 def smolvla_config(size: Size, vlm: Path, **overrides) -> SmolVLAConfig:
     """SmolVLA's defaults on `vlm` for `size`'s camera, state, action and chunk."""
     num_layers = AutoConfig.from_pretrained(vlm).text_config.num_hidden_layers
-    return SmolVLAConfig(**{
-        "vlm_model_name": str(vlm),
-        "load_vlm_weights": False,
-        "num_vlm_layers": min(16, num_layers),
-        "chunk_size": size.chunk,
-        "n_action_steps": size.chunk,
-        "resize_imgs_with_padding": (size.image, size.image),
-        "device": "cpu",
-        "push_to_hub": False,
-        "input_features": {
-            "observation.image": PolicyFeature(FeatureType.VISUAL, (3, size.image, size.image)),
-            "observation.state": PolicyFeature(FeatureType.STATE, (size.state_dim,)),
-        },
-        "output_features": {"action": PolicyFeature(FeatureType.ACTION, (size.action_dim,))},
-        **overrides,
-    })
+    features = {
+        "observation.image": PolicyFeature(FeatureType.VISUAL, (3, size.image, size.image)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (size.state_dim,)),
+        "action": PolicyFeature(FeatureType.ACTION, (size.action_dim,)),
+    }
+    fields = {"load_vlm_weights": False, "num_vlm_layers": min(16, num_layers), "chunk_size": size.chunk,
+              "resize_imgs_with_padding": (size.image, size.image), "device": "cpu", "push_to_hub": False}
+    return make_smolvla_config(vlm, features, **(fields | overrides))
 
 
 def teacher_checkpoint(size: Size, cache: Path = Path("runs/bench/cache")) -> Path:
@@ -146,7 +139,7 @@ def _write_teacher(folder: Path, config: SmolVLAConfig) -> dict:
     }
     for processor in make_smolvla_pre_post_processors(config, stats):
         processor.save_pretrained(folder)
-    return {"parameters": sum(p.numel() for p in policy.parameters())}
+    return {"parameters": count_params(policy)}
 
 
 # ----------------------------------------------------------------------------- batches
@@ -199,10 +192,6 @@ def lerobot_policy(config: SmolVLAConfig, backbone, head_state: dict, trainable:
             param.requires_grad_(not name.startswith(VLM_PREFIX))
         policy.model.state_proj.requires_grad_(config.train_state_proj)
     return policy
-
-
-def trainable_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------- counting VLM loads

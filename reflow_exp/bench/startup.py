@@ -113,6 +113,7 @@ def child(side: str, checkpoint: str, device: str) -> dict:
     from reflow_exp.bench.models import VlmLoadCounter
     from reflow_exp.jobs import _student_head
     from reflow_exp.policy import Policy
+    from reflow_exp.torch_utils import count_params
 
     t1, cpu1, import_rss = time.perf_counter(), time.process_time(), _rss_gb()
     counter = VlmLoadCounter().install()
@@ -149,7 +150,7 @@ def child(side: str, checkpoint: str, device: str) -> dict:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
         "vlm_loads": counter.count,
         "vlm_random_init_s": counter.init_s,
-        "trainable": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "trainable": count_params(student, trainable_only=True),
     }
     if side == "ours":
         result["vlm_load_count"] = vlm_load_count()

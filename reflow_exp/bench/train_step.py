@@ -148,26 +148,29 @@ def _reflow_models(teacher, student, teacher_steps: int, frames: dict, folder: P
 def load_sides(spec, cache: Path, device: str):
     """Our teacher policy and student head on one backbone, and LeRobot's two policies on the same
     weights (same trainable parameter count, checked)."""
-    from reflow_exp.bench.models import lerobot_policy, load_ours, trainable_count
+    from reflow_exp.bench.models import lerobot_policy, load_ours
+    from reflow_exp.torch_utils import count_params
 
     teacher, student = load_ours(spec, cache, device)
     head_state = teacher.head.lerobot.state_dict()
     naive_teacher = lerobot_policy(teacher.config, teacher.backbone, head_state, trainable=False)
     naive_student = lerobot_policy(student.config, teacher.backbone, head_state, trainable=True)
-    if trainable_count(student) != trainable_count(naive_student):
-        raise RuntimeError(
-            f"sides train different parameters: {trainable_count(student)} vs {trainable_count(naive_student)}")
+    ours, theirs = count_params(student, trainable_only=True), count_params(naive_student, trainable_only=True)
+    if ours != theirs:
+        raise RuntimeError(f"sides train different parameters: {ours} vs {theirs}")
     return teacher, student, naive_teacher, naive_student
 
 
 def _ours_step(model, batch: dict, amp):
     import torch
 
+    from reflow_exp.torch_utils import autocast
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        with _autocast(batch, amp):
+        with autocast(batch["action"].device.type, amp):
             loss, _ = model.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,6 +182,8 @@ def _ours_step(model, batch: dict, amp):
 def _naive_step(teacher, student, batch: dict, teacher_steps: int, amp):
     import torch
 
+    from reflow_exp.torch_utils import autocast
+
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     teacher.config.num_steps = teacher_steps
@@ -187,7 +192,7 @@ def _naive_step(teacher, student, batch: dict, teacher_steps: int, amp):
 
     def step():
         noise = torch.randn(batch["action"].shape[0], chunk, dim, device=batch["action"].device)
-        with _autocast(batch, amp):
+        with autocast(batch["action"].device.type, amp):
             actions = teacher.predict_action_chunk(dict(batch), noise=noise)  # no_grad inside
             loss, _ = student.forward({**batch, "action": actions.float()}, noise=noise)
         optimizer.zero_grad(set_to_none=True)
@@ -233,23 +238,14 @@ def _pair_generation(model, batch: dict, teacher_steps: int, amp):
     """One batch of `CachedCoupling`'s work: the (cached) shared prefix and the teacher's ODE."""
     import torch
 
+    from reflow_exp.torch_utils import autocast
+
     chunk, dim = model.student.config.chunk_size, model.student.config.max_action_dim
 
     @torch.no_grad()
     def generate():
         noise = torch.randn(batch["action"].shape[0], chunk, dim, device=batch["action"].device)
-        with _autocast(batch, amp):
+        with autocast(batch["action"].device.type, amp):
             model.teacher_actions(batch, noise, teacher_steps, model.encode(batch))
 
     return generate
-
-
-def _autocast(batch: dict, amp):
-    """bf16 autocast on the batch's device when `amp` is a dtype, else nothing."""
-    import contextlib
-
-    import torch
-
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=batch["action"].device.type, dtype=amp)

@@ -33,6 +33,9 @@ from transformers import (
 )
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
+from reflow_exp.architectures import make_smolvla_config
+from reflow_exp.torch_utils import count_params
+
 from .task import IMAGE_SIZE, INSTRUCTIONS
 
 MARKER = "reflow_exp_sandbox.json"
@@ -133,7 +136,7 @@ def _write_vlm(folder: Path, seed: int, image_size: int, vocab: list[str]) -> di
     model = _model(tokenizer, seed, image_size)
     model.save_pretrained(folder)
     _processor(tokenizer, image_size).save_pretrained(folder)
-    return {"parameters": sum(p.numel() for p in model.parameters())}
+    return {"parameters": count_params(model)}
 
 
 def _tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
@@ -197,19 +200,18 @@ def tiny_smolvla_config(vlm_path: str | Path, **overrides) -> SmolVLAConfig:
     Features: observation.image (3, 64, 64) VISUAL, observation.state (2,) STATE, action (2,)
     ACTION; chunks of 16 actions, all executed. `overrides` are SmolVLAConfig fields.
     """
+    inputs = overrides.pop("input_features", {
+        "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE)),
+        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
+    })
+    outputs = overrides.pop("output_features", {"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))})
+    features = inputs | outputs
     defaults = dict(
-        vlm_model_name=str(vlm_path),
         load_vlm_weights=True,
         num_vlm_layers=TEXT_LAYERS,
         resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE),
         chunk_size=CHUNK_SIZE,
-        n_action_steps=CHUNK_SIZE,
         tokenizer_max_length=16,
         push_to_hub=False,
-        input_features={
-            "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE)),
-            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
-        },
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))},
     )
-    return SmolVLAConfig(**(defaults | overrides))
+    return make_smolvla_config(vlm_path, features, **(defaults | overrides))
