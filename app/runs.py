@@ -117,7 +117,9 @@ def parse_overrides(text: str | None) -> list[str]:
     Raises:
         LaunchError: naming the line number and the line.
     """
-    from gin import config_parser  # light: no registry, no torch
+    from gin import config_parser
+
+    from reflow_exp import gin_config  # light: gin only, no registry lookups, no torch
 
     bindings = []
     for number, raw in enumerate((text or "").splitlines(), start=1):
@@ -128,14 +130,11 @@ def parse_overrides(text: str | None) -> list[str]:
         if "=" not in line:
             raise LaunchError(f"{where}: expected `configurable.parameter = value`, e.g. `Trainer.steps = 100`.")
         try:
-            statements = list(config_parser.ConfigParser(line + "\n", _PlainDelegate()))
-        except SyntaxError as e:
-            raise LaunchError(f"{where}: not a valid gin binding ({e.msg}). "
-                              "Write `configurable.parameter = value`, e.g. `Trainer.lr = 3e-4`.") from None
-        except Exception as e:  # tokenize.TokenError (unclosed bracket/string) and friends
-            message = e.args[0] if e.args else type(e).__name__
-            raise LaunchError(f"{where}: not a valid gin binding ({message}). "
-                              "Values are Python literals: quote strings, close brackets.") from None
+            statements = gin_config.statements(line + "\n", label=where)
+        except gin_config.ConfigError as e:
+            raise LaunchError(f"{where}: not a valid gin binding ({str(e).split('gin syntax error: ')[-1]}). "
+                              "Write `configurable.parameter = value`; values are Python literals: quote strings, "
+                              "close brackets.") from None
         if len(statements) != 1 or not isinstance(statements[0], config_parser.BindingStatement):
             raise LaunchError(f"{where}: only bindings `configurable.parameter = value` are allowed here "
                               "(no include or import; put those in a gin file).")
@@ -158,10 +157,10 @@ def check_write_locations(bindings: list[str], runs_dir: Path, repo_root: Path) 
     Raises:
         LaunchError: naming the binding, the folder and the option that allows it.
     """
-    from gin import config_parser
+    from reflow_exp import gin_config
 
     for line in bindings:
-        (stmt,) = config_parser.ConfigParser(line + "\n", _PlainDelegate())
+        (stmt,) = gin_config.parse_bindings(line + "\n", label=line)
         key = f"{stmt.selector.rsplit('.', 1)[-1]}.{stmt.arg_name}"  # module-qualified selectors too
         if key not in WRITE_LOCATIONS or stmt.value is None:
             continue
@@ -200,16 +199,6 @@ def run_folder(runs_dir: Path, name: str) -> Path:
     if path == Path(runs_dir).resolve():
         raise LaunchError(f"Run name {name!r} names the runs folder itself.")
     return path
-
-
-class _PlainDelegate:
-    """Parse references/macros as placeholders: syntax only, no configurable registry."""
-
-    def configurable_reference(self, scoped_selector, evaluate):
-        return f"@{scoped_selector}"
-
-    def macro(self, name):
-        return f"%{name}"
 
 
 # -- run names and commands ------------------------------------------------------------------

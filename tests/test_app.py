@@ -465,7 +465,7 @@ def test_config_error_from_the_dry_run_is_shown_inline(app, tiny_run):
     client, dashboard = app
     message, _ = tiny_run.side_jobs["bad_config"].result(timeout=300)
     text = message.replace("&#x27;", "'")
-    assert "Config error" in text and "Trainer has no parameter 'stepz'" in text and "Traceback" not in text
+    assert "Config error" in text and "doesn't have a parameter named 'stepz'" in text and "Traceback" not in text
     assert not (dashboard.runs_dir / "bad-config").exists()
     assert set(dashboard.runner.running()) <= {"tiny-api"}
 
