@@ -473,36 +473,22 @@ def find_media(run_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
 # -- processes -------------------------------------------------------------------------------
 
 
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), or
-    None when there is no such live process (zombies count as dead)."""
+def process_start_time(pid: int) -> float | None:
+    """The process's creation time (psutil, seconds since the epoch), or None when there is no
+    such live process (zombies count as dead)."""
+    import psutil
+
     try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    if not fields or fields[0] in ("Z", "X"):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
+        process = psutil.Process(int(pid))
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except (TypeError, ValueError, psutil.Error):
         return None
 
 
-def pid_alive(pid: int | None, start_time: int | None = None) -> bool:
-    """Whether ``pid`` is a live process, and the same one (same start time) if given."""
-    if not pid:
-        return False
-    if Path("/proc").is_dir():
-        current = process_start_time(pid)
-        return current is not None and (start_time is None or current == start_time)
-    try:  # no /proc: best effort
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def pid_alive(pid: int | None, start_time: float | None = None) -> bool:
+    """Whether ``pid`` is a live process, and the same one (same creation time) if given."""
+    current = process_start_time(pid) if pid else None
+    return current is not None and (start_time is None or current == start_time)
 
 
 # -- run status ------------------------------------------------------------------------------

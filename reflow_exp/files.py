@@ -1,8 +1,9 @@
-"""Files every part of reflow_exp writes the same way: atomic and durable, JSON-safe, digested.
+"""Files every part of reflow_exp writes the same way: atomic and durable, JSON-safe, digested,
+and cached folders built once (`build_once`).
 
 An atomic write goes to a temp file beside the target (``.<name>.tmp-<pid>``), is fsynced, renamed
 into place and the folder fsynced: readers never see a half-written file, and the new content
-survives a power loss. Standard library only (the dashboard's launcher wrapper imports this).
+survives a power loss. Standard library only at import (the dashboard's launcher wrapper imports this).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import hashlib
 import json
 import numbers
 import os
+import shutil
 import socket
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+MARKER = "reflow_exp_sandbox.json"  # what `build_once` writes into each folder it made
 
 
 @contextlib.contextmanager
@@ -116,3 +121,43 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def build_once(dest: str | Path, marker: dict, build: Callable[[Path], dict]) -> dict:
+    """Make folder `dest` with `build(work_dir) -> report` unless it already holds `marker`.
+
+    The marker file (MARKER) stores {"args": marker, "report": report}; the stored report is
+    returned when the args match. `build` creates `work_dir`, a fresh path in a temporary sibling
+    of `dest`, which is then renamed into place, so `dest` is either complete or absent. A
+    non-empty `dest` without our marker is never overwritten. A file lock beside `dest` makes a
+    second process that asks for the same folder wait for the first one's build, then reuse it.
+    """
+    from filelock import FileLock
+
+    dest = Path(dest)
+    marker = json.loads(json.dumps(marker))  # compare as stored (tuples become lists)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.parent / f".{dest.name}.lock"):
+        stored = _read_marker(dest)
+        if stored is not None and stored["args"] == marker:
+            return stored["report"]
+        if dest.exists() and stored is None and (not dest.is_dir() or any(dest.iterdir())):
+            raise FileExistsError(f"{dest} exists and was not made by reflow_exp; choose another path")
+        scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))  # same filesystem
+        try:
+            work = scratch / dest.name  # not created yet: some writers insist on making it themselves
+            report = build(work)
+            (work / MARKER).write_text(json.dumps({"args": marker, "report": report}, indent=2))
+            if dest.exists():  # an older folder of ours: moved aside, removed with the scratch folder
+                dest.rename(scratch / "old")
+            work.rename(dest)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None

@@ -15,7 +15,6 @@ from pathlib import Path
 import gin
 import torch
 from lerobot.configs.policies import PreTrainedConfig
-from lerobot.configs.types import FeatureType
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 

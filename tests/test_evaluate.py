@@ -214,3 +214,26 @@ def test_success_latency_plot(tmp_path):
     results["student"]["1"] |= {"ci_low": 0.6, "ci_high": 0.95}
     with Image.open(path) as plain, Image.open(success_latency_plot(results, tmp_path / "bars.png")) as bars:
         assert plain.size == bars.size and np.abs(np.asarray(plain, float) - np.asarray(bars, float)).sum() > 0
+
+
+def test_write_mp4_is_lerobots_writer_and_round_trips(tmp_path):
+    """Videos are LeRobot's `write_video` (H.264, yuv420p, odd sizes cropped): same bytes, and the
+    decoded frames are the written ones up to the codec's loss."""
+    import av
+    from lerobot.utils.io_utils import write_video
+
+    from reflow_exp.evaluate import write_mp4
+
+    y, x = np.mgrid[0:33, 0:47]
+    frames = [np.stack([(4 * x + 8 * i) % 256, (6 * y) % 256, np.full_like(x, 30 * i % 256)], -1).astype(np.uint8)
+              for i in range(12)]  # smooth, moving, odd size
+    ours = write_mp4(frames, tmp_path / "sub" / "ours.mp4", fps=10)
+    write_video(tmp_path / "theirs.mp4", frames, fps=10)
+    assert ours.read_bytes() == (tmp_path / "theirs.mp4").read_bytes()
+    codec, pix_fmt, count = probe_mp4(ours)
+    assert (codec, pix_fmt, count) == ("h264", "yuv420p", 12)
+    with av.open(str(ours)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert decoded[0].shape == (32, 46, 3)
+    error = np.mean([np.abs(d.astype(int) - f[:32, :46].astype(int)).mean() for d, f in zip(decoded, frames)])
+    assert error < 8, error

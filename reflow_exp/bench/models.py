@@ -36,7 +36,8 @@ from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfi
 
 from reflow_exp.architectures import SHIPPED, make_smolvla_config
 from reflow_exp.backbone import VLM_PREFIX
-from reflow_exp.sandbox.vlm import build_once, make_tiny_vlm
+from reflow_exp.files import build_once
+from reflow_exp.sandbox.vlm import make_tiny_vlm
 from reflow_exp.torch_utils import count_params
 
 REAL_VLM = SHIPPED["HuggingFaceTB/SmolVLM2-500M-Video-Instruct"]
