@@ -7,7 +7,7 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from reflow_exp import flow, prefix
 from reflow_exp.backbone import VLM_PREFIX, Backbone
 from reflow_exp.heads import ActionHead
-from reflow_exp.reflow import _inputs
+from reflow_exp.reflow import lerobot_inputs
 from reflow_exp.sandbox import tiny_smolvla_config
 from tests.test_policy import B, CHUNK, make_batch
 
@@ -40,7 +40,7 @@ def test_one_prefix_serves_each_head_like_lerobots_joint_forward(two_heads):
         noise, t = torch.randn(B, CHUNK, 32), torch.rand(B)
         actions = policy.prepare_action(batch)
         u = flow.target_velocity(actions, noise)
-        expected = policy.model.forward(*_inputs(head, batch), actions, noise, t)  # (u - v)^2
+        expected = policy.model.forward(*lerobot_inputs(head, batch), actions, noise, t)  # (u - v)^2
         v = prefix.velocity(head, prefix.extend(head, shared, batch), flow.interpolate(actions, noise, t), t)
         assert torch.allclose((u - v) ** 2, expected, atol=1e-5)
 

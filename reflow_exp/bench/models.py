@@ -164,13 +164,13 @@ def make_batch(config: SmolVLAConfig, size: Size, batch: int, seed: int = 0, dev
 def load_ours(size: Size, cache: Path, device="cpu"):
     """Our teacher policy (backbone + frozen head) and a student head copied from it, as the reflow
     job builds them, on `device`."""
-    from reflow_exp.jobs import _student_head
+    from reflow_exp.jobs.builders import student_head
     from reflow_exp.policy import Policy
 
     teacher = Policy.from_pretrained(teacher_checkpoint(size, cache))
     teacher.backbone.to(device)
     teacher.head.to(device).requires_grad_(False)
-    return teacher, _student_head(teacher, student_steps=1, freeze_vision_encoder=None)
+    return teacher, student_head(teacher, student_steps=1, freeze_vision_encoder=None)
 
 
 def lerobot_policy(config: SmolVLAConfig, backbone, head_state: dict, trainable: bool) -> SmolVLAPolicy:

@@ -1,7 +1,7 @@
 """Start-up: time and peak RSS until teacher and student are ready to train, each in a fresh process.
 
 - ours: `Policy.from_pretrained(teacher)` (the VLM read once from the checkpoint into one shared
-  backbone) + `jobs._student_head` (the student head copies the teacher head, borrows the backbone).
+  backbone) + `jobs.builders.student_head` (the student head copies the teacher head, borrows the backbone).
 - naive: two `SmolVLAPolicy.from_pretrained(teacher)` (LeRobot as is; the second load is the student,
   a copy of the teacher by way of its checkpoint) + LeRobot's processors, teacher frozen, student in
   training mode. Each `from_pretrained` first builds a randomly initialised SmolVLM.
@@ -111,7 +111,7 @@ def child(side: str, checkpoint: str, device: str) -> dict:
 
     from reflow_exp.backbone import vlm_load_count
     from reflow_exp.bench.models import VlmLoadCounter
-    from reflow_exp.jobs import _student_head
+    from reflow_exp.jobs.builders import student_head
     from reflow_exp.policy import Policy
     from reflow_exp.torch_utils import count_params
 
@@ -120,7 +120,7 @@ def child(side: str, checkpoint: str, device: str) -> dict:
     if side == "ours":
         teacher = Policy.from_pretrained(checkpoint)
         teacher.head.requires_grad_(False)
-        student = _student_head(teacher, student_steps=1, freeze_vision_encoder=None)
+        student = student_head(teacher, student_steps=1, freeze_vision_encoder=None)
         student.train()
         models = [teacher.backbone, teacher.head, student]
     elif side == "naive":

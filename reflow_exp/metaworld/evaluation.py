@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 
 from reflow_exp.evaluate import Evaluator, as_chunk_policy
-from reflow_exp.jobs import paired_comparisons
+from reflow_exp.jobs.report import paired_comparisons
 from reflow_exp.stats import wilson_interval
 
 from .env import STATES
