@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from app.runs import REPO_ROOT
+from app.forms import REPO_ROOT
 
 USER_ENV = "REFLOW_DASHBOARD_USER"
 PASSWORD_ENV = "REFLOW_DASHBOARD_PASSWORD"

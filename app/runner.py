@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 from app import gpus as gpus_mod
-from app.runs import (
-    EXIT_FILE, GIN_DIR, LAUNCH_FILE, REPO_ROOT, LaunchError, RunInfo, build_command, check_write_locations,
-    config_error_message, default_run_name, is_run_dir, parse_overrides, pid_alive, process_start_time,
-    read_json, resolve_gin_file, run_folder, run_status, write_json_atomic,
+from app.forms import (
+    GIN_DIR, REPO_ROOT, LaunchError, build_command, check_write_locations, config_error_message, default_run_name,
+    parse_overrides, resolve_gin_file, run_folder,
 )
+from app.processes import pid_alive, process_start_time
+from app.runs import EXIT_FILE, LAUNCH_FILE, RunInfo, is_run_dir, read_json, run_status, write_json_atomic
 from reflow_exp.files import free_port
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ import pandas as pd
 from app import gpus as gpus_mod
 from app.aim_server import AimServer
 from app.runner import Runner
+from app.forms import GIN_DIR, LaunchError, list_gin_files, run_folder
 from app.runs import (
-    EVAL_COLUMNS, GIN_DIR, LAUNCH_FILE, LaunchError, RunInfo, curve_points, eval_rows, find_media, is_run_dir,
-    list_gin_files, list_runs, params_rows, read_json, read_log, read_metrics, read_summary, run_folder, run_status,
-    vlm_load_count,
+    EVAL_COLUMNS, LAUNCH_FILE, RunInfo, curve_points, eval_rows, find_media, is_run_dir, list_runs, params_rows,
+    read_json, read_log, read_metrics, read_summary, run_status, vlm_load_count,
 )
 
 log = logging.getLogger(__name__)

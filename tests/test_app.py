@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from app import gpus, runs
+from app import forms, gpus, processes, runs
 from app.launcher import main as launcher_main
 from app.runner import LaunchPlan, Runner
-from app.runs import LaunchError
+from app.forms import LaunchError
 from reflow_exp.files import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,26 +42,26 @@ def gin_dir(tmp_path):
 
 
 def test_list_gin_files_is_recursive(gin_dir):
-    assert runs.list_gin_files(gin_dir) == ["base.gin", "sub/a.gin", "sub/link.gin", "sub/deeper/b.gin"]
-    assert "sandbox/tiny.gin" in runs.list_gin_files()  # the repo's own
+    assert forms.list_gin_files(gin_dir) == ["base.gin", "sub/a.gin", "sub/link.gin", "sub/deeper/b.gin"]
+    assert "sandbox/tiny.gin" in forms.list_gin_files()  # the repo's own
 
 
 def test_resolve_gin_file_stays_inside_gin(gin_dir):
-    assert runs.resolve_gin_file("sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
-    assert runs.resolve_gin_file("gin/sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
+    assert forms.resolve_gin_file("sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
+    assert forms.resolve_gin_file("gin/sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
     for bad, words in [("../outside.gin", "outside gin/"), (str(gin_dir / "base.gin"), "outside gin/"),
                        ("sub/link.gin", "outside gin/"), ("sub/../../outside.gin", "outside gin/"),
                        ("sub/notes.txt", "not a .gin file"), ("nope.gin", "Unknown gin file"),
                        ("", "Choose a gin file")]:
         with pytest.raises(LaunchError, match=words):
-            runs.resolve_gin_file(bad, gin_dir)
+            forms.resolve_gin_file(bad, gin_dir)
 
 
 def test_parse_overrides():
     text = "Trainer.steps = 100\n\n# a comment\n teacher/ActionHead.x = @uniform \nreflow.teacher = 'runs/t'\n"
-    assert runs.parse_overrides(text) == ["Trainer.steps = 100", "teacher/ActionHead.x = @uniform",
+    assert forms.parse_overrides(text) == ["Trainer.steps = 100", "teacher/ActionHead.x = @uniform",
                                           "reflow.teacher = 'runs/t'"]
-    assert runs.parse_overrides("") == [] and runs.parse_overrides(None) == []
+    assert forms.parse_overrides("") == [] and forms.parse_overrides(None) == []
     for bad, words in [("Trainer.steps 100", "line 1.*configurable.parameter = value"),
                        ("Trainer.lr = 1\nTrainer.steps = [1, 2", "line 2.*close brackets"),
                        ("a.b = 'unclosed", "not a valid gin binding"),
@@ -70,32 +70,32 @@ def test_parse_overrides():
                        ("run.name = 'x'", "Run name field"),
                        ("run.runs_dir = '/tmp'", "--runs-dir")]:
         with pytest.raises(LaunchError, match=words):
-            runs.parse_overrides(bad)
+            forms.parse_overrides(bad)
 
 
 def test_run_names_and_command(tmp_path):
-    assert runs.check_run_name(" my-run_1.b ") == "my-run_1.b"
+    assert forms.check_run_name(" my-run_1.b ") == "my-run_1.b"
     for bad in ["../x", "a/b", ".hidden", "a b", "x" * 101]:
         with pytest.raises(LaunchError, match="not allowed"):
-            runs.check_run_name(bad)
+            forms.check_run_name(bad)
     now = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
-    assert runs.default_run_name(tmp_path, now) == "20260102-030405"
+    assert forms.default_run_name(tmp_path, now) == "20260102-030405"
     (tmp_path / "20260102-030405").mkdir()
-    assert runs.default_run_name(tmp_path, now) == "20260102-030405-2"
+    assert forms.default_run_name(tmp_path, now) == "20260102-030405-2"
 
-    cmd = runs.build_command(["gin/a.gin", "gin/b.gin"], ["X.y = 1"], "r1", Path("/r"), python="py", dry_run=True)
+    cmd = forms.build_command(["gin/a.gin", "gin/b.gin"], ["X.y = 1"], "r1", Path("/r"), python="py", dry_run=True)
     assert cmd == ["py", "-m", "reflow_exp.run", "--gin_file", "gin/a.gin", "--gin_file", "gin/b.gin",
                    "--gin_param", "X.y = 1", "--gin_param", 'run.name = "r1"', "--gin_param", 'run.runs_dir = "/r"',
                    "--dry_run"]
 
 
 def test_config_error_message_never_shows_a_traceback():
-    assert runs.config_error_message("error: gin/x.gin:3: Trainer has no parameter 'stepz'\n") == \
+    assert forms.config_error_message("error: gin/x.gin:3: Trainer has no parameter 'stepz'\n") == \
         "gin/x.gin:3: Trainer has no parameter 'stepz'"
-    assert runs.config_error_message("error: two problems\nA.b is required\nC.d is required\n") == \
+    assert forms.config_error_message("error: two problems\nA.b is required\nC.d is required\n") == \
         "two problems\nA.b is required\nC.d is required"
     traceback = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    boom()\nFileNotFoundError: no teacher at runs/t\n'
-    assert runs.config_error_message(traceback) == "FileNotFoundError: no teacher at runs/t"
+    assert forms.config_error_message(traceback) == "FileNotFoundError: no teacher at runs/t"
 
 
 # -- GPUs ------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_metrics_and_summary_readers(tmp_path):
 
 def _launched(run_dir: Path, pid: int, **extra) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"pid": pid, "pgid": pid, "proc_start": runs.process_start_time(pid), "cuda_visible_devices": "0",
+    record = {"pid": pid, "pgid": pid, "proc_start": processes.process_start_time(pid), "cuda_visible_devices": "0",
               "started": 1000.0, "stop_requested": None, **extra}
     runs.write_json_atomic(run_dir / runs.LAUNCH_FILE, record)
 

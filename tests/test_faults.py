@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from app import runs
 from app.runner import Runner
-from app.runs import LaunchError
+from app.forms import LaunchError
 from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import latest_checkpoint
 from tests.conftest import running_dashboard
