@@ -11,7 +11,8 @@ Start it with ``reflow-dashboard [--host 127.0.0.1] [--port P] [--runs-dir runs]
 - ``app.launcher``  the tiny wrapper each run executes under; records the exit code
 - ``app.gpus``      the GPU list from nvidia-smi
 - ``app.aim_server`` ``aim up`` on demand
-- ``app.ui``        the Gradio Blocks
+- ``app.views``     status pills, headers, messages, the runs table (HTML and data frames)
+- ``app.ui``        the Gradio Blocks and their callbacks
 - ``app.main``      the console script
 
 Importing this package is cheap (no gradio, no torch): the launcher wrapper imports it.

@@ -23,9 +23,10 @@ import pandas as pd
 from app import gpus as gpus_mod
 from app.aim_server import AimServer
 from app.runner import Runner
+from app.views import RUN_COLUMNS, points_frame, message_html, run_header, runs_frame, status_pill, train_stats_html, vlm_badge
 from app.forms import GIN_DIR, LaunchError, list_gin_files, run_folder
 from app.runs import (
-    EVAL_COLUMNS, LAUNCH_FILE, RunInfo, curve_points, eval_rows, find_media, is_run_dir, list_runs, params_rows,
+    EVAL_COLUMNS, LAUNCH_FILE, curve_points, eval_rows, find_media, is_run_dir, list_runs, params_rows,
     read_json, read_log, read_metrics, read_summary, run_status, vlm_load_count,
 )
 
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 TICK_S = 2.0
 LOG_POLL_S = 0.5
 LOG_MAX_CHARS = 150_000
-STATUS_COLORS = {
-    "running": "#2563eb", "stopping": "#d97706", "finished": "#16a34a",
-    "failed": "#dc2626", "stopped": "#a16207", "unknown": "#6b7280",
-}
-STATUS_ICONS = {"running": "●", "stopping": "◐", "finished": "✔", "failed": "✖", "stopped": "■", "unknown": "?"}
-RUN_COLUMNS = ["Run", "Status", "Device", "Started", "Step", "Last loss"]
 PARAM_COLUMNS = ["Part", "Parameters", "Share"]
 DEFAULT_GIN = "sandbox/teacher.gin"
 
@@ -87,100 +82,6 @@ def launch_kwargs(runs_dir: str | Path, host: str = "127.0.0.1", allow_hosts: tu
 
 
 # -- small HTML pieces -----------------------------------------------------------------------
-
-
-def message_html(kind: str, text: str, detail: str = "") -> str:
-    icon = {"error": "✖", "ok": "✔", "info": "…"}.get(kind, "")
-    body = html.escape(text)
-    if "\n" in text:
-        first, rest = text.split("\n", 1)
-        body, detail = html.escape(first), rest + ("\n" + detail if detail else "")
-    extra = f"<pre>{html.escape(detail)}</pre>" if detail else ""
-    return f'<div class="msg msg-{kind}">{icon} {body}{extra}</div>'
-
-
-def status_pill(status: str, detail: str = "") -> str:
-    color = STATUS_COLORS.get(status, STATUS_COLORS["unknown"])
-    title = f' title="{html.escape(detail)}"' if detail else ""
-    return (f'<span class="pill status-{status}" style="background:{color}"{title}>'
-            f"{STATUS_ICONS.get(status, '')} {status}</span>")
-
-
-def vlm_badge(count: int | None) -> str:
-    """Green at exactly one VLM load, red otherwise, grey while unknown."""
-    if count is None:
-        return '<span class="pill grey" id="vlm-load" data-count="">VLM loads: —</span>'
-    color = "green" if count == 1 else "red"
-    title = "the VLM was loaded once" if count == 1 else "expected exactly one VLM load per run"
-    return (f'<span class="pill {color}" id="vlm-load" data-count="{count}" title="{title}">'
-            f"VLM loaded {count}×</span>")
-
-
-def run_header(info: RunInfo | None, summary: dict, rows: list[dict]) -> tuple[str, str]:
-    """(header HTML with name + status, VLM badge HTML)."""
-    if info is None:
-        return ('<div class="run-head"><span class="run-name">No run selected</span></div>'
-                '<div class="run-meta">Launch a run on the left, or pick one in the runs table.</div>',
-                vlm_badge(None))
-    meta = [info.device, f"started {info.started_text}", f"step {info.step_text}", f"last loss {info.loss_text}"]
-    if info.detail:
-        meta.append(info.detail)
-    head = (f'<div class="run-head"><span class="run-name">{html.escape(info.name)}</span>'
-            f"{status_pill(info.status, info.detail)}</div>"
-            f'<div class="run-meta">{html.escape(" · ".join(meta))}</div>')
-    return head, vlm_badge(vlm_load_count(summary, rows))
-
-
-def train_stats_html(summary: dict, info: RunInfo | None) -> str:
-    train = summary.get("train") or {}
-    items = []
-    if info is not None:
-        items.append(("Run folder", str(info.path)))
-    for key, label, fmt in (("first_loss", "First loss", "{:.4g}"), ("last_loss", "Last loss", "{:.4g}"),
-                            ("steps_per_s", "Steps / s", "{:.2f}"), ("steps", "Steps", "{}")):
-        if isinstance(train.get(key), (int, float)):
-            items.append((label, fmt.format(train[key])))
-    for key, label in (("teacher_checkpoint", "Teacher checkpoint"), ("student_checkpoint", "Student checkpoint")):
-        if summary.get(key):
-            items.append((label, str(summary[key])))
-    straight = (summary.get("offline") or {}).get("straightness") or {}
-    for head, value in straight.items():
-        if isinstance(value, (int, float)):
-            items.append((f"Straightness ({head})", f"{value:.4f}"))
-    if not items:
-        return '<div class="empty-note">No training summary yet.</div>'
-    cells = "".join(f'<div class="k">{html.escape(k)}</div><div>{html.escape(v)}</div>' for k, v in items)
-    return f'<div class="stats">{cells}</div>'
-
-
-def runs_frame(runs: list[RunInfo]):
-    """The runs table as a pandas Styler (status coloured)."""
-    df = pd.DataFrame(
-        [[r.name, f"{STATUS_ICONS.get(r.status, '')} {r.status}", r.device, r.started_short, r.step_text, r.loss_text]
-         for r in runs],
-        columns=RUN_COLUMNS,
-    )
-    if df.empty:
-        return df
-
-    def color(value: str) -> str:
-        status = value.split(" ", 1)[-1]
-        return f"color: {STATUS_COLORS.get(status, '#6b7280')}; font-weight: 600"
-
-    return df.style.map(color, subset=["Status"])
-
-
-def _points_frame(points: list[dict]) -> pd.DataFrame:
-    """Long format for gr.LinePlot; typed even when empty (an untyped frame makes the plot's
-    axes nominal and the lines never show)."""
-    return pd.DataFrame({
-        "step": pd.Series([p["step"] for p in points], dtype="int64"),
-        "value": pd.Series([p["value"] for p in points], dtype="float64"),
-        "series": pd.Series([str(p["series"]) for p in points], dtype="object"),
-    })
-
-
-# -- the app ---------------------------------------------------------------------------------
 
 
 class Dashboard:
@@ -345,9 +246,9 @@ class Dashboard:
     def _plots(self, rows, part):
         def make():
             points = curve_points(rows)
-            loss = _points_frame(points["loss"])
-            by_t = _points_frame(points["loss_by_t"])
-            offline = _points_frame(points["offline"])
+            loss = points_frame(points["loss"])
+            by_t = points_frame(points["loss_by_t"])
+            offline = points_frame(points["offline"])
             return (gr.update(value=loss),
                     gr.update(value=by_t, visible=not by_t.empty),
                     gr.update(value=offline, visible=not offline.empty))
@@ -495,14 +396,14 @@ class Dashboard:
                                     gr.Markdown("**Training**")
                                     train_stats = gr.HTML(elem_id="train-stats")
                             with gr.Row():
-                                loss_plot = gr.LinePlot(_points_frame([]), x="step", y="value", color="series",
+                                loss_plot = gr.LinePlot(points_frame([]), x="step", y="value", color="series",
                                                         title="Training loss", y_title="loss", color_title="head",
                                                         height=280, elem_id="loss-plot")
-                                by_t_plot = gr.LinePlot(_points_frame([]), x="step", y="value", color="series",
+                                by_t_plot = gr.LinePlot(points_frame([]), x="step", y="value", color="series",
                                                         title="Training loss by t (t=1 noise, t=0 action)",
                                                         y_title="loss", color_title="bin", height=280,
                                                         visible=False, elem_id="loss-by-t-plot")
-                            offline_plot = gr.LinePlot(_points_frame([]), x="step", y="value", color="series",
+                            offline_plot = gr.LinePlot(points_frame([]), x="step", y="value", color="series",
                                                        title="Offline action error (held-out frames)",
                                                        y_title="error", color_title="head @ steps", height=260,
                                                        visible=False)
