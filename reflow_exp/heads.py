@@ -38,8 +38,12 @@ class ActionHead(nn.Module):
         with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
             policy = SmolVLAPolicy(dataclasses.replace(config, load_vlm_weights=False))
         vlm_with_expert = policy.model.vlm_with_expert
+        # Borrowed, not registered: LeRobot's code reads `vlm_with_expert.vlm`, but as a submodule the
+        # shared ~350M-parameter VLM would be in every head's parameters(), state_dict() and `.to()`
+        # (optimizer groups, checkpoints and counts per head). nn.Module.__setattr__ registers any
+        # Module, hence object.__setattr__. LeRobot's save needs it registered: `with_vlm_registered`.
         del vlm_with_expert._modules["vlm"]
-        object.__setattr__(vlm_with_expert, "vlm", backbone.vlm)  # borrowed, not registered
+        object.__setattr__(vlm_with_expert, "vlm", backbone.vlm)
 
         if state_dict is None:
             policy.to_empty(device=device)

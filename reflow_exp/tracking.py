@@ -135,7 +135,10 @@ def _scalar(name: str, value: Any) -> float:
 
 def _run_aim_cleanup_inline_at_exit() -> None:
     """Aim's atexit hook runs its cleanup in a new thread, which Python 3.12 forbids at shutdown
-    ("can't create new thread at interpreter shutdown"); run the same cleanup inline instead."""
+    ("can't create new thread at interpreter shutdown"); run the same cleanup inline instead.
+
+    Aim offers no switch for this. Without it every run ends with that RuntimeError printed at exit
+    and Aim's cleanup skipped; `Tracker.close()` still finalises our own run first."""
     from aim.ext.cleanup import AutoClean
 
     atexit.unregister(AutoClean.cleanup)

@@ -334,13 +334,15 @@ class _Batches:
         self._iter: Iterator | None = None
 
     def __next__(self):
-        model_rng = torch.get_rng_state()
-        torch.set_rng_state(self._rng_state)
-        try:
-            return self._next()
-        finally:
-            self._rng_state = torch.get_rng_state()
-            torch.set_rng_state(model_rng)
+        # The DataLoader draws from the global CPU RNG (e.g. its workers' base seed); fork_rng gives
+        # those draws our own stream and restores the model's afterwards, so where epochs and
+        # prefetching fall cannot shift the model's noise (tests/test_trainer.py's SIGKILL resume test).
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            try:
+                return self._next()
+            finally:
+                self._rng_state = torch.get_rng_state()
 
     def _next(self):
         while True:
