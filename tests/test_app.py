@@ -355,27 +355,12 @@ def test_auth_from_env():
 
 
 @pytest.fixture(scope="module")
-def sandbox_root(tmp_path_factory):
-    """One sandbox cache (tiny VLM + data) for every dashboard test of the session."""
-    return tmp_path_factory.getbasetemp() / "dashboard-sandbox"
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, dashboard_server):
     os.environ.setdefault("NO_PROXY", "localhost,127.0.0.1")
     from gradio_client import Client
 
-    from app.ui import build_demo, launch_kwargs
-
-    runs_dir = tmp_path_factory.mktemp("dashboard-api") / "runs"
-    demo = build_demo(runs_dir)
-    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                    quiet=True, **launch_kwargs(runs_dir))
-    try:
-        yield Client(url, verbose=False), demo.dashboard
-    finally:
-        demo.dashboard.aim.stop()
-        demo.close()
+    with dashboard_server(tmp_path_factory.mktemp("dashboard-api") / "runs", free_port()) as (url, dashboard):
+        yield Client(url, verbose=False), dashboard
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import running_dashboard
 from reflow_exp.files import free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -22,17 +21,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, dashboard_server):
     """The dashboard on a free port: (url, its Dashboard)."""
     os.environ["NO_PROXY"] = "localhost,127.0.0.1"
-    with running_dashboard(tmp_path_factory.mktemp("dashboard-browser") / "runs", free_port()) as served:
+    with dashboard_server(tmp_path_factory.mktemp("dashboard-browser") / "runs", free_port()) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def sandbox_root(tmp_path_factory):
-    """Shared with tests/test_app.py: the tiny VLM and data are built once per session."""
-    return tmp_path_factory.getbasetemp() / "dashboard-sandbox"
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ import pytest
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 from PIL import Image
 
-from reflow_exp.backbone import VLM_PREFIX, Backbone
 from reflow_exp.evaluate import (
     Evaluator,
     ScriptedChunkPolicy,
@@ -18,32 +16,13 @@ from reflow_exp.evaluate import (
     make_vector_env,
     observation_batch,
 )
-from reflow_exp.heads import ActionHead
 from reflow_exp.plots import success_latency_plot
-from reflow_exp.policy import Policy
-from reflow_exp.sandbox import tiny_smolvla_config
 from reflow_exp.sandbox.task import HELDOUT_LAYOUTS, REPORT_SEED_OFFSET, eval_seeds, layout_of
 from reflow_exp.stats import wilson_interval
 
-SANDBOX_STATS = {
-    "observation.state": {"mean": torch.full((2,), 0.5), "std": torch.full((2,), 0.3)},
-    "action": {"mean": torch.zeros(2), "std": torch.full((2,), 0.03)},
-}
 # PushT: positions in [0, 512] px for both the agent and the action; the stats of a uniform law.
 PUSHT_STATS = {key: {"mean": torch.full((2,), 256.0), "std": torch.full((2,), 148.0)}
                for key in ("observation.state", "action")}
-
-
-def tiny_policy(vlm, stats, seed=0, **overrides) -> Policy:
-    """A random-weight tiny SmolVLA composed as our Policy (backbone + head + processors)."""
-    torch.manual_seed(seed)
-    config = tiny_smolvla_config(vlm, load_vlm_weights=False, device="cpu", **overrides)
-    state = SmolVLAPolicy(config).state_dict()
-    vlm_state = {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
-    head_state = {k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)}
-    backbone = Backbone.from_state_dict(config.vlm_model_name, config.num_vlm_layers, vlm_state, "test")
-    head = ActionHead(config, backbone, head_state)
-    return Policy(backbone, head, *make_smolvla_pre_post_processors(config, stats)).eval()
 
 
 def probe_mp4(path) -> tuple[str, str, int]:
@@ -61,8 +40,8 @@ def outcome(result: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sandbox_policy(tiny_vlm):
-    return tiny_policy(tiny_vlm, SANDBOX_STATS)
+def sandbox_policy(tiny_vlm, tiny_policy, sandbox_stats):
+    return tiny_policy(tiny_vlm, sandbox_stats)
 
 
 def test_sandbox_numbers_videos_and_determinism(sandbox_policy, tmp_path):
@@ -74,7 +53,9 @@ def test_sandbox_numbers_videos_and_determinism(sandbox_policy, tmp_path):
     assert set(result) == {1, 2}
     for k, r in result.items():
         assert r["episodes"] == 3
-        assert 0.0 <= r["success_rate"] <= 1.0 and 0.0 <= r["mean_return"] <= 1.0
+        # The rates are the episodes' own: reward 1 on success only, so the mean return is the rate.
+        assert r["success_rate"] == sum(r["episode_success"]) / 3 == r["mean_return"]
+        assert r["episode_seeds"] == eval_seeds(3, split="dev", layouts="all")
         assert 1 <= r["mean_length"] <= 60
         assert r["latency_ms"] > 0
         assert sum(r["routes"].values()) == 3
@@ -158,7 +139,7 @@ def test_evaluator_can_override_how_often_the_policy_replans():
         Evaluator(n_action_steps=0)
 
 
-def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tmp_path):
+def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tiny_policy, tmp_path):
     policy = tiny_policy(
         tiny_vlm, PUSHT_STATS, seed=1, n_action_steps=8,
         input_features={
@@ -168,7 +149,8 @@ def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tmp_path):
     )
     evaluator = Evaluator(env_id="pusht", episodes=2, n_envs=2, max_steps=20, videos=1, latency_calls=1)
     ours = evaluator.run(policy, step_counts=(2,), out_dir=tmp_path, tag="pusht")[2]
-    assert ours["episodes"] == 2 and ours["mean_length"] == 20 and 0 <= ours["success_rate"] <= 1
+    assert ours["episodes"] == 2 and ours["mean_length"] == 20
+    assert ours["success_rate"] == sum(ours["episode_success"]) / 2 and len(ours["episode_success"]) == 2
     assert "routes" not in ours
     codec, _, frames = probe_mp4(ours["videos"][0])
     assert codec == "h264" and frames == 21

@@ -25,7 +25,6 @@ from app.runner import Runner
 from app.forms import LaunchError
 from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import latest_checkpoint
-from tests.conftest import running_dashboard
 from reflow_exp.rundir import RunDir
 from reflow_exp.tracking import Tracker
 from reflow_exp.files import free_port
@@ -67,9 +66,9 @@ def teacher_copy(tiny_teacher, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory):
+def dashboard(tmp_path_factory, dashboard_server):
     """The dashboard without a login, on 127.0.0.1: (url, Dashboard)."""
-    with running_dashboard(tmp_path_factory.mktemp("faults-dashboard") / "runs", free_port()) as served:
+    with dashboard_server(tmp_path_factory.mktemp("faults-dashboard") / "runs", free_port()) as served:
         yield served
 
 

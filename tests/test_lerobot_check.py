@@ -6,13 +6,12 @@ import pytest
 
 from reflow_exp import lerobot_check
 from reflow_exp.sandbox.task import REPORT_SEED_OFFSET, eval_seeds
-from tests.test_evaluate import SANDBOX_STATS, tiny_policy
 
 
 @pytest.fixture(scope="module")
-def exported_student(tiny_vlm, tmp_path_factory):
+def exported_student(tiny_vlm, tiny_policy, sandbox_stats, tmp_path_factory):
     """A tiny 1-step SmolVLA, exported as a reflow student is: a LeRobot folder with processors."""
-    policy = tiny_policy(tiny_vlm, SANDBOX_STATS, seed=2, num_steps=1, n_action_steps=9)  # seed 2: ragged lengths
+    policy = tiny_policy(tiny_vlm, sandbox_stats, seed=2, num_steps=1, n_action_steps=9)  # seed 2: ragged lengths
     return policy.save_pretrained(tmp_path_factory.mktemp("student") / "student")
 
 

@@ -9,7 +9,6 @@ from reflow_exp.backbone import VLM_PREFIX, Backbone
 from reflow_exp.heads import ActionHead
 from reflow_exp.reflow import lerobot_inputs
 from reflow_exp.sandbox import tiny_smolvla_config
-from tests.test_policy import B, CHUNK, make_batch
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +31,10 @@ def two_heads(tiny_vlm):
     return policies, heads
 
 
-def test_one_prefix_serves_each_head_like_lerobots_joint_forward(two_heads):
+def test_one_prefix_serves_each_head_like_lerobots_joint_forward(two_heads, make_batch):
     policies, heads = two_heads
     batch = make_batch(2)
+    B, CHUNK = batch["action"].shape[:2]
     shared = prefix.encode(heads[0], batch)
     for policy, head in zip(policies, heads):
         noise, t = torch.randn(B, CHUNK, 32), torch.rand(B)
@@ -45,9 +45,10 @@ def test_one_prefix_serves_each_head_like_lerobots_joint_forward(two_heads):
         assert torch.allclose((u - v) ** 2, expected, atol=1e-5)
 
 
-def test_sampling_from_the_shared_prefix_matches_lerobot(two_heads):
+def test_sampling_from_the_shared_prefix_matches_lerobot(two_heads, make_batch):
     policies, heads = two_heads
     batch = make_batch(3)
+    B, CHUNK = batch["action"].shape[:2]
     shared = prefix.encode(heads[1], batch)  # either head can encode
     for policy, head in zip(policies, heads):
         noise = torch.randn(B, CHUNK, 32)
@@ -61,9 +62,10 @@ def test_sampling_from_the_shared_prefix_matches_lerobot(two_heads):
         policy.config.num_steps = 10
 
 
-def test_gradients_reach_the_state_projection(two_heads):
+def test_gradients_reach_the_state_projection(two_heads, make_batch):
     _, heads = two_heads
     head, batch = heads[0], make_batch(4)
+    B, CHUNK = batch["action"].shape[:2]
     shared = prefix.encode(head, batch)
     x_t, t = torch.randn(B, CHUNK, 32), torch.rand(B)
     prefix.velocity(head, prefix.extend(head, shared, batch), x_t, t).square().mean().backward()

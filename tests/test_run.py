@@ -13,14 +13,6 @@ from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gin_config():
-    """main() leaves its config bound (and locked); other tests build configurables directly."""
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 # Toy configurables. They live here, not in run.py (which runs as __main__; see PITFALLS).
 @gin.configurable
 def toy_run_part(width=gin.REQUIRED, depth=1):

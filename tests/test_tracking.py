@@ -1,19 +1,10 @@
 """Tracker against a real Aim repo: what we log can be read back the way `aim up` reads it."""
 
-import gin
 import numpy as np
 import pytest
 import torch
 
 from reflow_exp.tracking import HASH_FILE, Tracker
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gin_config():
-    """Tracker/Trainer are configurables: bindings left by another test must not leak in."""
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _read_back(repo_path, run_hash):

@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import gin
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,14 +25,6 @@ sys.path.insert(0, str(REPO))  # when run as a script
 from reflow_exp.rundir import RunDir, seed_everything  # noqa: E402
 from reflow_exp.tracking import Tracker  # noqa: E402
 from reflow_exp.trainer import Trainer  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gin_config():
-    """Tracker/Trainer are configurables: bindings left by another test must not leak in."""
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 class ToyRegression(nn.Module):
