@@ -86,7 +86,6 @@ def parse_overrides(text: str | None) -> list[str]:
         LaunchError: naming the line number and the line.
     """
     from gin import config_parser
-
     from reflow_exp import gin_config  # light: gin only, no registry lookups, no torch
 
     bindings = []
@@ -221,15 +220,15 @@ def build_command(gin_files: list[str], overrides: list[str], name: str, runs_di
 def config_error_message(stderr: str, stdout: str = "") -> str:
     """What to show for a failed ``--dry_run``: the ``error: ...`` lines, or the last line of a
     traceback (the exception and its message), never the whole traceback."""
-    lines = [l.rstrip() for l in (stderr or "").splitlines() if l.strip()]
-    errors = [l[len("error: "):] if l.startswith("error: ") else l for l in lines if l.startswith("error:")]
+    lines = [line.rstrip() for line in (stderr or "").splitlines() if line.strip()]
+    errors = [line[len("error: "):] if line.startswith("error: ") else line for line in lines if line.startswith("error:")]
     if errors:
         # `error:` may be followed by continuation lines (one problem per line).
-        start = next(i for i, l in enumerate(lines) if l.startswith("error:"))
-        rest = [l for l in lines[start + 1:] if not l.startswith(("Traceback", "  File "))]
+        start = next(i for i, line in enumerate(lines) if line.startswith("error:"))
+        rest = [line for line in lines[start + 1:] if not line.startswith(("Traceback", "  File "))]
         return "\n".join([errors[0], *rest]).strip()
-    if any(l.startswith("Traceback") for l in lines):
-        last = next((l for l in reversed(lines) if not l.startswith(" ")), lines[-1])
+    if any(line.startswith("Traceback") for line in lines):
+        last = next((line for line in reversed(lines) if not line.startswith(" ")), lines[-1])
         return last.strip()
-    tail = lines[-5:] or [l for l in (stdout or "").splitlines() if l.strip()][-5:]
+    tail = lines[-5:] or [line for line in (stdout or "").splitlines() if line.strip()][-5:]
     return "\n".join(tail) or "the dry run failed without a message"

@@ -16,14 +16,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from app import gpus as gpus_mod
 from app.forms import (
-    GIN_DIR, REPO_ROOT, LaunchError, build_command, check_write_locations, config_error_message, default_run_name,
-    parse_overrides, resolve_gin_file, run_folder,
+    GIN_DIR,
+    REPO_ROOT,
+    LaunchError,
+    build_command,
+    check_write_locations,
+    config_error_message,
+    default_run_name,
+    parse_overrides,
+    resolve_gin_file,
+    run_folder,
 )
 from app.processes import pid_alive, process_start_time
 from app.runs import EXIT_FILE, LAUNCH_FILE, RunInfo, is_run_dir, read_json, run_status, write_json_atomic

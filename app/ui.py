@@ -22,12 +22,33 @@ import pandas as pd
 
 from app import gpus as gpus_mod
 from app.aim_server import AimServer
-from app.runner import Runner
-from app.views import RUN_COLUMNS, points_frame, message_html, run_header, runs_frame, status_pill, train_stats_html, vlm_badge
 from app.forms import GIN_DIR, LaunchError, list_gin_files, run_folder
+from app.runner import Runner
 from app.runs import (
-    EVAL_COLUMNS, LAUNCH_FILE, curve_points, eval_rows, find_media, is_run_dir, list_runs, params_rows,
-    read_json, read_log, read_metrics, read_summary, run_status, vlm_load_count,
+    EVAL_COLUMNS,
+    LAUNCH_FILE,
+    curve_points,
+    eval_rows,
+    find_media,
+    is_run_dir,
+    list_runs,
+    params_rows,
+    read_json,
+    read_log,
+    read_metrics,
+    read_summary,
+    run_status,
+    vlm_load_count,
+)
+from app.views import (
+    RUN_COLUMNS,
+    message_html,
+    points_frame,
+    run_header,
+    runs_frame,
+    status_pill,
+    train_stats_html,
+    vlm_badge,
 )
 
 log = logging.getLogger(__name__)

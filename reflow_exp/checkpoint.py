@@ -26,8 +26,8 @@ import re
 import shutil
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from reflow_exp.files import fsync_dir, fsync_tree
 

@@ -168,7 +168,7 @@ def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None =
         return
     wanted = set(range(meta.total_episodes) if episodes is None else episodes)
     last = {}  # file -> (latest end timestamp in it, episode, key)
-    for key, ep, path, start, end in _video_spans(meta, keys):
+    for key, ep, path, _start, end in _video_spans(meta, keys):
         if ep not in wanted:
             continue
         if not path.is_file():

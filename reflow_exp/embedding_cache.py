@@ -23,13 +23,13 @@ import struct
 import time
 from pathlib import Path
 
-import gin
 import lerobot
 import torch
 from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
+import gin
 from reflow_exp import prefix
 from reflow_exp.files import atomic_path
 from reflow_exp.heads import ActionHead

@@ -21,7 +21,6 @@ import statistics
 import time
 from pathlib import Path
 
-import gin
 import gymnasium as gym
 import numpy as np
 from lerobot.envs.utils import preprocess_observation
@@ -30,8 +29,12 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import gin
 from reflow_exp.chunk_policy import (  # noqa: F401  re-exported: evaluate's policies
-    ChunkPolicy, ScriptedChunkPolicy, SmolVLAChunkPolicy, as_chunk_policy,
+    ChunkPolicy,
+    ScriptedChunkPolicy,
+    SmolVLAChunkPolicy,
+    as_chunk_policy,
 )
 from reflow_exp.sandbox import ENV_ID as SANDBOX_ENV_ID
 from reflow_exp.sandbox import route_of

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import gin
 from gin import config_parser
-
 from reflow_exp import config_types
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"

@@ -28,11 +28,11 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import gin
-
-from reflow_exp import distributed, jobs, rundir, trainer, tracking  # noqa: F401  register the configurables
+from reflow_exp import distributed, jobs, rundir, tracking, trainer  # noqa: F401  register the configurables
 from reflow_exp.gin_config import GIN_DIR, Config, ConfigError, load_config  # noqa: F401  GIN_DIR for callers
 
 EXIT_CONFIG_ERROR = 2

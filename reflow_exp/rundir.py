@@ -32,12 +32,12 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, TextIO
 
 import gin
-
 from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
 from reflow_exp.distributed import DEFAULT_TIMEOUT_S
 from reflow_exp.files import deep_merge, json_safe, read_json, write_atomic
@@ -241,7 +241,7 @@ class RunDir:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
 
-    def __enter__(self) -> "RunDir":
+    def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -283,7 +283,7 @@ class WorkerRun:
             sys.stdout = self._stdout
         self._devnull.close()
 
-    def __enter__(self) -> "WorkerRun":
+    def __enter__(self) -> WorkerRun:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import atexit
 import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import gin
-
 from reflow_exp.files import deep_merge, json_safe
 
 HASH_FILE = "aim_run_hash.txt"

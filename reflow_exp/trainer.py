@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
-import gin
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -34,6 +34,7 @@ from lerobot.utils.random_utils import load_rng_state, save_rng_state
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import gin
 from reflow_exp import distributed
 from reflow_exp.checkpoint import latest_checkpoint, save_checkpoint
 from reflow_exp.rundir import RunDir

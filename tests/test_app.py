@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 
 from app import forms, gpus, processes, runs
+from app.forms import LaunchError
 from app.launcher import main as launcher_main
 from app.runner import LaunchPlan, Runner
-from app.forms import LaunchError
 from reflow_exp.files import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +94,8 @@ def test_config_error_message_never_shows_a_traceback():
         "gin/x.gin:3: Trainer has no parameter 'stepz'"
     assert forms.config_error_message("error: two problems\nA.b is required\nC.d is required\n") == \
         "two problems\nA.b is required\nC.d is required"
-    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    boom()\nFileNotFoundError: no teacher at runs/t\n'
+    traceback = ('Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    boom()\n'
+                 "FileNotFoundError: no teacher at runs/t\n")
     assert forms.config_error_message(traceback) == "FileNotFoundError: no teacher at runs/t"
 
 

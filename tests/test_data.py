@@ -13,8 +13,16 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from reflow_exp.data import (
-    ChunkedFrames, DataSource, check_features, dataset_stats, default_workers, load_dataset, make_dataloader,
-    open_metadata, policy_features, split_episodes,
+    ChunkedFrames,
+    DataSource,
+    check_features,
+    dataset_stats,
+    default_workers,
+    load_dataset,
+    make_dataloader,
+    open_metadata,
+    policy_features,
+    split_episodes,
 )
 from reflow_exp.sandbox import record_dataset
 from reflow_exp.sandbox.dataset import CAMERA_KEYS

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
-from lerobot.transforms.transforms import ImageTransforms, ImageTransformsConfig
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
+from lerobot.transforms.transforms import ImageTransforms, ImageTransformsConfig
 
 from reflow_exp import coupling, flow, run
 from reflow_exp.backbone import Backbone

@@ -21,13 +21,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from app import runs
-from app.runner import Runner
 from app.forms import LaunchError
+from app.runner import Runner
 from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import latest_checkpoint
+from reflow_exp.files import free_port
 from reflow_exp.rundir import RunDir
 from reflow_exp.tracking import Tracker
-from reflow_exp.files import free_port
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

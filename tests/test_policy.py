@@ -10,6 +10,7 @@ from reflow_exp.heads import ActionHead
 from reflow_exp.policy import Policy
 from reflow_exp.sandbox import tiny_smolvla_config
 
+
 @pytest.fixture(scope="module")
 def reference(tiny_vlm):
     """LeRobot's SmolVLAPolicy with random fp32 weights, and our composition of the same weights."""

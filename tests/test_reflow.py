@@ -7,7 +7,6 @@ import pytest
 import torch
 from lerobot.policies.factory import get_policy_class
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-
 from safetensors.torch import load_file
 
 from reflow_exp import coupling, flow, jobs, run

@@ -6,9 +6,9 @@ import signal
 import textwrap
 import time
 
-import gin
 import pytest
 
+import gin
 from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import save_checkpoint
 

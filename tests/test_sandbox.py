@@ -11,6 +11,7 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from reflow_exp.files import MARKER, build_once
 from reflow_exp.sandbox import (
     ENV_ID,
     INSTRUCTIONS,
@@ -36,7 +37,6 @@ from reflow_exp.sandbox.task import (
     train_episode_seed,
     train_seeds,
 )
-from reflow_exp.files import MARKER, build_once
 
 FPS = 10
 CHUNK = 16
@@ -230,7 +230,7 @@ def test_expert_reads_the_goal_from_pixels():
     for seed in range(5):
         expert = ScriptedExpert(seed)
         expert.reset()
-        _, _, info = rollout(env, lambda obs, e: expert.act(obs, e.task), seed=seed)
+        _, _, info = rollout(env, lambda obs, e, expert=expert: expert.act(obs, e.task), seed=seed)
         assert info["is_success"], seed
 
 

@@ -139,6 +139,7 @@ class _PeakRss:
 
 def _measure(side: str, root: str, batch: int, workers: int, batches: int) -> dict:
     import lerobot.datasets.lerobot_dataset  # noqa: F401  imports are not part of the set-up time
+
     import reflow_exp.data  # noqa: F401
 
     memory = _PeakRss()

@@ -12,7 +12,8 @@ Timed, alternating, medians (seconds):
 The headline is `end_to_end_ratio` (student@1 chunk / teacher@10 chunk) against the physical limit
 of a 1-step student, `limit_ratio` = (prefix + 1 step) / (prefix + 10 steps), one step being a tenth
 of teacher@10's expert time; the goal is within 5 % of it (`end_to_end_vs_limit`). `expert_ratio`
-(1 expert step against 10 of the same network, about 0.1 by arithmetic) is a sanity check only. Throughput: chunks per second at a larger batch (median of 2).
+(1 expert step against 10 of the same network, about 0.1 by arithmetic) is a sanity check only.
+Throughput: chunks per second at a larger batch (median of 2).
 CPU-time ratios (`*_cpu`) are reported next to the wall-time ones as a load-robust cross-check.
 """
 

@@ -78,7 +78,6 @@ def for_stage(stage: str, gin_params: list[str]) -> list[str]:
 def record(gin_params: list[str]) -> dict:
     """Record (or reuse) the demonstrations with data.gin's settings and `gin_params`, in this process."""
     import gin
-
     from reflow_exp import jobs
     from reflow_exp.run import GIN_DIR  # importing run also registers every configurable
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import gin
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
+import gin
 from reflow_exp.architectures import make_smolvla_config
 from reflow_exp.heads import ActionHead
 from reflow_exp.policy import Policy

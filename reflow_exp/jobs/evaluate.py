@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import gin
-
 from reflow_exp import distributed
 from reflow_exp.evaluate import Evaluator
 from reflow_exp.jobs.report import eval_table, paired_comparisons, paired_table, quality_bar

@@ -9,16 +9,22 @@ import json
 import warnings
 from pathlib import Path
 
-import gin
 import torch
 from lerobot.configs.policies import PreTrainedConfig
 
+import gin
 from reflow_exp import coupling as coupling_module
 from reflow_exp import distributed, flow
 from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
-    check_features, dataset_digest, default_workers, load_dataset, make_dataloader, open_metadata, policy_features,
+    check_features,
+    dataset_digest,
+    default_workers,
+    load_dataset,
+    make_dataloader,
+    open_metadata,
+    policy_features,
     split_episodes,
 )
 from reflow_exp.embedding_cache import ImageEmbeddingCache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gin
-
 from reflow_exp.data import DataSource
 from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
 

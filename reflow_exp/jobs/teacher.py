@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
-import gin
 import torch
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
+import gin
 from reflow_exp import distributed
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
-    dataset_digest, dataset_stats, default_workers, load_dataset, make_dataloader, open_metadata, policy_features,
+    dataset_digest,
+    dataset_stats,
+    default_workers,
+    load_dataset,
+    make_dataloader,
+    open_metadata,
+    policy_features,
     split_episodes,
 )
 from reflow_exp.heads import ActionHead

@@ -17,8 +17,8 @@ import numpy as np
 from datasets.utils import logging as datasets_logging
 from tqdm import tqdm
 
-from reflow_exp.sandbox.task import train_episode_seed
 from reflow_exp.files import build_once
+from reflow_exp.sandbox.task import train_episode_seed
 from reflow_exp.sandbox.vlm import make_tiny_vlm
 
 from .env import STATES

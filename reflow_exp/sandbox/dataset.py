@@ -19,11 +19,10 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from tqdm import tqdm
 
 from reflow_exp.data import video_backend
+from reflow_exp.files import build_once
 
 from .expert import ROUTES, ScriptedExpert, route_of
 from .task import HELDOUT_LAYOUTS, IMAGE_SIZE, MAX_STEP, SandboxEnv, train_seeds
-from reflow_exp.files import build_once
-
 from .vlm import make_tiny_vlm
 
 DATASET_VERSION = 3  # bump when the task, expert or features change: cached datasets re-record
