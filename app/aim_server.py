@@ -65,7 +65,10 @@ class AimServer:
             log = open(self._log_path, "wb")
             self._proc = subprocess.Popen(
                 [aim, "up", "--repo", str(self.runs_dir), "--host", self.host, "--port", str(self.port), "--yes"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             log.close()
             deadline = time.monotonic() + timeout

@@ -61,7 +61,7 @@ def resolve_gin_file(name: str, gin_dir: Path = GIN_DIR) -> Path:
     gin_dir = Path(gin_dir).resolve()
     if os.path.isabs(text) or text.startswith("~"):
         raise LaunchError(f"Gin file {text!r} is outside gin/: pick one of the listed files (paths relative to gin/).")
-    relative = text[len("gin/"):] if text.startswith("gin/") else text
+    relative = text[len("gin/") :] if text.startswith("gin/") else text
     path = (gin_dir / relative).resolve()
     if not path.is_relative_to(gin_dir):
         raise LaunchError(f"Gin file {text!r} is outside gin/: pick one of the listed files.")
@@ -99,12 +99,16 @@ def parse_overrides(text: str | None) -> list[str]:
         try:
             statements = gin_config.statements(line + "\n", label=where)
         except gin_config.ConfigError as e:
-            raise LaunchError(f"{where}: not a valid gin binding ({str(e).split('gin syntax error: ')[-1]}). "
-                              "Write `configurable.parameter = value`; values are Python literals: quote strings, "
-                              "close brackets.") from None
+            raise LaunchError(
+                f"{where}: not a valid gin binding ({str(e).split('gin syntax error: ')[-1]}). "
+                "Write `configurable.parameter = value`; values are Python literals: quote strings, "
+                "close brackets."
+            ) from None
         if len(statements) != 1 or not isinstance(statements[0], config_parser.BindingStatement):
-            raise LaunchError(f"{where}: only bindings `configurable.parameter = value` are allowed here "
-                              "(no include or import; put those in a gin file).")
+            raise LaunchError(
+                f"{where}: only bindings `configurable.parameter = value` are allowed here "
+                "(no include or import; put those in a gin file)."
+            )
         stmt = statements[0]
         if not stmt.arg_name:
             raise LaunchError(f"{where}: `{stmt.selector}` has no parameter; write `configurable.parameter = value`.")
@@ -136,8 +140,10 @@ def check_write_locations(bindings: list[str], runs_dir: Path, repo_root: Path) 
         try:
             confined_path(runs_dir, stmt.value, base=repo_root, what=f"{key} ({WRITE_LOCATIONS[key]})")
         except LaunchError as e:
-            raise LaunchError(f"Override {line!r}: {e} Put it inside the runs folder, or tick "
-                              "\"Allow writes outside runs/\" on the launch form.") from None
+            raise LaunchError(
+                f"Override {line!r}: {e} Put it inside the runs folder, or tick "
+                '"Allow writes outside runs/" on the launch form.'
+            ) from None
 
 
 def confined_path(runs_dir: Path, path: str | Path, *, base: Path | None = None, what: str = "Path") -> Path:
@@ -179,8 +185,10 @@ def check_run_name(name: str) -> str:
     """
     text = (name or "").strip()
     if not RUN_NAME_RE.match(text):
-        raise LaunchError(f"Run name {text!r} is not allowed: use letters, digits, '.', '_' or '-' "
-                          "(up to 100, starting with a letter or digit).")
+        raise LaunchError(
+            f"Run name {text!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            "(up to 100, starting with a letter or digit)."
+        )
     return text
 
 
@@ -199,8 +207,15 @@ def gin_string(value: str) -> str:
     return json.dumps(str(value))
 
 
-def build_command(gin_files: list[str], overrides: list[str], name: str, runs_dir: Path,
-                  *, python: str = sys.executable, dry_run: bool = False) -> list[str]:
+def build_command(
+    gin_files: list[str],
+    overrides: list[str],
+    name: str,
+    runs_dir: Path,
+    *,
+    python: str = sys.executable,
+    dry_run: bool = False,
+) -> list[str]:
     """``python -m reflow_exp.run --gin_file ... --gin_param ... --gin_param run.name=... ``.
 
     ``gin_files`` as passed (relative to the repo root, e.g. ``gin/sandbox/tiny.gin``); the
@@ -221,11 +236,13 @@ def config_error_message(stderr: str, stdout: str = "") -> str:
     """What to show for a failed ``--dry_run``: the ``error: ...`` lines, or the last line of a
     traceback (the exception and its message), never the whole traceback."""
     lines = [line.rstrip() for line in (stderr or "").splitlines() if line.strip()]
-    errors = [line[len("error: "):] if line.startswith("error: ") else line for line in lines if line.startswith("error:")]
+    errors = [
+        line[len("error: ") :] if line.startswith("error: ") else line for line in lines if line.startswith("error:")
+    ]
     if errors:
         # `error:` may be followed by continuation lines (one problem per line).
         start = next(i for i, line in enumerate(lines) if line.startswith("error:"))
-        rest = [line for line in lines[start + 1:] if not line.startswith(("Traceback", "  File "))]
+        rest = [line for line in lines[start + 1 :] if not line.startswith(("Traceback", "  File "))]
         return "\n".join([errors[0], *rest]).strip()
     if any(line.startswith("Traceback") for line in lines):
         last = next((line for line in reversed(lines) if not line.startswith(" ")), lines[-1])

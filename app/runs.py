@@ -139,8 +139,13 @@ def vlm_load_count(summary: dict, rows: list[dict] | None = None) -> int | None:
     return int(value) if _finite(value) else None
 
 
-PARAM_ROWS = (("total", "Total"), ("trainable", "Trainable"), ("backbone", "Backbone (VLM)"),
-              ("teacher_head", "Teacher head"), ("student_head", "Student head"))
+PARAM_ROWS = (
+    ("total", "Total"),
+    ("trainable", "Trainable"),
+    ("backbone", "Backbone (VLM)"),
+    ("teacher_head", "Teacher head"),
+    ("student_head", "Student head"),
+)
 
 
 def params_rows(summary: dict) -> list[list[str]]:
@@ -175,15 +180,18 @@ def eval_rows(summary: dict) -> list[list[Any]]:
     for head, steps in sorted(keys, key=lambda k: (order.get(k[0], 2), k[0], k[1])):
         m = (evaluation.get(head) or {}).get(str(steps)) or {}
         o = (offline.get(head) or {}).get(str(steps)) or {}
-        rows.append([
-            head, steps,
-            _fmt(m.get("success_rate"), "{:.0%}"),
-            _interval(m),
-            _fmt(m.get("mean_return"), "{:.3f}"),
-            _fmt(m.get("latency_ms"), "{:.1f}"),
-            _fmt(m.get("episodes"), "{:.0f}"),
-            _fmt(o.get("error"), "{:.4f}"),
-        ])
+        rows.append(
+            [
+                head,
+                steps,
+                _fmt(m.get("success_rate"), "{:.0%}"),
+                _interval(m),
+                _fmt(m.get("mean_return"), "{:.3f}"),
+                _fmt(m.get("latency_ms"), "{:.1f}"),
+                _fmt(m.get("episodes"), "{:.0f}"),
+                _fmt(o.get("error"), "{:.4f}"),
+            ]
+        )
     return rows
 
 
@@ -224,13 +232,14 @@ def curve_points(rows: list[dict]) -> dict[str, list[dict]]:
                 out["lr"].append({"step": step, "value": row["lr"], "series": head})
             for key, value in row.items():
                 if key.startswith("loss_t") and _finite(value):
-                    label = "t ∈ [" + key[len("loss_t"):].replace("-", ", ") + ")"
+                    label = "t ∈ [" + key[len("loss_t") :].replace("-", ", ") + ")"
                     if len(heads) > 1:
                         label = f"{head} {label}"
                     out["loss_by_t"].append({"step": step, "value": value, "series": label})
         elif subset == "eval" and _finite(row.get("offline_error")):
-            out["offline"].append({"step": step, "value": row["offline_error"],
-                                   "series": f"{head} @{context.get('steps', '?')} steps"})
+            out["offline"].append(
+                {"step": step, "value": row["offline_error"], "series": f"{head} @{context.get('steps', '?')} steps"}
+            )
     return out
 
 
@@ -291,8 +300,11 @@ class RunInfo:
 
 def is_run_dir(path: Path) -> bool:
     path = Path(path)
-    return path.is_dir() and path.name not in NOT_RUNS and any(
-        (path / f).exists() for f in (LAUNCH_FILE, "config.gin", LOG_FILE))
+    return (
+        path.is_dir()
+        and path.name not in NOT_RUNS
+        and any((path / f).exists() for f in (LAUNCH_FILE, "config.gin", LOG_FILE))
+    )
 
 
 def run_status(run_dir: Path) -> RunInfo:
@@ -305,16 +317,25 @@ def run_status(run_dir: Path) -> RunInfo:
     summary = read_summary(run_dir)
     rows = read_metrics(run_dir)
     step, loss = train_progress(rows)
-    status, detail, exit_code = _status(launch, read_json(run_dir / EXIT_FILE), read_json(run_dir / STATUS_FILE),
-                                        summary)
+    status, detail, exit_code = _status(
+        launch, read_json(run_dir / EXIT_FILE), read_json(run_dir / STATUS_FILE), summary
+    )
     started = launch.get("started")
     if started is None:
         started = _mtime(run_dir / "config.gin") or _mtime(run_dir / LOG_FILE)
     return RunInfo(
-        name=run_dir.name, path=run_dir, status=status,
+        name=run_dir.name,
+        path=run_dir,
+        status=status,
         device=device_label(launch.get("cuda_visible_devices")) if launch else "—",
-        started=started, step=step, total_steps=total_steps(run_dir), last_loss=loss,
-        pid=launch.get("pid"), exit_code=exit_code, detail=detail, launch=launch,
+        started=started,
+        step=step,
+        total_steps=total_steps(run_dir),
+        last_loss=loss,
+        pid=launch.get("pid"),
+        exit_code=exit_code,
+        detail=detail,
+        launch=launch,
     )
 
 

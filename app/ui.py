@@ -98,8 +98,12 @@ def launch_kwargs(runs_dir: str | Path, host: str = "127.0.0.1", allow_hosts: tu
     from app.origin import SameOriginOnly, allowed_hosts
 
     guard = Middleware(SameOriginOnly, allowed=allowed_hosts(host, allow_hosts))
-    return {"theme": theme(), "css": CSS, "allowed_paths": [str(Path(runs_dir).resolve())],
-            "app_kwargs": {"middleware": [guard]}}
+    return {
+        "theme": theme(),
+        "css": CSS,
+        "allowed_paths": [str(Path(runs_dir).resolve())],
+        "app_kwargs": {"middleware": [guard]},
+    }
 
 
 # -- small HTML pieces -----------------------------------------------------------------------
@@ -112,8 +116,16 @@ class Dashboard:
     started from here (it would open the runs to anyone who reaches its port).
     """
 
-    def __init__(self, runs_dir: str | Path, *, gin_dir: Path = GIN_DIR, runner: Runner | None = None,
-                 aim: AimServer | None = None, list_gpus=gpus_mod.list_gpus, login: bool = False):
+    def __init__(
+        self,
+        runs_dir: str | Path,
+        *,
+        gin_dir: Path = GIN_DIR,
+        runner: Runner | None = None,
+        aim: AimServer | None = None,
+        list_gpus=gpus_mod.list_gpus,
+        login: bool = False,
+    ):
         self.login = login
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +175,11 @@ class Dashboard:
         text = f"{what} {info.name} on {info.device} (pid {info.pid})."
         device = next((line for line in checked.splitlines() if line.startswith("Device: ")), "")
         text += f" {device}." if device else ""  # what the run itself sees, from its dry run
-        yield (message_html("ok", text, _shown_command(plan.launch_command)),
-               gr.update(choices=self.run_names(), value=info.name), gr.Tabs(selected="log"))
+        yield (
+            message_html("ok", text, _shown_command(plan.launch_command)),
+            gr.update(choices=self.run_names(), value=info.name),
+            gr.Tabs(selected="log"),
+        )
 
     def stop(self, name):
         try:
@@ -203,9 +218,12 @@ class Dashboard:
 
     def aim_link(self):
         if self.login:
-            yield message_html("error", "The Aim explorer has no login, so a dashboard with a login does not start "
-                               f"it. On this machine, run `aim up --repo {self.runs_dir}` (it binds 127.0.0.1) "
-                               "and reach it through an SSH tunnel.")
+            yield message_html(
+                "error",
+                "The Aim explorer has no login, so a dashboard with a login does not start "
+                f"it. On this machine, run `aim up --repo {self.runs_dir}` (it binds 127.0.0.1) "
+                "and reach it through an SSH tunnel.",
+            )
             return
         yield message_html("info", "Starting the Aim explorer (aim up)…")
         try:
@@ -214,8 +232,10 @@ class Dashboard:
             log.exception("aim up failed")
             yield message_html("error", f"Could not start Aim: {e}")
             return
-        yield (f'<div class="msg msg-ok">Aim explorer: <a href="{url}" target="_blank" id="aim-link">{url}</a>'
-               f' <span class="subtle">(runs folder {html.escape(str(self.runs_dir))})</span></div>')
+        yield (
+            f'<div class="msg msg-ok">Aim explorer: <a href="{url}" target="_blank" id="aim-link">{url}</a>'
+            f' <span class="subtle">(runs folder {html.escape(str(self.runs_dir))})</span></div>'
+        )
 
     def page(self, name, fingerprints: dict | None = None):
         """Every part of the run page; parts whose fingerprint is unchanged are ``gr.skip()``.
@@ -235,13 +255,16 @@ class Dashboard:
         media_mp4 = find_media(run_dir, (".mp4",)) if run_dir else []
         new = {
             "run": name,
-            "head": (info.status, info.step, info.last_loss, info.detail, vlm_load_count(summary, rows)) if info else None,
+            "head": (info.status, info.step, info.last_loss, info.detail, vlm_load_count(summary, rows))
+            if info
+            else None,
             "summary": _stamp(run_dir / "summary.json") if run_dir else None,
             "metrics": _stamp(run_dir / "metrics.jsonl") if run_dir else None,
             "media": tuple((str(p), _stamp(p)) for p in media_png + media_mp4),
             "eval_note": (bool(eval_rows(summary)), bool(media_png or media_mp4)),
             "config": tuple(_stamp(run_dir / f) for f in ("config.gin", "operative_config.gin", LAUNCH_FILE))
-            if run_dir else None,
+            if run_dir
+            else None,
         }
 
         def part(key, make):
@@ -249,8 +272,10 @@ class Dashboard:
 
         head, badge = run_header(info, summary, rows) if name else run_header(None, {}, [])
         if name and run_dir is None:
-            head = (f'<div class="run-head"><span class="run-name">{html.escape(str(name))}</span>'
-                    f'{status_pill("unknown")}</div><div class="run-meta">No such run in {self.runs_dir}.</div>')
+            head = (
+                f'<div class="run-head"><span class="run-name">{html.escape(str(name))}</span>'
+                f'{status_pill("unknown")}</div><div class="run-meta">No such run in {self.runs_dir}.</div>'
+            )
         out = [
             part("head", lambda: head),
             part("head", lambda: badge),
@@ -270,17 +295,20 @@ class Dashboard:
             loss = points_frame(points["loss"])
             by_t = points_frame(points["loss_by_t"])
             offline = points_frame(points["offline"])
-            return (gr.update(value=loss),
-                    gr.update(value=by_t, visible=not by_t.empty),
-                    gr.update(value=offline, visible=not offline.empty))
+            return (
+                gr.update(value=loss),
+                gr.update(value=by_t, visible=not by_t.empty),
+                gr.update(value=offline, visible=not offline.empty),
+            )
 
         made = part("metrics", make)
         return made if isinstance(made, tuple) else (made, made, made)
 
     def _evaluation(self, summary, pngs, mp4s, run_dir, part):
         table = eval_rows(summary)
-        evaluation = part("summary", lambda: gr.update(value=pd.DataFrame(table, columns=EVAL_COLUMNS),
-                                                        visible=bool(table)))
+        evaluation = part(
+            "summary", lambda: gr.update(value=pd.DataFrame(table, columns=EVAL_COLUMNS), visible=bool(table))
+        )
         note = part("eval_note", lambda: gr.update(visible=not table and not pngs and not mp4s))
 
         def media():
@@ -288,10 +316,12 @@ class Dashboard:
             videos = [(p.relative_to(run_dir).as_posix(), str(p)) for p in mp4s]
             first_image = images[0][1] if images else None
             first_video = videos[0][1] if videos else None
-            return (gr.update(choices=images, value=first_image, visible=len(images) > 1),
-                    gr.update(value=first_image, visible=bool(images)),
-                    gr.update(choices=videos, value=first_video, visible=bool(videos)),
-                    gr.update(value=first_video, visible=bool(videos)))
+            return (
+                gr.update(choices=images, value=first_image, visible=len(images) > 1),
+                gr.update(value=first_image, visible=bool(images)),
+                gr.update(choices=videos, value=first_video, visible=bool(videos)),
+                gr.update(value=first_video, visible=bool(videos)),
+            )
 
         made = part("media", media)
         return (evaluation, note, *(made if isinstance(made, tuple) else (made,) * 4))
@@ -300,7 +330,7 @@ class Dashboard:
         def make():
             if run_dir is None:
                 return "", "", {}
-            launch = (run_dir / LAUNCH_FILE)
+            launch = run_dir / LAUNCH_FILE
             config = _read(run_dir / "config.gin")
             if launch.exists():
                 command = read_json(launch).get("command") or []
@@ -338,8 +368,14 @@ class Dashboard:
         gins = list_gin_files(self.gin_dir)
         key = [(r.name, r.status, r.step, r.last_loss, r.device) for r in runs]
         devices = self.device_choices()
-        return (gr.update(choices=gins), gr.update(choices=gins), gr.update(choices=devices),
-                runs_frame(runs), gr.update(choices=names, value=names[0] if names else None), key)
+        return (
+            gr.update(choices=gins),
+            gr.update(choices=gins),
+            gr.update(choices=devices),
+            runs_frame(runs),
+            gr.update(choices=names, value=names[0] if names else None),
+            key,
+        )
 
     def select_from_table(self, evt: gr.SelectData):
         row = evt.row_value or []
@@ -360,8 +396,10 @@ class Dashboard:
             timer = gr.Timer(TICK_S)
 
             with gr.Row(elem_id="topbar", equal_height=True):
-                gr.HTML(f'<h1>reflow_exp · runs</h1><div class="subtle">Runs folder '
-                        f"<code>{html.escape(str(self.runs_dir))}</code> · SmolVLA reflow distillation</div>")
+                gr.HTML(
+                    f'<h1>reflow_exp · runs</h1><div class="subtle">Runs folder '
+                    f"<code>{html.escape(str(self.runs_dir))}</code> · SmolVLA reflow distillation</div>"
+                )
                 aim_button = gr.Button("Open Aim explorer ↗", size="sm", variant="secondary", scale=0, min_width=190)
             aim_html = gr.HTML(elem_id="aim-status")
 
@@ -370,22 +408,46 @@ class Dashboard:
                 with gr.Column(scale=3, min_width=340):
                     with gr.Group(elem_id="new-run"):
                         gr.HTML('<div class="section-title">New run</div>')
-                        gin_file = gr.Dropdown(gins, value=default_gin, label="Gin file (gin/)", allow_custom_value=True,
-                                               elem_id="gin-file")
-                        extra_gins = gr.Dropdown(gins, value=[], multiselect=True, allow_custom_value=True,
-                                                 label="Extra gin files (applied after, in order)", elem_id="extra-gin")
-                        overrides = gr.Textbox(label="Overrides: one gin binding per line", lines=3, max_lines=12,
-                                               placeholder="Trainer.steps = 100\nTrainer.lr = 3e-4",
-                                               elem_id="overrides")
-                        run_name = gr.Textbox(label="Run name", placeholder="default: a timestamp (YYYYmmdd-HHMMSS)",
-                                              elem_id="run-name")
-                        device = gr.Dropdown(devices, value=devices[0][1], label="Device", allow_custom_value=True,
-                                             elem_id="device",
-                                             info="GPU · memory used/total · utilisation; "
-                                                  "type 0,1 for one process per GPU")
-                        allow_outside = gr.Checkbox(False, label="Allow writes outside runs/", elem_id="allow-outside",
-                                                    info="let overrides such as sandbox_source.root or Tracker.repo "
-                                                         "point outside the runs folder")
+                        gin_file = gr.Dropdown(
+                            gins,
+                            value=default_gin,
+                            label="Gin file (gin/)",
+                            allow_custom_value=True,
+                            elem_id="gin-file",
+                        )
+                        extra_gins = gr.Dropdown(
+                            gins,
+                            value=[],
+                            multiselect=True,
+                            allow_custom_value=True,
+                            label="Extra gin files (applied after, in order)",
+                            elem_id="extra-gin",
+                        )
+                        overrides = gr.Textbox(
+                            label="Overrides: one gin binding per line",
+                            lines=3,
+                            max_lines=12,
+                            placeholder="Trainer.steps = 100\nTrainer.lr = 3e-4",
+                            elem_id="overrides",
+                        )
+                        run_name = gr.Textbox(
+                            label="Run name", placeholder="default: a timestamp (YYYYmmdd-HHMMSS)", elem_id="run-name"
+                        )
+                        device = gr.Dropdown(
+                            devices,
+                            value=devices[0][1],
+                            label="Device",
+                            allow_custom_value=True,
+                            elem_id="device",
+                            info="GPU · memory used/total · utilisation; type 0,1 for one process per GPU",
+                        )
+                        allow_outside = gr.Checkbox(
+                            False,
+                            label="Allow writes outside runs/",
+                            elem_id="allow-outside",
+                            info="let overrides such as sandbox_source.root or Tracker.repo "
+                            "point outside the runs folder",
+                        )
                     with gr.Row():
                         gpu_refresh = gr.Button("↻ Refresh GPUs", size="sm", scale=1, min_width=100)
                         launch_button = gr.Button("Launch", variant="primary", elem_id="launch", scale=2)
@@ -394,81 +456,177 @@ class Dashboard:
                 # ---- main: run page
                 with gr.Column(scale=9, min_width=560):
                     with gr.Accordion("Runs", open=True, elem_id="runs"):
-                        runs_df = gr.Dataframe(runs_frame(runs), headers=RUN_COLUMNS, interactive=False,
-                                               show_label=False, elem_id="runs-table", max_height=230, wrap=False,
-                                               column_widths=["30%", "14%", "10%", "16%", "14%", "16%"])
+                        runs_df = gr.Dataframe(
+                            runs_frame(runs),
+                            headers=RUN_COLUMNS,
+                            interactive=False,
+                            show_label=False,
+                            elem_id="runs-table",
+                            max_height=230,
+                            wrap=False,
+                            column_widths=["30%", "14%", "10%", "16%", "14%", "16%"],
+                        )
                     with gr.Row(equal_height=True):
-                        run = gr.Dropdown(names, value=None, label="Run",
-                                          allow_custom_value=True, scale=2, min_width=200, elem_id="run-select")
+                        run = gr.Dropdown(
+                            names,
+                            value=None,
+                            label="Run",
+                            allow_custom_value=True,
+                            scale=2,
+                            min_width=200,
+                            elem_id="run-select",
+                        )
                         with gr.Column(scale=5):
                             header = gr.HTML(run_header(None, {}, [])[0], elem_id="run-header")
                         with gr.Column(scale=0, min_width=150):
                             badge = gr.HTML(vlm_badge(None), elem_id="vlm-badge")
-                            stop_button = gr.Button("■ Stop run", variant="stop", size="sm", interactive=False,
-                                                    elem_id="stop")
+                            stop_button = gr.Button(
+                                "■ Stop run", variant="stop", size="sm", interactive=False, elem_id="stop"
+                            )
                     stop_msg = gr.HTML(elem_id="stop-msg")
                     with gr.Tabs(selected="overview") as tabs:
                         with gr.Tab("Overview", id="overview"):
                             with gr.Row():
-                                params = gr.Dataframe(pd.DataFrame(params_rows({}), columns=PARAM_COLUMNS),
-                                                      label="Parameters", interactive=False, elem_id="params",
-                                                      scale=1)
+                                params = gr.Dataframe(
+                                    pd.DataFrame(params_rows({}), columns=PARAM_COLUMNS),
+                                    label="Parameters",
+                                    interactive=False,
+                                    elem_id="params",
+                                    scale=1,
+                                )
                                 with gr.Column(scale=1):
                                     gr.Markdown("**Training**")
                                     train_stats = gr.HTML(elem_id="train-stats")
                             with gr.Row():
-                                loss_plot = gr.LinePlot(points_frame([]), x="step", y="value", color="series",
-                                                        title="Training loss", y_title="loss", color_title="head",
-                                                        height=280, elem_id="loss-plot")
-                                by_t_plot = gr.LinePlot(points_frame([]), x="step", y="value", color="series",
-                                                        title="Training loss by t (t=1 noise, t=0 action)",
-                                                        y_title="loss", color_title="bin", height=280,
-                                                        visible=False, elem_id="loss-by-t-plot")
-                            offline_plot = gr.LinePlot(points_frame([]), x="step", y="value", color="series",
-                                                       title="Offline action error (held-out frames)",
-                                                       y_title="error", color_title="head @ steps", height=260,
-                                                       visible=False)
+                                loss_plot = gr.LinePlot(
+                                    points_frame([]),
+                                    x="step",
+                                    y="value",
+                                    color="series",
+                                    title="Training loss",
+                                    y_title="loss",
+                                    color_title="head",
+                                    height=280,
+                                    elem_id="loss-plot",
+                                )
+                                by_t_plot = gr.LinePlot(
+                                    points_frame([]),
+                                    x="step",
+                                    y="value",
+                                    color="series",
+                                    title="Training loss by t (t=1 noise, t=0 action)",
+                                    y_title="loss",
+                                    color_title="bin",
+                                    height=280,
+                                    visible=False,
+                                    elem_id="loss-by-t-plot",
+                                )
+                            offline_plot = gr.LinePlot(
+                                points_frame([]),
+                                x="step",
+                                y="value",
+                                color="series",
+                                title="Offline action error (held-out frames)",
+                                y_title="error",
+                                color_title="head @ steps",
+                                height=260,
+                                visible=False,
+                            )
                         with gr.Tab("Log", id="log"):
-                            log_box = gr.Textbox(show_label=False, lines=26, max_lines=26, autoscroll=True,
-                                                 buttons=["copy"], elem_id="run-log", interactive=False,
-                                                 placeholder="The run's log.txt streams here.")
+                            log_box = gr.Textbox(
+                                show_label=False,
+                                lines=26,
+                                max_lines=26,
+                                autoscroll=True,
+                                buttons=["copy"],
+                                elem_id="run-log",
+                                interactive=False,
+                                placeholder="The run's log.txt streams here.",
+                            )
                         with gr.Tab("Evaluation", id="evaluation"):
                             eval_note = gr.HTML('<div class="empty-note">No evaluation results in this run yet.</div>')
-                            eval_table = gr.Dataframe(pd.DataFrame([], columns=EVAL_COLUMNS), interactive=False,
-                                                      label="Evaluation (rollouts; offline error on held-out frames)",
-                                                      visible=False, elem_id="eval-table")
+                            eval_table = gr.Dataframe(
+                                pd.DataFrame([], columns=EVAL_COLUMNS),
+                                interactive=False,
+                                label="Evaluation (rollouts; offline error on held-out frames)",
+                                visible=False,
+                                elem_id="eval-table",
+                            )
                             plot_choice = gr.Dropdown([], label="Plot", visible=False)
-                            plot = gr.Image(label="Success and latency vs sampling steps", type="filepath",
-                                            interactive=False, visible=False, elem_id="eval-plot", height=400,
-                                            show_label=False)
+                            plot = gr.Image(
+                                label="Success and latency vs sampling steps",
+                                type="filepath",
+                                interactive=False,
+                                visible=False,
+                                elem_id="eval-plot",
+                                height=400,
+                                show_label=False,
+                            )
                             with gr.Row():
                                 video_choice = gr.Dropdown([], label="Rollout video", visible=False, scale=1)
-                                video = gr.Video(label="Rollout", visible=False, autoplay=True, loop=True, scale=2,
-                                                 height=320)
+                                video = gr.Video(
+                                    label="Rollout", visible=False, autoplay=True, loop=True, scale=2, height=320
+                                )
                         with gr.Tab("Config", id="config"):
                             with gr.Row():
-                                config = gr.Code(label="config.gin (as given)", language="python", interactive=False,
-                                                 max_lines=32)
-                                operative = gr.Code(label="operative_config.gin (values used)", language="python",
-                                                    interactive=False, max_lines=32)
+                                config = gr.Code(
+                                    label="config.gin (as given)", language="python", interactive=False, max_lines=32
+                                )
+                                operative = gr.Code(
+                                    label="operative_config.gin (values used)",
+                                    language="python",
+                                    interactive=False,
+                                    max_lines=32,
+                                )
                             summary_json = gr.JSON(label="summary.json")
 
-            page_outputs = [header, badge, stop_button, params, train_stats, loss_plot, by_t_plot, offline_plot,
-                            eval_table, eval_note, plot_choice, plot, video_choice, video, config, operative, summary_json,
-                            fingerprints]
+            page_outputs = [
+                header,
+                badge,
+                stop_button,
+                params,
+                train_stats,
+                loss_plot,
+                by_t_plot,
+                offline_plot,
+                eval_table,
+                eval_note,
+                plot_choice,
+                plot,
+                video_choice,
+                video,
+                config,
+                operative,
+                summary_json,
+                fingerprints,
+            ]
 
             # ---- events
-            demo.load(self.on_load, None, [gin_file, extra_gins, device, runs_df, run, table_key],
-                      api_visibility="private")
-            run.change(self.follow_log, run, log_box, api_name="follow_log",
-                                   concurrency_limit=None, show_progress="hidden")
-            run.change(self.page_fresh, run, page_outputs, api_name="run_page",
-                       concurrency_limit=None, show_progress="hidden")
-            timer.tick(self.tick, [run, fingerprints, table_key], [runs_df, run, *page_outputs, table_key],
-                       api_visibility="private", concurrency_limit=None, show_progress="hidden")
+            demo.load(
+                self.on_load, None, [gin_file, extra_gins, device, runs_df, run, table_key], api_visibility="private"
+            )
+            run.change(
+                self.follow_log, run, log_box, api_name="follow_log", concurrency_limit=None, show_progress="hidden"
+            )
+            run.change(
+                self.page_fresh, run, page_outputs, api_name="run_page", concurrency_limit=None, show_progress="hidden"
+            )
+            timer.tick(
+                self.tick,
+                [run, fingerprints, table_key],
+                [runs_df, run, *page_outputs, table_key],
+                api_visibility="private",
+                concurrency_limit=None,
+                show_progress="hidden",
+            )
             runs_df.select(self.select_from_table, None, run, api_visibility="private")
-            launch_button.click(self.launch, [gin_file, extra_gins, overrides, device, run_name, allow_outside],
-                                [launch_msg, run, tabs], api_name="launch", show_progress="minimal")
+            launch_button.click(
+                self.launch,
+                [gin_file, extra_gins, overrides, device, run_name, allow_outside],
+                [launch_msg, run, tabs],
+                api_name="launch",
+                show_progress="minimal",
+            )
             stop_button.click(self.stop, run, stop_msg, api_name="stop", concurrency_limit=None)
             run.change(lambda: "", None, stop_msg, api_visibility="private", show_progress="hidden")
             video_choice.input(lambda v: v, video_choice, video, api_visibility="private")
@@ -481,9 +639,19 @@ class Dashboard:
 
     def runs_table_rows(self) -> list[dict]:
         """All runs as plain dicts: name, status, device, started, step, total_steps, last_loss."""
-        return [{"name": r.name, "status": r.status, "device": r.device, "started": r.started_text,
-                 "step": r.step, "total_steps": r.total_steps, "last_loss": r.last_loss, "detail": r.detail}
-                for r in list_runs(self.runs_dir)]
+        return [
+            {
+                "name": r.name,
+                "status": r.status,
+                "device": r.device,
+                "started": r.started_text,
+                "step": r.step,
+                "total_steps": r.total_steps,
+                "last_loss": r.last_loss,
+                "detail": r.detail,
+            }
+            for r in list_runs(self.runs_dir)
+        ]
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -49,9 +49,7 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(name)
 
 
-def save_checkpoint(
-    ckpt_root: Path, step: int, write: Callable[[Path], None], keep_last: int | None = None
-) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], keep_last: int | None = None) -> Path:
     """Write the checkpoint for ``step`` atomically and point ``ckpt_root/last`` at it.
 
     Args:
@@ -132,8 +130,7 @@ def latest_checkpoint(ckpt_root: Path, clean: bool = False) -> Path | None:
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return ckpt
-        print(f"Warning: checkpoint {ckpt} is damaged ({problem}); falling back to the one before it",
-              file=sys.stderr)
+        print(f"Warning: checkpoint {ckpt} is damaged ({problem}); falling back to the one before it", file=sys.stderr)
     return None
 
 

@@ -110,8 +110,10 @@ class CachedCoupling:
             shared = model.encode(batch)
             z = torch.stack([self._frame_noise(int(i), chunk, dim) for i in raw["index"]])  # (B, K, chunk, D)
             x = torch.stack(
-                [model.teacher_actions(batch, z[:, k].to(batch["action"].device), self.teacher_steps, shared).cpu()
-                 for k in range(self.pairs_per_sample)],
+                [
+                    model.teacher_actions(batch, z[:, k].to(batch["action"].device), self.teacher_steps, shared).cpu()
+                    for k in range(self.pairs_per_sample)
+                ],
                 dim=1,
             )
             index.append(raw["index"])

@@ -93,10 +93,16 @@ class ImageEmbeddingCache:
             self._open(key)
             self.report = {"build_s": seconds, "build_s_per_frame": seconds / len(loader.dataset)}
         self.dtype = fresh.embeddings[0].dtype
-        self.report |= {"file": str(self.path), "frames": len(self.row), "file_bytes": self.path.stat().st_size,
-                        "bytes_per_frame": sum(t[0].nbytes for t in self.tensors.values())}  # all cameras
-        print(f"[Reflow] Image embeddings: {len(self.row)} frames x {len(self.cameras)} camera(s), "
-              f"{self.report['bytes_per_frame'] / 1024:.1f} KiB per frame")
+        self.report |= {
+            "file": str(self.path),
+            "frames": len(self.row),
+            "file_bytes": self.path.stat().st_size,
+            "bytes_per_frame": sum(t[0].nbytes for t in self.tensors.values()),
+        }  # all cameras
+        print(
+            f"[Reflow] Image embeddings: {len(self.row)} frames x {len(self.cameras)} camera(s), "
+            f"{self.report['bytes_per_frame'] / 1024:.1f} KiB per frame"
+        )
         return True
 
     def _problem(self, key: str, frames: int, first: dict, fresh: prefix.ImageEmbeddings) -> str | None:
@@ -124,7 +130,7 @@ class ImageEmbeddingCache:
         for camera in self.cameras:
             tensor = self.tensors[camera]
             for start in range(0, len(tensor), _CHECK_ROWS):
-                if not torch.isfinite(tensor[start:start + _CHECK_ROWS]).all():
+                if not torch.isfinite(tensor[start : start + _CHECK_ROWS]).all():
                     return f"{camera}: non-finite values"
         return None
 
@@ -151,13 +157,17 @@ class ImageEmbeddingCache:
         if not self.active:
             return None
         if "index" not in batch:
-            raise ValueError("the batch has no `index` column (the dataset's frame index), by which the image "
-                             "embedding cache finds its frames")
+            raise ValueError(
+                "the batch has no `index` column (the dataset's frame index), by which the image "
+                "embedding cache finds its frames"
+            )
         try:
             rows = torch.tensor([self.row[i] for i in batch["index"].tolist()])
         except KeyError as error:
-            raise ValueError(f"frame index {error.args[0]} is not in the image embedding cache {self.path}; "
-                             "it covers the training frames only") from None
+            raise ValueError(
+                f"frame index {error.args[0]} is not in the image embedding cache {self.path}; "
+                "it covers the training frames only"
+            ) from None
         device = batch["action"].device
         embeddings = [self.tensors[camera][rows].to(device, self.dtype) for camera in self.cameras]
         return prefix.ImageEmbeddings(embeddings, [_camera_mask(batch, camera, len(rows)) for camera in self.cameras])
@@ -219,7 +229,10 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
             embedded = prefix.image_embeddings(head, batch)
             cameras = [key for key in head.config.image_features if key in batch]
             if writer is None:
-                shapes = {"index": (frames,), **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)}}
+                shapes = {
+                    "index": (frames,),
+                    **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)},
+                }
                 writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
                 print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
             writer.write("index", row, raw["index"].to(torch.int64))
@@ -244,8 +257,11 @@ class _Writer:
         for name, shape in shapes.items():
             dtype = torch.int64 if name == "index" else torch.float32
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": self.DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": self.DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self.start[name], self.row_bytes[name] = offset, nbytes // shape[0]
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()

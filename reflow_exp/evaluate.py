@@ -46,6 +46,7 @@ PUSHT_TASK = "Push the T-shaped block onto the T-shaped target."
 
 # -- environments --------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
     """How to make one of the supported envs and read what the policy needs from it.
@@ -69,9 +70,11 @@ ENVS = {
     SANDBOX_ENV_ID: EnvSpec(SANDBOX_ENV_ID, "reflow_exp.sandbox", {}, MAX_EPISODE_STEPS, routes=True),
     # Pixels 96x96 + agent position, like LeRobot's PushT datasets; 256 px renders keep videos small.
     "pusht": EnvSpec(
-        "gym_pusht/PushT-v0", "gym_pusht",
+        "gym_pusht/PushT-v0",
+        "gym_pusht",
         {"obs_type": "pixels_agent_pos", "visualization_width": 256, "visualization_height": 256},
-        max_steps=300, task=PUSHT_TASK,
+        max_steps=300,
+        task=PUSHT_TASK,
     ),
 }
 # LeRobot's MetaworldEnv, subclassed (reflow_exp.metaworld.env); choose the task with env_kwargs={"task": ...}.
@@ -112,6 +115,7 @@ def observation_batch(obs: dict[str, np.ndarray], tasks: list[str]) -> dict:
 
 # -- rollouts ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Episode:
     """One rollout: its env seed, outcome, and (if recorded) rendered frames (H, W, 3) uint8."""
@@ -124,9 +128,16 @@ class Episode:
     frames: list | None = None
 
 
-def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int], num_steps: int,
-            max_steps: int, default_task: str | None = None, record: int = 0,
-            n_action_steps: int | None = None) -> list[Episode]:
+def rollout(
+    env: gym.vector.SyncVectorEnv,
+    policy: ChunkPolicy,
+    seeds: list[int],
+    num_steps: int,
+    max_steps: int,
+    default_task: str | None = None,
+    record: int = 0,
+    n_action_steps: int | None = None,
+) -> list[Episode]:
     """Run one episode per sub-env, in lockstep, for at most `max_steps` env steps.
 
     Every `n_action_steps` steps (default: the policy's own) the policy re-plans from the current
@@ -172,8 +183,14 @@ def _to_numpy(actions) -> np.ndarray:
     return np.asarray(actions, np.float32)
 
 
-def measure_latency(policy: ChunkPolicy, env: gym.vector.SyncVectorEnv, seed: int, num_steps: int,
-                    calls: int, default_task: str | None = None) -> float:
+def measure_latency(
+    policy: ChunkPolicy,
+    env: gym.vector.SyncVectorEnv,
+    seed: int,
+    num_steps: int,
+    calls: int,
+    default_task: str | None = None,
+) -> float:
     """Median wall time in ms of one chunk prediction at batch 1, pre/post-processing included,
     on the first observation of the episode with env seed `seed`. One unmeasured warm-up call."""
     obs, _ = env.reset(seed=[seed])
@@ -191,6 +208,7 @@ def measure_latency(policy: ChunkPolicy, env: gym.vector.SyncVectorEnv, seed: in
 
 # -- videos --------------------------------------------------------------------------------------
 
+
 def write_mp4(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
     """Frames (H, W, 3) uint8 -> H.264 (libx264, yuv420p) mp4 that browsers and Gradio play, with
     LeRobot's writer (odd sizes are cropped by one pixel)."""
@@ -200,8 +218,7 @@ def write_mp4(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path
     return path
 
 
-def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: int = 96,
-              max_frames: int = 40) -> Path:
+def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: int = 96, max_frames: int = 40) -> Path:
     """A small animated GIF (for Aim, which has no video type): `size` px, at most `max_frames`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +229,7 @@ def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: i
 
 
 # -- the evaluator -------------------------------------------------------------------------------
+
 
 @gin.configurable
 class Evaluator:
@@ -239,13 +257,29 @@ class Evaluator:
             own (`config.n_action_steps`).
     """
 
-    def __init__(self, env_id: str = SANDBOX_ENV_ID, episodes: int = 20, seed: int = 0,
-                 step_counts=(1, 2, 4, 10), videos: int = 2, n_envs: int = 10, max_steps: int | None = None,
-                 latency_calls: int = 10, env_kwargs: dict | None = None, n_action_steps: int | None = None,
-                 split: str = "dev", layouts: str = "all"):
+    def __init__(
+        self,
+        env_id: str = SANDBOX_ENV_ID,
+        episodes: int = 20,
+        seed: int = 0,
+        step_counts=(1, 2, 4, 10),
+        videos: int = 2,
+        n_envs: int = 10,
+        max_steps: int | None = None,
+        latency_calls: int = 10,
+        env_kwargs: dict | None = None,
+        n_action_steps: int | None = None,
+        split: str = "dev",
+        layouts: str = "all",
+    ):
         self.spec = env_spec(env_id)
-        for name, value, low in (("episodes", episodes, 1), ("n_envs", n_envs, 1), ("videos", videos, 0),
-                                 ("latency_calls", latency_calls, 0), ("n_action_steps", 1 if n_action_steps is None else n_action_steps, 1)):
+        for name, value, low in (
+            ("episodes", episodes, 1),
+            ("n_envs", n_envs, 1),
+            ("videos", videos, 0),
+            ("latency_calls", latency_calls, 0),
+            ("n_action_steps", 1 if n_action_steps is None else n_action_steps, 1),
+        ):
             if int(value) != value or value < low:
                 raise ValueError(f"Evaluator.{name} must be an integer >= {low}, got {value!r}")
         if max_steps is not None and max_steps < 1:
@@ -273,8 +307,13 @@ class Evaluator:
     @property
     def protocol(self) -> dict:
         """Which episodes this evaluator plays: summary.json's `eval_protocol`."""
-        return {"env_id": self.env_id, "split": self.split, "seed": self.seed, "layouts": self.layouts,
-                "episodes": self.episodes}
+        return {
+            "env_id": self.env_id,
+            "split": self.split,
+            "seed": self.seed,
+            "layouts": self.layouts,
+            "episodes": self.episodes,
+        }
 
     def run(self, policy, step_counts=None, out_dir: str | Path | None = None, tag: str = "") -> dict[int, dict]:
         """Evaluate `policy` (a reflow_exp Policy or a ChunkPolicy) at each step count.
@@ -309,12 +348,19 @@ class Evaluator:
         fps = 10
         with tqdm(total=self.episodes, desc=f"eval {tag or 'policy'} steps={num_steps}", leave=False) as bar:
             for start in range(0, self.episodes, self.n_envs):
-                seeds = self.seeds[start:start + self.n_envs]
+                seeds = self.seeds[start : start + self.n_envs]
                 with contextlib.closing(make_vector_env(self.spec, len(seeds), self.env_kwargs)) as env:
                     fps = int(env.metadata.get("render_fps") or fps)
-                    episodes += rollout(env, policy, seeds, num_steps, self.max_steps, self.spec.task,
-                                        record=max(0, min(record - start, len(seeds))),
-                                        n_action_steps=self.n_action_steps)
+                    episodes += rollout(
+                        env,
+                        policy,
+                        seeds,
+                        num_steps,
+                        self.max_steps,
+                        self.spec.task,
+                        record=max(0, min(record - start, len(seeds))),
+                        n_action_steps=self.n_action_steps,
+                    )
                 bar.update(len(seeds))
                 bar.set_postfix(success=f"{np.mean([e.success for e in episodes]):.2f}")
         return episodes, fps

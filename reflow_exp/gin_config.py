@@ -142,8 +142,10 @@ def _file_bindings(path: Path, including: list[Path]) -> list[config_parser.Bind
         if isinstance(stmt, config_parser.IncludeStatement):
             included = find_gin_file(stmt.filename)
             if included is None:  # gin says so too, but only after it has tried every search path
-                raise ConfigError(f"{_where(stmt.location)}: cannot find included gin file {stmt.filename!r} "
-                                  f"(looked in {os.getcwd()} and {GIN_DIR})")
+                raise ConfigError(
+                    f"{_where(stmt.location)}: cannot find included gin file {stmt.filename!r} "
+                    f"(looked in {os.getcwd()} and {GIN_DIR})"
+                )
             bindings += _file_bindings(included, [*including, path.resolve()])
         elif isinstance(stmt, config_parser.BindingStatement):
             bindings.append(stmt)

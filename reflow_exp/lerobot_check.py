@@ -52,8 +52,9 @@ def load_lerobot_policy(path: str | Path, device: str = "cpu", num_steps: int | 
     return policy, pre, post
 
 
-def lerobot_rollouts(policy, preprocessor, postprocessor, seeds: list[int],
-                     n_envs: int = 10) -> tuple[list[int], list[int]]:
+def lerobot_rollouts(
+    policy, preprocessor, postprocessor, seeds: list[int], n_envs: int = 10
+) -> tuple[list[int], list[int]]:
     """Success (0/1) and length (env steps) of each seed's episode, through LeRobot's `rollout`
     (`select_action`), `n_envs` episodes per batch. Each batch seeds torch's global generator
     (LeRobot's noise source) with its first env seed, so a run is reproducible; with `n_envs=1`
@@ -61,7 +62,7 @@ def lerobot_rollouts(policy, preprocessor, postprocessor, seeds: list[int],
     identity = PolicyProcessorPipeline(steps=[]), PolicyProcessorPipeline(steps=[])  # the sandbox's env processors
     successes, lengths = [], []
     for start in range(0, len(seeds), n_envs):
-        batch = seeds[start:start + n_envs]
+        batch = seeds[start : start + n_envs]
         make = freeze_after_episode_end(lambda: gym.make(ENV_ID, max_episode_steps=MAX_EPISODE_STEPS))
         env = gym.vector.SyncVectorEnv([make for _ in batch])
         try:
@@ -80,42 +81,66 @@ def lerobot_rollouts(policy, preprocessor, postprocessor, seeds: list[int],
 def rate(successes: list[int]) -> dict:
     """{"success_rate", "ci_low", "ci_high", "episodes"} of 0/1 outcomes."""
     low, high = wilson_interval(sum(successes), len(successes))
-    return {"success_rate": sum(successes) / len(successes), "ci_low": low, "ci_high": high,
-            "episodes": len(successes)}
+    return {"success_rate": sum(successes) / len(successes), "ci_low": low, "ci_high": high, "episodes": len(successes)}
 
 
-def check(path: str, split: str = "report", episodes: int = 500, seed: int = 0, layouts: str = "all",
-          num_steps: int | None = None, n_envs: int = 10, device: str = "cpu", ours: bool = False) -> dict:
+def check(
+    path: str,
+    split: str = "report",
+    episodes: int = 500,
+    seed: int = 0,
+    layouts: str = "all",
+    num_steps: int | None = None,
+    n_envs: int = 10,
+    device: str = "cpu",
+    ours: bool = False,
+) -> dict:
     """Run the check; returns {"protocol", "lerobot": rate + "episode_success", and with `ours`
     "ours" the same and "paired": LeRobot's loop vs ours on the same seeds, "agree": whether the
     two 95% intervals overlap}."""
     seeds = eval_seeds(episodes, seed, split, layouts)  # validates before anything is loaded
     policy, pre, post = load_lerobot_policy(path, device, num_steps)
     steps = policy.config.num_steps
-    result = {"protocol": {"policy": str(path), "split": split, "seed": seed, "layouts": layouts,
-                           "episodes": episodes, "num_steps": steps, "n_action_steps": policy.config.n_action_steps},
-              "seeds": seeds}
+    result = {
+        "protocol": {
+            "policy": str(path),
+            "split": split,
+            "seed": seed,
+            "layouts": layouts,
+            "episodes": episodes,
+            "num_steps": steps,
+            "n_action_steps": policy.config.n_action_steps,
+        },
+        "seeds": seeds,
+    }
     successes, lengths = lerobot_rollouts(policy, pre, post, seeds, n_envs)
     result["lerobot"] = rate(successes) | {"mean_length": sum(lengths) / len(lengths), "episode_success": successes}
     if ours:
-        evaluator = Evaluator(episodes=episodes, seed=seed, split=split, layouts=layouts, n_envs=n_envs,
-                              videos=0, latency_calls=0)
+        evaluator = Evaluator(
+            episodes=episodes, seed=seed, split=split, layouts=layouts, n_envs=n_envs, videos=0, latency_calls=0
+        )
         if evaluator.seeds != seeds:
             raise RuntimeError("our Evaluator chose other seeds than this check; both must use sandbox.task.eval_seeds")
         theirs = evaluator.run(SmolVLAChunkPolicy(policy, pre, post), step_counts=(steps,))[steps]
-        result["ours"] = rate(theirs["episode_success"]) | {"mean_length": theirs["mean_length"],
-                                                            "episode_success": theirs["episode_success"]}
+        result["ours"] = rate(theirs["episode_success"]) | {
+            "mean_length": theirs["mean_length"],
+            "episode_success": theirs["episode_success"],
+        }
         result["paired"] = paired_comparison(successes, theirs["episode_success"])
-        result["agree"] = (result["lerobot"]["ci_low"] <= result["ours"]["ci_high"]
-                           and result["ours"]["ci_low"] <= result["lerobot"]["ci_high"])
+        result["agree"] = (
+            result["lerobot"]["ci_low"] <= result["ours"]["ci_high"]
+            and result["ours"]["ci_low"] <= result["lerobot"]["ci_high"]
+        )
     return result
 
 
 def report(result: dict) -> str:
     """The printed lines of a check."""
     p = result["protocol"]
-    lines = [f"{p['policy']} @{p['num_steps']} steps, {p['n_action_steps']} actions per re-plan; "
-             f"{p['episodes']} episodes, split {p['split']!r} (seed {p['seed']}), layouts {p['layouts']!r}"]
+    lines = [
+        f"{p['policy']} @{p['num_steps']} steps, {p['n_action_steps']} actions per re-plan; "
+        f"{p['episodes']} episodes, split {p['split']!r} (seed {p['seed']}), layouts {p['layouts']!r}"
+    ]
     for loop in ("lerobot", "ours"):
         if loop in result:
             r = result[loop]
@@ -123,8 +148,10 @@ def report(result: dict) -> str:
             lines.append(f"{name:<22} success {r['success_rate']:.3f}  95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}")
     if "paired" in result:
         d = result["paired"]
-        lines.append(f"LeRobot - ours: {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
-                     f"McNemar p = {d['p_value']:.4f}; intervals {'overlap' if result['agree'] else 'DO NOT overlap'}")
+        lines.append(
+            f"LeRobot - ours: {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
+            f"McNemar p = {d['p_value']:.4f}; intervals {'overlap' if result['agree'] else 'DO NOT overlap'}"
+        )
     return "\n".join(lines)
 
 

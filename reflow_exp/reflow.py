@@ -94,7 +94,9 @@ class Reflow(nn.Module):
         """(v − u)² (B, chunk, max_action_dim) of the student's velocity v at x_t against u = z − x."""
         if shared is None:  # LeRobot's joint forward returns exactly this
             return self.student.lerobot.model.forward(*lerobot_inputs(self.student, batch), action, noise, t)
-        v = prefix.velocity(self.student, prefix.extend(self.student, shared, batch), flow.interpolate(action, noise, t), t)
+        v = prefix.velocity(
+            self.student, prefix.extend(self.student, shared, batch), flow.interpolate(action, noise, t), t
+        )
         return (v - flow.target_velocity(action, noise)) ** 2
 
     # ------------------------------------------------------------------ the objective

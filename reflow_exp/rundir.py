@@ -162,8 +162,10 @@ class RunDir:
             else:
                 print(f"[{stamp}] Run folder {self.path}")
             self._started = time.time()
-            write_atomic(self.path / STATUS_FILE, json.dumps(
-                {"status": "running", "pid": os.getpid(), "started": self._started}) + "\n")
+            write_atomic(
+                self.path / STATUS_FILE,
+                json.dumps({"status": "running", "pid": os.getpid(), "started": self._started}) + "\n",
+            )
             if config_text is not None:
                 self._write_config(config_text)
             self.summary: dict = _read_json(self.path / SUMMARY_FILE)
@@ -201,8 +203,14 @@ class RunDir:
 
     def record_exit(self, status: str, exit_code: int, message: str = "") -> None:
         """Write status.json for this session's end (``status``: finished, failed, interrupted)."""
-        record = {"status": status, "exit_code": int(exit_code), "message": message, "pid": os.getpid(),
-                  "started": self._started, "ended": time.time()}
+        record = {
+            "status": status,
+            "exit_code": int(exit_code),
+            "message": message,
+            "pid": os.getpid(),
+            "started": self._started,
+            "ended": time.time(),
+        }
         write_atomic(self.path / STATUS_FILE, json.dumps(record, indent=2) + "\n")
 
     def save_operative_config(self) -> str:

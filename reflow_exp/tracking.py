@@ -59,8 +59,9 @@ class Tracker:
         self.repo.mkdir(parents=True, exist_ok=True)
         hash_file = self.run_dir / HASH_FILE
         run_hash = hash_file.read_text().strip() if hash_file.exists() else None
-        settings = dict(repo=str(self.repo), experiment=experiment, system_tracking_interval=None,
-                        capture_terminal_logs=False)
+        settings = dict(
+            repo=str(self.repo), experiment=experiment, system_tracking_interval=None, capture_terminal_logs=False
+        )
         try:
             self._run = aim.Run(run_hash=run_hash, **settings)  # None → new run; else resume it
         except aim.sdk.errors.MissingRunError:  # the folder moved to another runs dir, or the repo went
@@ -114,7 +115,10 @@ class Tracker:
             image = Image.fromarray(image)
         animated = getattr(image, "n_frames", 1) > 1
         self._run.track(
-            aim.Image(image, format="gif" if animated else "png"), name=name, step=int(step), context=json_safe(context or {})
+            aim.Image(image, format="gif" if animated else "png"),
+            name=name,
+            step=int(step),
+            context=json_safe(context or {}),
         )
 
     def close(self) -> None:

@@ -152,11 +152,18 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters with requires_grad=True; nothing to train")
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
+        )
         scheduler = CosineDecayWithWarmupSchedulerConfig(
-            num_warmup_steps=self.warmup_steps, num_decay_steps=self.decay_steps, peak_lr=self.lr, decay_lr=self.decay_lr
+            num_warmup_steps=self.warmup_steps,
+            num_decay_steps=self.decay_steps,
+            peak_lr=self.lr,
+            decay_lr=self.decay_lr,
         ).build(optimizer, self.steps)
-        wrapped, optimizer, dataloader, scheduler = accelerator.prepare(_LossForward(model), optimizer, dataloader, scheduler)
+        wrapped, optimizer, dataloader, scheduler = accelerator.prepare(
+            _LossForward(model), optimizer, dataloader, scheduler
+        )
 
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "first_loss": None}
         if accelerator.is_main_process:  # only rank 0 may delete a crashed save's leftovers
@@ -349,7 +356,9 @@ class _Batches:
         while True:
             if self._iter is None:
                 self.dataloader.set_epoch(self.epoch)
-                loader = self.accelerator.skip_first_batches(self.dataloader, self.index) if self.index else self.dataloader
+                loader = (
+                    self.accelerator.skip_first_batches(self.dataloader, self.index) if self.index else self.dataloader
+                )
                 self._iter = iter(loader)
             try:
                 batch = next(self._iter)

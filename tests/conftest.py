@@ -1,4 +1,5 @@
 """Test-wide settings: never touch a model hub, keep Aim and Gradio quiet."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +31,7 @@ def _clear_gin():
 
 
 # -- tiny policies and batches (tests/test_policy.py, test_prefix.py, test_reflow.py, test_evaluate.py, ...)
+
 
 @pytest.fixture(scope="session")
 def sandbox_stats():
@@ -110,8 +112,9 @@ def cli():
         env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         if not wait:
             # Never a pipe: nobody reads it while the run goes on, and a full pipe would block the run.
-            return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
         return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
@@ -123,8 +126,12 @@ def tiny_teacher(tmp_path_factory, cli):
     trained by a real process once per session; its sandbox cache is ``<its runs dir>/sandbox``.
     Copy it before changing anything in it."""
     root = tmp_path_factory.mktemp("tiny-teacher")
-    result = cli("gin/sandbox/tiny.gin", f'run.runs_dir = "{root / "runs"}"',
-                 f'sandbox_source.root = "{root / "runs" / "sandbox"}"', "Tracker.enabled = False")
+    result = cli(
+        "gin/sandbox/tiny.gin",
+        f'run.runs_dir = "{root / "runs"}"',
+        f'sandbox_source.root = "{root / "runs" / "sandbox"}"',
+        "Tracker.enabled = False",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "tiny-teacher"
 
@@ -149,8 +156,9 @@ def _running_dashboard(runs_dir, port: int):
     from app.ui import build_demo, launch_kwargs
 
     demo = build_demo(runs_dir)
-    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port,
-                                    quiet=True, **launch_kwargs(runs_dir))
+    _, url, _ = demo.queue().launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_kwargs(runs_dir)
+    )
     try:
         yield url, demo.dashboard
     finally:

@@ -13,11 +13,19 @@ import pytest
 from reflow_exp.files import free_port
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: run `make test` (installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: run `make test` (installs it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +68,11 @@ def log_text(page) -> str:
 
 
 def wait_log(page, text: str, timeout_s: float) -> None:
-    page.wait_for_function("t => (document.querySelector('#run-log textarea') || {}).value?.includes(t)",
-                           arg=text, timeout=timeout_s * 1000)
+    page.wait_for_function(
+        "t => (document.querySelector('#run-log textarea') || {}).value?.includes(t)",
+        arg=text,
+        timeout=timeout_s * 1000,
+    )
 
 
 def runs_row(page, name: str, status: str = ""):

@@ -21,8 +21,9 @@ from reflow_exp.sandbox.task import HELDOUT_LAYOUTS, REPORT_SEED_OFFSET, eval_se
 from reflow_exp.stats import wilson_interval
 
 # PushT: positions in [0, 512] px for both the agent and the action; the stats of a uniform law.
-PUSHT_STATS = {key: {"mean": torch.full((2,), 256.0), "std": torch.full((2,), 148.0)}
-               for key in ("observation.state", "action")}
+PUSHT_STATS = {
+    key: {"mean": torch.full((2,), 256.0), "std": torch.full((2,), 148.0)} for key in ("observation.state", "action")
+}
 
 
 def probe_mp4(path) -> tuple[str, str, int]:
@@ -81,8 +82,13 @@ def test_scripted_expert_succeeds_through_the_rollout_loop():
 
 def test_report_split_heldout_layouts_intervals_and_per_seed_outcomes():
     evaluator = Evaluator(episodes=6, n_envs=4, videos=0, latency_calls=0, split="report", layouts="heldout")
-    assert evaluator.protocol == {"env_id": "reflow_exp/Sandbox-v0", "split": "report", "seed": 0,
-                                  "layouts": "heldout", "episodes": 6}
+    assert evaluator.protocol == {
+        "env_id": "reflow_exp/Sandbox-v0",
+        "split": "report",
+        "seed": 0,
+        "layouts": "heldout",
+        "episodes": 6,
+    }
     result = evaluator.run(ScriptedChunkPolicy(), step_counts=(1, 2))
     seeds = eval_seeds(6, split="report", layouts="heldout")
     assert all(s >= REPORT_SEED_OFFSET and layout_of(s) in HELDOUT_LAYOUTS for s in seeds)
@@ -93,9 +99,13 @@ def test_report_split_heldout_layouts_intervals_and_per_seed_outcomes():
         assert all(type(x) is int for x in r["episode_success"])
 
 
-@pytest.mark.parametrize("gin_file, layouts", [
-    ("gin/sandbox/eval.gin", "all"), ("gin/sandbox/layouts/eval.gin", "heldout"),
-])
+@pytest.mark.parametrize(
+    "gin_file, layouts",
+    [
+        ("gin/sandbox/eval.gin", "all"),
+        ("gin/sandbox/layouts/eval.gin", "heldout"),
+    ],
+)
 def test_eval_gin_files_report_500_episodes_on_the_report_range(gin_file, layouts, capsys):
     from reflow_exp import run
 
@@ -141,7 +151,10 @@ def test_evaluator_can_override_how_often_the_policy_replans():
 
 def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tiny_policy, tmp_path):
     policy = tiny_policy(
-        tiny_vlm, PUSHT_STATS, seed=1, n_action_steps=8,
+        tiny_vlm,
+        PUSHT_STATS,
+        seed=1,
+        n_action_steps=8,
         input_features={
             "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 96, 96)),  # resized to 64
             "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
@@ -207,8 +220,10 @@ def test_write_mp4_is_lerobots_writer_and_round_trips(tmp_path):
     from reflow_exp.evaluate import write_mp4
 
     y, x = np.mgrid[0:33, 0:47]
-    frames = [np.stack([(4 * x + 8 * i) % 256, (6 * y) % 256, np.full_like(x, 30 * i % 256)], -1).astype(np.uint8)
-              for i in range(12)]  # smooth, moving, odd size
+    frames = [
+        np.stack([(4 * x + 8 * i) % 256, (6 * y) % 256, np.full_like(x, 30 * i % 256)], -1).astype(np.uint8)
+        for i in range(12)
+    ]  # smooth, moving, odd size
     ours = write_mp4(frames, tmp_path / "sub" / "ours.mp4", fps=10)
     write_video(tmp_path / "theirs.mp4", frames, fps=10)
     assert ours.read_bytes() == (tmp_path / "theirs.mp4").read_bytes()

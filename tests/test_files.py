@@ -26,15 +26,22 @@ def test_write_atomic_replaces_and_a_failed_write_leaves_the_old_file(tmp_path):
 
 
 def test_json_safe_turns_numpy_torch_and_paths_into_json_types():
-    value = {1: (np.float32(0.5), torch.tensor(3), np.bool_(True)), "p": Path("/x"), "n": None, "f": [torch.tensor(2.5)]}
+    value = {
+        1: (np.float32(0.5), torch.tensor(3), np.bool_(True)),
+        "p": Path("/x"),
+        "n": None,
+        "f": [torch.tensor(2.5)],
+    }
     assert files.json_safe(value) == {"1": [0.5, 3, True], "p": "/x", "n": None, "f": [2.5]}
     assert type(files.json_safe(np.int64(7))) is int and files.json_safe(np.bool_(False)) is False
 
 
 def test_deep_merge_merges_nested_dicts():
     base = {"params": {"total": 3}, "x": 1}
-    assert files.deep_merge(base, {"params": {"trainable": 1}, "x": 2}) == {"params": {"total": 3, "trainable": 1},
-                                                                              "x": 2}
+    assert files.deep_merge(base, {"params": {"trainable": 1}, "x": 2}) == {
+        "params": {"total": 3, "trainable": 1},
+        "x": 2,
+    }
 
 
 def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
@@ -72,8 +79,10 @@ BUILD = textwrap.dedent("""
 
 def test_build_once_builds_once_when_two_processes_ask_at_the_same_time(tmp_path):
     dest, log = tmp_path / "cache", tmp_path / "log.txt"
-    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(dest), str(log)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUILD, str(dest), str(log)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outputs == ["{'n': 1}", "{'n': 1}"]
     assert log.read_text() == "built\n" and (dest / "data.txt").read_text() == "ok"

@@ -22,7 +22,10 @@ def two_heads(tiny_vlm):
     vlm_state = {k: v for k, v in policies[0].state_dict().items() if k.startswith(VLM_PREFIX)}
     policies[1].load_state_dict(vlm_state, strict=False)
     backbone = Backbone.from_state_dict(
-        config.vlm_model_name, config.num_vlm_layers, {k.removeprefix(VLM_PREFIX): v for k, v in vlm_state.items()}, "test"
+        config.vlm_model_name,
+        config.num_vlm_layers,
+        {k.removeprefix(VLM_PREFIX): v for k, v in vlm_state.items()},
+        "test",
     )
     heads = [
         ActionHead(config, backbone, {k: v for k, v in p.state_dict().items() if not k.startswith(VLM_PREFIX)})
@@ -72,4 +75,3 @@ def test_gradients_reach_the_state_projection(two_heads, make_batch):
     state_proj = head.lerobot.model.state_proj.weight
     assert state_proj.grad is not None and state_proj.grad.abs().sum() > 0
     head.zero_grad()
-

@@ -75,10 +75,18 @@ def test_reflow_reads_image_embeddings_from_its_cache(runs):
 def test_the_same_run_without_the_cache_trains_the_same_student(runs, tmp_path):
     """Same seed, encoder instead of cache: the same losses and offline errors (float tolerance)."""
     teacher = runs / "tiny-teacher"
-    run_job(tmp_path, f'reflow.teacher = "{teacher}"', 'run.name = "no-cache"', "reflow.image_embedding_cache = False",
-            f'sandbox_source.root = "{runs.parent / "sandbox"}"', gin_file="gin/sandbox/tiny_reflow.gin")
-    cached, plain = (json.loads((folder / "summary.json").read_text())
-                     for folder in (runs / "tiny-reflow", tmp_path / "runs" / "no-cache"))
+    run_job(
+        tmp_path,
+        f'reflow.teacher = "{teacher}"',
+        'run.name = "no-cache"',
+        "reflow.image_embedding_cache = False",
+        f'sandbox_source.root = "{runs.parent / "sandbox"}"',
+        gin_file="gin/sandbox/tiny_reflow.gin",
+    )
+    cached, plain = (
+        json.loads((folder / "summary.json").read_text())
+        for folder in (runs / "tiny-reflow", tmp_path / "runs" / "no-cache")
+    )
     assert "image_embedding_cache" not in plain
     assert plain["train"]["last_loss"] == pytest.approx(cached["train"]["last_loss"], rel=1e-4)
     for k, values in plain["offline"]["student"].items():
@@ -129,7 +137,8 @@ def test_rollouts_fill_summary_plot_and_videos(runs):
     assert student_1["episodes"] == 2 and student_1["latency_ms"] > 0
     # The saved student, rolled out again on the recorded protocol, has the job's episodes and rate.
     again = Evaluator(**summary["eval_protocol"], n_envs=1, videos=0, latency_calls=0).run(
-        Policy.from_pretrained(folder / "student"), step_counts=(1,))[1]
+        Policy.from_pretrained(folder / "student"), step_counts=(1,)
+    )[1]
     recorded = json.loads((folder / jobs.EPISODES_FILE).read_text())["student"]["1"]
     assert (again["episode_seeds"], again["episode_success"]) == (recorded["seeds"], recorded["success"])
     assert again["success_rate"] == student_1["success_rate"] == sum(recorded["success"]) / 2
@@ -141,8 +150,13 @@ def test_rollouts_fill_summary_plot_and_videos(runs):
 def test_rollouts_carry_intervals_protocol_and_paired_tests(runs):
     folder = runs / "tiny-reflow"
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["eval_protocol"] == {"env_id": "reflow_exp/Sandbox-v0", "split": "dev", "seed": 0,
-                                        "layouts": "all", "episodes": 2}  # reflow.gin: the job rolls out on dev
+    assert summary["eval_protocol"] == {
+        "env_id": "reflow_exp/Sandbox-v0",
+        "split": "dev",
+        "seed": 0,
+        "layouts": "all",
+        "episodes": 2,
+    }  # reflow.gin: the job rolls out on dev
     episodes = json.loads((folder / jobs.EPISODES_FILE).read_text())
     for head, by_steps in summary["eval"].items():
         for k, m in by_steps.items():
@@ -210,7 +224,8 @@ def test_exported_student_is_an_ordinary_lerobot_checkpoint(runs, make_batch):
     noise = torch.randn(*batch["action"].shape[:2], 32)
     assert isinstance(lerobot_student, SmolVLAPolicy)
     assert torch.allclose(
-        lerobot_student.predict_action_chunk(dict(batch), noise=noise), ours.predict_action_chunk(dict(batch), noise=noise),
+        lerobot_student.predict_action_chunk(dict(batch), noise=noise),
+        ours.predict_action_chunk(dict(batch), noise=noise),
         atol=1e-6,
     )
 
@@ -220,8 +235,12 @@ def test_student_can_teach_a_third_round(runs, tmp_path):
     (tmp_path / "runs").mkdir()
     student = runs / "tiny-reflow" / "student"
     run_job(
-        tmp_path, f'reflow.teacher = "{student}"', 'run.name = "round3"', "reflow.coupling = @CachedCoupling()",
-        f'sandbox_source.root = "{runs.parent / "sandbox"}"', gin_file="gin/sandbox/tiny_reflow.gin",
+        tmp_path,
+        f'reflow.teacher = "{student}"',
+        'run.name = "round3"',
+        "reflow.coupling = @CachedCoupling()",
+        f'sandbox_source.root = "{runs.parent / "sandbox"}"',
+        gin_file="gin/sandbox/tiny_reflow.gin",
     )
     assert json.loads((tmp_path / "runs" / "round3" / "summary.json").read_text())["vlm_load_count"] == 1
     assert (tmp_path / "runs" / "round3" / coupling.CachedCoupling.FILE).is_file()
@@ -229,11 +248,20 @@ def test_student_can_teach_a_third_round(runs, tmp_path):
 
 def test_legacy_flags_warn(runs, tmp_path):
     with pytest.warns(UserWarning, match="load_vlm_weights.*handles it automatically"):
-        assert run.main([
-            "--gin_file", "gin/sandbox/tiny_reflow.gin", "--dry_run",
-            "--gin_param", f'reflow.teacher = "{runs / "tiny-teacher"}"',
-            "--gin_param", "reflow.load_vlm_weights = False",
-        ]) == 0
+        assert (
+            run.main(
+                [
+                    "--gin_file",
+                    "gin/sandbox/tiny_reflow.gin",
+                    "--dry_run",
+                    "--gin_param",
+                    f'reflow.teacher = "{runs / "tiny-teacher"}"',
+                    "--gin_param",
+                    "reflow.load_vlm_weights = False",
+                ]
+            )
+            == 0
+        )
 
 
 def test_real_architecture_dry_run_numbers(capsys):
@@ -249,8 +277,14 @@ def test_shared_and_plain_paths_give_the_same_loss(runs, make_batch):
     batch = teacher.preprocessor(_raw_batch(make_batch(6)))
     losses = []
     for shared in (True, False):
-        model = Reflow(teacher.backbone, teacher.head, student, coupling.OnlineCoupling(teacher_steps=3),
-                       flow.uniform_time, shared_prefix=shared)
+        model = Reflow(
+            teacher.backbone,
+            teacher.head,
+            student,
+            coupling.OnlineCoupling(teacher_steps=3),
+            flow.uniform_time,
+            shared_prefix=shared,
+        )
         torch.manual_seed(0)
         losses.append(model.loss(batch)[0])
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
@@ -262,8 +296,14 @@ def test_teacher_pairs_supervise_every_chunk_step(runs, huber, make_batch):
     the loss and the offline errors are those of an unpadded batch, and padded steps carry gradient."""
     teacher = Policy.from_pretrained(runs / "tiny-teacher")
     student = ActionHead(teacher.config, teacher.backbone, teacher.head.lerobot.state_dict())
-    model = Reflow(teacher.backbone, teacher.head, student, coupling.OnlineCoupling(teacher_steps=3),
-                   flow.uniform_time, huber=huber)
+    model = Reflow(
+        teacher.backbone,
+        teacher.head,
+        student,
+        coupling.OnlineCoupling(teacher_steps=3),
+        flow.uniform_time,
+        huber=huber,
+    )
     padded = teacher.preprocessor(_raw_batch(make_batch(6)))
     assert padded["action_is_pad"].any()
     unpadded = {**padded, "action_is_pad": torch.zeros_like(padded["action_is_pad"])}

@@ -59,7 +59,7 @@ def _config(tmp_path, extra: str = "", tracker: bool = False) -> str:
         include 'base.gin'
         run.job = @toy_run_job
         run.name = "demo"
-        run.runs_dir = "{tmp_path / 'runs'}"
+        run.runs_dir = "{tmp_path / "runs"}"
         Tracker.enabled = {tracker}
         toy_run_job.value = 1
         """

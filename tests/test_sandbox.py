@@ -68,6 +68,7 @@ def expert_policy(expert):
 
 # -- tiny VLM -----------------------------------------------------------------------------------
 
+
 def test_tiny_vlm_runs_through_transformers(sandbox):
     path = sandbox["vlm_path"]
     model = AutoModelForImageTextToText.from_pretrained(path)
@@ -108,8 +109,9 @@ def test_build_once_never_overwrites_a_foreign_folder(tmp_path):
 
 def test_smolvla_trains_and_predicts_on_the_sandbox(sandbox):
     config = tiny_smolvla_config(sandbox["vlm_path"], device="cpu")
-    dataset = LeRobotDataset(sandbox["repo_id"], root=sandbox["dataset_root"],
-                             delta_timestamps={"action": [i / FPS for i in range(CHUNK)]})
+    dataset = LeRobotDataset(
+        sandbox["repo_id"], root=sandbox["dataset_root"], delta_timestamps={"action": [i / FPS for i in range(CHUNK)]}
+    )
     policy = SmolVLAPolicy(config)
     preprocess, postprocess = make_smolvla_pre_post_processors(config, dataset.meta.stats)
     batch = preprocess(next(iter(torch.utils.data.DataLoader(dataset, batch_size=4))))
@@ -134,6 +136,7 @@ def test_smolvla_trains_and_predicts_on_the_sandbox(sandbox):
 
 
 # -- task ---------------------------------------------------------------------------------------
+
 
 def test_env_is_registered_deterministic_and_well_shaped():
     env = gym.make(ENV_ID)
@@ -212,6 +215,7 @@ def test_layout_split_holds_out_combinations_not_slots():
 
 # -- expert -------------------------------------------------------------------------------------
 
+
 def test_expert_succeeds_and_takes_both_routes():
     env = SandboxEnv()
     successes, routes = 0, []
@@ -247,6 +251,7 @@ def test_both_routes_succeed_from_the_same_observation():
 def test_averaging_the_routes_fails():
     """Why reflow must keep the modes apart: the straight line to the goal hits the bar, and the
     mean of the two experts' moves stalls below it."""
+
     def straight(obs, env):
         return (env.goal - obs["agent_pos"]).astype(np.float32)
 
@@ -272,17 +277,22 @@ def test_route_of_reads_the_side_of_the_bar():
 
 # -- dataset ------------------------------------------------------------------------------------
 
+
 def test_dataset_loads_with_lerobot_and_yields_action_chunks(sandbox):
     report = sandbox["expert"]
     assert report["episodes"] == 5 and report["success_rate"] >= 0.8
     assert sum(report["routes"].values()) == 5
 
-    dataset = LeRobotDataset(sandbox["repo_id"], root=sandbox["dataset_root"],
-                             delta_timestamps={"action": [i / FPS for i in range(CHUNK)]})
+    dataset = LeRobotDataset(
+        sandbox["repo_id"], root=sandbox["dataset_root"], delta_timestamps={"action": [i / FPS for i in range(CHUNK)]}
+    )
     assert dataset.num_episodes == 5 and dataset.num_frames == report["frames"]
     assert set(dataset.meta.stats) >= {"observation.image", "observation.state", "action"}
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True,
-                                                  generator=torch.Generator().manual_seed(0))))
+    batch = next(
+        iter(
+            torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+        )
+    )
     assert batch["observation.image"].shape == (8, 3, 64, 64)
     assert batch["observation.state"].shape == (8, 2)
     assert batch["action"].shape == (8, CHUNK, 2)
@@ -316,8 +326,10 @@ def test_action_noise_perturbs_the_states_but_not_the_labels(tmp_path):
     expert.reset()
     for i in np.flatnonzero(noisy_rows["episode_index"] == 0):
         frame = noisy[int(i)]
-        obs = {"pixels": (frame["observation.image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
-               "agent_pos": frame["observation.state"].numpy()}
+        obs = {
+            "pixels": (frame["observation.image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+            "agent_pos": frame["observation.state"].numpy(),
+        }
         np.testing.assert_allclose(expert.act(obs, frame["task"]), frame["action"].numpy(), atol=1e-5)
 
 

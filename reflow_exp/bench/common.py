@@ -33,8 +33,9 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> t
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None, budget_s: float | None = None
-              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def alternate(
+    fns: dict[str, Callable[[], object]], repeats: int, sync=None, budget_s: float | None = None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time every function once per repeat: ({name: wall seconds}, {name: CPU seconds}). The order
     rotates each repeat, so with two sides each goes first half of the time and slow drift in the
     machine's load hits both alike.

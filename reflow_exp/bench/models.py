@@ -59,12 +59,15 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size("tiny", image=64, chunk=16, state_dim=2, action_dim=2, lang_tokens=5, train_batch=4,
-                 throughput_batch=8),
-    "mid": Size("mid", image=256, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=4,
-                throughput_batch=8),
-    "real": Size("real", image=512, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=1,
-                 throughput_batch=2),
+    "tiny": Size(
+        "tiny", image=64, chunk=16, state_dim=2, action_dim=2, lang_tokens=5, train_batch=4, throughput_batch=8
+    ),
+    "mid": Size(
+        "mid", image=256, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=4, throughput_batch=8
+    ),
+    "real": Size(
+        "real", image=512, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=1, throughput_batch=2
+    ),
 }
 
 
@@ -89,14 +92,32 @@ def vlm_folder(size: Size, cache: Path) -> Path:
 def _write_mid_vlm(folder: Path) -> dict:
     """The mid SmolVLM's config, with the shipped placeholder tokenizer and processor."""
     real = AutoConfig.from_pretrained(REAL_VLM)
-    text = LlamaConfig(**{**real.text_config.to_dict(), "hidden_size": 512, "intermediate_size": 1536,
-                          "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-                          "head_dim": 64})
-    vision = SmolVLMVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                                 num_attention_heads=6, image_size=256, patch_size=16)
-    config = SmolVLMConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                           scale_factor=real.scale_factor, image_token_id=real.image_token_id,
-                           pad_token_id=real.pad_token_id)
+    text = LlamaConfig(
+        **{
+            **real.text_config.to_dict(),
+            "hidden_size": 512,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+        }
+    )
+    vision = SmolVLMVisionConfig(
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        image_size=256,
+        patch_size=16,
+    )
+    config = SmolVLMConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        scale_factor=real.scale_factor,
+        image_token_id=real.image_token_id,
+        pad_token_id=real.pad_token_id,
+    )
     config.save_pretrained(folder)
     for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REAL_VLM / name, folder / name)
@@ -111,8 +132,14 @@ def smolvla_config(size: Size, vlm: Path, **overrides) -> SmolVLAConfig:
         "observation.state": PolicyFeature(FeatureType.STATE, (size.state_dim,)),
         "action": PolicyFeature(FeatureType.ACTION, (size.action_dim,)),
     }
-    fields = {"load_vlm_weights": False, "num_vlm_layers": min(16, num_layers), "chunk_size": size.chunk,
-              "resize_imgs_with_padding": (size.image, size.image), "device": "cpu", "push_to_hub": False}
+    fields = {
+        "load_vlm_weights": False,
+        "num_vlm_layers": min(16, num_layers),
+        "chunk_size": size.chunk,
+        "resize_imgs_with_padding": (size.image, size.image),
+        "device": "cpu",
+        "push_to_hub": False,
+    }
     return make_smolvla_config(vlm, features, **(fields | overrides))
 
 
@@ -121,9 +148,14 @@ def teacher_checkpoint(size: Size, cache: Path = Path("runs/bench/cache")) -> Pa
     (the real one is 1.8 GB); remade when the size or the VLM's config changes."""
     vlm = vlm_folder(size, cache)
     folder = Path(cache) / size.name / "teacher"
-    marker = {"kind": "bench_teacher", "version": CHECKPOINT_VERSION, "size": size.name,
-              "shape": [size.image, size.chunk, size.state_dim, size.action_dim],
-              "vlm": str(Path(vlm).resolve()), "vlm_config": json.loads((Path(vlm) / "config.json").read_text())}
+    marker = {
+        "kind": "bench_teacher",
+        "version": CHECKPOINT_VERSION,
+        "size": size.name,
+        "shape": [size.image, size.chunk, size.state_dim, size.action_dim],
+        "vlm": str(Path(vlm).resolve()),
+        "vlm_config": json.loads((Path(vlm) / "config.json").read_text()),
+    }
     build_once(folder, marker, lambda work: _write_teacher(work, smolvla_config(size, vlm)))
     return folder
 

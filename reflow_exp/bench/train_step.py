@@ -38,9 +38,18 @@ CACHE_FRAMES = 4  # frames in the bench's embedding cache (build time per frame 
 SIDES = ("ours", "naive", "naive_same_cache", "ours_no_cache", "ours_cached_pairs", "pair_generation")
 
 
-def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_steps: int = 10,
-        device: str = "cpu", amp=None, budget_s: float | None = None, warmup: int = 1,
-        pair_epochs: int = PAIR_EPOCHS) -> dict:
+def run(
+    size: str,
+    repeats: int,
+    cache: Path,
+    batch: int | None = None,
+    teacher_steps: int = 10,
+    device: str = "cpu",
+    amp=None,
+    budget_s: float | None = None,
+    warmup: int = 1,
+    pair_epochs: int = PAIR_EPOCHS,
+) -> dict:
     """Time `repeats` alternating steps of each side after `warmup` untimed ones (allocator, optimizer
     state, first-call overheads); no new repeat starts after `budget_s`."""
     import torch
@@ -58,10 +67,13 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as folder:
         models = _reflow_models(teacher, student, teacher_steps, frames, Path(folder))
         image_cache = models["ours"].image_cache
-        steps = {"ours": _ours_step(models["ours"], data, amp),
-                 "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp)}
-        steps["naive_same_cache"] = _with_cached_images(steps["naive"], [naive_teacher, naive_student], image_cache,
-                                                        data)
+        steps = {
+            "ours": _ours_step(models["ours"], data, amp),
+            "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp),
+        }
+        steps["naive_same_cache"] = _with_cached_images(
+            steps["naive"], [naive_teacher, naive_student], image_cache, data
+        )
         _check_same_cache(naive_teacher, image_cache, data)
         steps["ours_no_cache"] = _ours_step(models["ours_no_cache"], data, amp)
         steps["ours_cached_pairs"] = _ours_step(models["ours_cached_pairs"], data, amp)
@@ -74,8 +86,15 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
     amortised = med["ours_cached_pairs"] + med["pair_generation"] / pair_epochs
     amortised_cpu = med_cpu["ours_cached_pairs"] + med_cpu["pair_generation"] / pair_epochs
     result = {
-        "bench": "train_step", "size": size, "device": device, "amp": str(amp), "batch": batch,
-        "teacher_steps": teacher_steps, "repeats": len(times["ours"]), "warmup": warmup, "pair_epochs": pair_epochs,
+        "bench": "train_step",
+        "size": size,
+        "device": device,
+        "amp": str(amp),
+        "batch": batch,
+        "teacher_steps": teacher_steps,
+        "repeats": len(times["ours"]),
+        "warmup": warmup,
+        "pair_epochs": pair_epochs,
         "step_ratio": common.ratio(med["ours"], med["naive"]),
         "step_ratio_same_cache": common.ratio(med["ours"], med["naive_same_cache"]),
         "step_ratio_no_cache": common.ratio(med["ours_no_cache"], med["naive"]),
@@ -86,12 +105,18 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
         "step_ratio_same_cache_cpu": common.ratio(med_cpu["ours"], med_cpu["naive_same_cache"]),
         "step_ratio_no_cache_cpu": common.ratio(med_cpu["ours_no_cache"], med_cpu["naive"]),
         "step_ratio_cached_pairs_cpu": common.ratio(amortised_cpu, med_cpu["naive"]),
-        "ours_s": med["ours"], "naive_s": med["naive"], "cached_pairs_amortised_s": amortised,
-        "median_s": med, "median_cpu_s": med_cpu,
+        "ours_s": med["ours"],
+        "naive_s": med["naive"],
+        "cached_pairs_amortised_s": amortised,
+        "median_s": med,
+        "median_cpu_s": med_cpu,
         "cache_bytes_per_frame": image_cache.report["bytes_per_frame"],
-        "cache_build_s_per_frame": image_cache.report["build_s_per_frame"], "cache_frames": len(frames["index"]),
-        "times": times, "cpu_times": cpu,
-        "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
+        "cache_build_s_per_frame": image_cache.report["build_s_per_frame"],
+        "cache_frames": len(frames["index"]),
+        "times": times,
+        "cpu_times": cpu,
+        "machine": machine | {"load_average_end": common.load_average()},
+        "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
     _print(result)
@@ -104,20 +129,36 @@ def _print(result: dict) -> None:
     rows = [
         ["naive: LeRobot as is", naive, 1.0, ""],
         ["ours: shared prefix + image embedding cache", med["ours"], result["step_ratio"], "step_ratio"],
-        ["naive with the same cache", med["naive_same_cache"], naive and med["naive_same_cache"] / naive,
-         f"ours / this = {result['step_ratio_same_cache']:.3f} (step_ratio_same_cache)"],
-        ["ours without the cache (shared prefix alone)", med["ours_no_cache"], result["step_ratio_no_cache"],
-         "step_ratio_no_cache"],
+        [
+            "naive with the same cache",
+            med["naive_same_cache"],
+            naive and med["naive_same_cache"] / naive,
+            f"ours / this = {result['step_ratio_same_cache']:.3f} (step_ratio_same_cache)",
+        ],
+        [
+            "ours without the cache (shared prefix alone)",
+            med["ours_no_cache"],
+            result["step_ratio_no_cache"],
+            "step_ratio_no_cache",
+        ],
         ["ours with cached teacher pairs (no ODE)", med["ours_cached_pairs"], med["ours_cached_pairs"] / naive, ""],
-        [f"  + pair generation / {epochs} epochs", result["cached_pairs_amortised_s"],
-         result["step_ratio_cached_pairs"], "step_ratio_cached_pairs"],
+        [
+            f"  + pair generation / {epochs} epochs",
+            result["cached_pairs_amortised_s"],
+            result["step_ratio_cached_pairs"],
+            "step_ratio_cached_pairs",
+        ],
         ["ours, CPU time", result["median_cpu_s"]["ours"], result["step_ratio_cpu"], "step_ratio_cpu"],
     ]
-    title = (f"train_step ({result['size']}, batch {result['batch']}, {result['teacher_steps']} teacher steps, "
-             f"{result['device']}, median of {result['repeats']})")
+    title = (
+        f"train_step ({result['size']}, batch {result['batch']}, {result['teacher_steps']} teacher steps, "
+        f"{result['device']}, median of {result['repeats']})"
+    )
     common.print_table(title, ["", "seconds", "/ naive", ""], rows, TARGETS, result["met"])
-    print(f"  image embedding cache: {result['cache_bytes_per_frame'] / 1024:.1f} KiB per frame, built in "
-          f"{result['cache_build_s_per_frame']:.3f} s per frame ({result['cache_frames']} frames)")
+    print(
+        f"  image embedding cache: {result['cache_bytes_per_frame'] / 1024:.1f} KiB per frame, built in "
+        f"{result['cache_build_s_per_frame']:.3f} s per frame ({result['cache_frames']} frames)"
+    )
 
 
 def _reflow_models(teacher, student, teacher_steps: int, frames: dict, folder: Path) -> dict:
@@ -224,12 +265,14 @@ def _check_same_cache(policy, image_cache, batch: dict) -> None:
     same-cache row would time something else)."""
     import torch
 
-    noise = torch.randn(batch["action"].shape[0], policy.config.chunk_size, policy.config.max_action_dim,
-                        device=batch["action"].device)
+    noise = torch.randn(
+        batch["action"].shape[0], policy.config.chunk_size, policy.config.max_action_dim, device=batch["action"].device
+    )
     got = []
     expected = policy.predict_action_chunk(dict(batch), noise=noise)
-    _with_cached_images(lambda: got.append(policy.predict_action_chunk(dict(batch), noise=noise)), [policy],
-                        image_cache, batch)()
+    _with_cached_images(
+        lambda: got.append(policy.predict_action_chunk(dict(batch), noise=noise)), [policy], image_cache, batch
+    )()
     if not torch.allclose(got[0], expected, rtol=1e-4, atol=1e-4):
         raise RuntimeError("LeRobot's chunk from the cached image embeddings differs from its own")
 

@@ -21,8 +21,23 @@ from reflow_exp.jobs.sources import lerobot_source, metaworld_source, sandbox_so
 from reflow_exp.jobs.teacher import data_split, train_teacher
 
 __all__ = [
-    "EPISODES_FILE", "PAIRS", "data_split", "eval_table", "evaluate_metaworld", "evaluate_policies",
-    "evaluate_rollouts", "lerobot_source", "metaworld_source", "paired_comparisons", "paired_table",
-    "param_summary", "quality_bar", "reflow", "sandbox_source", "smolvla_config", "student_head", "teacher_saw",
+    "EPISODES_FILE",
+    "PAIRS",
+    "data_split",
+    "eval_table",
+    "evaluate_metaworld",
+    "evaluate_policies",
+    "evaluate_rollouts",
+    "lerobot_source",
+    "metaworld_source",
+    "paired_comparisons",
+    "paired_table",
+    "param_summary",
+    "quality_bar",
+    "reflow",
+    "sandbox_source",
+    "smolvla_config",
+    "student_head",
+    "teacher_saw",
     "train_teacher",
 ]

@@ -26,7 +26,9 @@ def evaluate_rollouts(run: RunDir, step: int, policies: dict) -> dict:
     if not policies:
         return {}
     evaluator = Evaluator()
-    results = {name: evaluator.run(policy, steps, out_dir=run.path, tag=name) for name, (policy, steps) in policies.items()}
+    results = {
+        name: evaluator.run(policy, steps, out_dir=run.path, tag=name) for name, (policy, steps) in policies.items()
+    }
     for name, by_steps in results.items():
         for k, metrics in by_steps.items():
             keys = ("success_rate", "ci_low", "ci_high", "mean_return", "mean_length", "latency_ms")
@@ -36,13 +38,17 @@ def evaluate_rollouts(run: RunDir, step: int, policies: dict) -> dict:
                 run.tracker.track_image("rollout", metrics["gif"], step, {"head": name, "steps": k})
     plot = success_latency_plot(results, run.path / "eval_plot.png")
     run.tracker.track_image("success_latency", plot, step)
-    summary = {name: {str(k): _relative(m, run.path) for k, m in by_steps.items()} for name, by_steps in results.items()}
+    summary = {
+        name: {str(k): _relative(m, run.path) for k, m in by_steps.items()} for name, by_steps in results.items()
+    }
     paired = paired_comparisons(results)
     run.update_summary({"eval": summary, "eval_protocol": evaluator.protocol, "paired": paired})
     _write_episodes(run.path / EPISODES_FILE, results)
     protocol = evaluator.protocol
-    print(f"Evaluation: {protocol['episodes']} episodes per row, split {protocol['split']!r} "
-          f"(seed {protocol['seed']}), layouts {protocol['layouts']!r}, {protocol['env_id']}")
+    print(
+        f"Evaluation: {protocol['episodes']} episodes per row, split {protocol['split']!r} "
+        f"(seed {protocol['seed']}), layouts {protocol['layouts']!r}, {protocol['env_id']}"
+    )
     print(eval_table(summary))
     if paired:
         print(paired_table(paired))
@@ -65,6 +71,7 @@ def _write_episodes(path: Path, results: dict) -> None:
 def _relative(metrics: dict, root) -> dict:
     """Paths under the run folder relative to it, so the folder can move; per-episode lists
     stay out of summary.json (they go to EPISODES_FILE)."""
+
     def rel(path):
         return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else str(path)
 
@@ -109,8 +116,15 @@ def evaluate_metaworld(run: RunDir, policies: dict = gin.REQUIRED, tasks=gin.REQ
             run.log_metrics(0, {key: m[key] for key in keys if key in m}, subset="eval", head=name, steps=k)
     per_task = {task: _summary_table(heads, run.path) for task, heads in results["tasks"].items()}
     mean = _summary_table(results["mean"], run.path)
-    run.update_summary({"tasks": per_task, "mean": mean, "paired": results["paired"],
-                        "paired_by_task": results["paired_by_task"], "eval_protocol": results["protocol"]})
+    run.update_summary(
+        {
+            "tasks": per_task,
+            "mean": mean,
+            "paired": results["paired"],
+            "paired_by_task": results["paired_by_task"],
+            "eval_protocol": results["protocol"],
+        }
+    )
     for task, heads in per_task.items():
         print(f"{task}\n{eval_table(heads)}")
     print(f"mean over {len(per_task)} tasks\n{eval_table(mean)}")

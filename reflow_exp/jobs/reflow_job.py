@@ -94,9 +94,15 @@ def reflow(
     camera in the data), else off with a message; True: required (an error when not valid); False: off.
     """
     if image_embedding_cache and not shared_prefix:
-        raise ValueError("reflow.image_embedding_cache=True needs reflow.shared_prefix=True (the plain path is "
-                         "LeRobot's own forward, which runs the vision encoder); drop one of the two settings")
-    for name, value in (("student_steps", student_steps), ("batch_size", batch_size), ("offline_batches", offline_batches)):
+        raise ValueError(
+            "reflow.image_embedding_cache=True needs reflow.shared_prefix=True (the plain path is "
+            "LeRobot's own forward, which runs the vision encoder); drop one of the two settings"
+        )
+    for name, value in (
+        ("student_steps", student_steps),
+        ("batch_size", batch_size),
+        ("offline_batches", offline_batches),
+    ):
         if int(value) != value or value < 1:
             raise ValueError(f"reflow.{name} must be an integer >= 1, got {value!r}")
     for flag, value in (("load_vlm_weights", load_vlm_weights), ("train_expert_only", train_expert_only)):
@@ -112,8 +118,11 @@ def reflow(
     with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
         data = source()
         meta = open_metadata(data)
-    check_features(PreTrainedConfig.from_pretrained(teacher_path), policy_features(meta, data.rename_map),
-                   f"{source.__name__}.rename_map")
+    check_features(
+        PreTrainedConfig.from_pretrained(teacher_path),
+        policy_features(meta, data.rename_map),
+        f"{source.__name__}.rename_map",
+    )
     print(f"[Reflow] Loading teacher model from {teacher}")
     teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
     teacher_policy.head.requires_grad_(False)
@@ -125,8 +134,16 @@ def reflow(
     if shared_prefix and image_embedding_cache is not False:
         image_cache = ImageEmbeddingCache(required=bool(image_embedding_cache))
     model = Reflow(
-        teacher_policy.backbone, teacher_policy.head, student, coupling, time_sampler, huber, shared_prefix,
-        teacher_policy.preprocessor, teacher_policy.postprocessor, image_cache,
+        teacher_policy.backbone,
+        teacher_policy.head,
+        student,
+        coupling,
+        time_sampler,
+        huber,
+        shared_prefix,
+        teacher_policy.preprocessor,
+        teacher_policy.postprocessor,
+        image_cache,
     )
     params = _report_params(model)
     loads = vlm_load_count() - loads_before
@@ -169,8 +186,12 @@ def reflow(
 
     evaluate(0)
     result = trainer.fit(
-        model, make_dataloader(train_set, batch_size, run.seed, num_workers), run,
-        preprocess=preprocess, context={"head": "student"}, evaluate=evaluate,
+        model,
+        make_dataloader(train_set, batch_size, run.seed, num_workers),
+        run,
+        preprocess=preprocess,
+        context={"head": "student"},
+        evaluate=evaluate,
     )
     if not run.is_main:  # rank 0 alone saves the student and runs the rollouts
         return
@@ -178,7 +199,10 @@ def reflow(
     student_dir = model.student_policy().save_pretrained(run.path / "student")
     print(f"[Reflow] Student saved to {student_dir} (num_steps={student_steps})")
     run.update_summary({"train": result, "offline": offline, "student_checkpoint": str(student_dir)})
-    policies = {"teacher": (model.teacher_policy(), teacher_eval_steps), "student": (model.student_policy(), student_eval_steps)}
+    policies = {
+        "teacher": (model.teacher_policy(), teacher_eval_steps),
+        "student": (model.student_policy(), student_eval_steps),
+    }
     evaluate_rollouts(run, result["steps"], policies)
     run.save_operative_config()
 
@@ -187,8 +211,14 @@ def teacher_saw(teacher_path: Path, split: dict) -> bool | None:
     """Whether the teacher trained on any of `split`'s held-out episodes, from the `data_split` of
     the run folder that holds `teacher_path` (a teacher run or an earlier reflow run); None when
     unknown (no summary, or another dataset). True also warns: offline metrics then flatter it."""
-    summary = next((folder / "summary.json" for folder in (teacher_path, *list(teacher_path.parents)[:3])
-                    if (folder / "summary.json").is_file()), None)
+    summary = next(
+        (
+            folder / "summary.json"
+            for folder in (teacher_path, *list(teacher_path.parents)[:3])
+            if (folder / "summary.json").is_file()
+        ),
+        None,
+    )
     if summary is None:
         return None
     theirs = json.loads(summary.read_text()).get("data_split")

@@ -25,8 +25,10 @@ def paired_comparisons(results: dict) -> dict[str, dict]:
 
 def eval_table(summary: dict) -> str:
     """A plain-text table of summary.json's `eval` section (success with its 95% Wilson interval)."""
-    lines = [f"{'head':<8} {'steps':>5} {'success':>8} {'95% CI':>13} {'return':>8} {'length':>7} "
-             f"{'latency ms':>11} {'routes L/R/none':>16}"]
+    lines = [
+        f"{'head':<8} {'steps':>5} {'success':>8} {'95% CI':>13} {'return':>8} {'length':>7} "
+        f"{'latency ms':>11} {'routes L/R/none':>16}"
+    ]
     for name, by_steps in summary.items():
         for k, m in sorted(by_steps.items(), key=lambda item: int(item[0])):
             latency = f"{m['latency_ms']:.1f}" if "latency_ms" in m else "-"
@@ -41,13 +43,16 @@ def eval_table(summary: dict) -> str:
 
 def paired_table(paired: dict) -> str:
     """A plain-text table of summary.json's `paired` section."""
-    lines = [f"{'paired (same seeds)':<24} {'difference':>10} {'95% CI':>17} {'p (McNemar)':>11} "
-             f"{'n':>5} {'only 1st/only 2nd':>17}"]
+    lines = [
+        f"{'paired (same seeds)':<24} {'difference':>10} {'95% CI':>17} {'p (McNemar)':>11} "
+        f"{'n':>5} {'only 1st/only 2nd':>17}"
+    ]
     for name, p in paired.items():
         interval = f"{p['ci_low']:+.3f} to {p['ci_high']:+.3f}"
         discordant = f"{p['first_only']}/{p['second_only']}"
-        lines.append(f"{name:<24} {p['difference']:>+10.3f} {interval:>17} {p['p_value']:>11.4f} {p['n']:>5} "
-                     f"{discordant:>17}")
+        lines.append(
+            f"{name:<24} {p['difference']:>+10.3f} {interval:>17} {p['p_value']:>11.4f} {p['n']:>5} {discordant:>17}"
+        )
     return "\n".join(lines)
 
 

@@ -8,25 +8,47 @@ from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS 
 
 
 @gin.configurable
-def sandbox_source(root: str = "runs/sandbox", episodes: int = 100, seed: int = 0, action_noise: float = 0.0,
-                   holdout_layouts: bool = False, video: bool = False, cameras: int = 1,
-                   rename_map: dict | None = None) -> DataSource:
+def sandbox_source(
+    root: str = "runs/sandbox",
+    episodes: int = 100,
+    seed: int = 0,
+    action_noise: float = 0.0,
+    holdout_layouts: bool = False,
+    video: bool = False,
+    cameras: int = 1,
+    rename_map: dict | None = None,
+) -> DataSource:
     """The embedded task: a tiny SmolVLM and expert demonstrations, made locally once and cached
     (`action_noise`, `holdout_layouts`, `video`, `cameras`: see `sandbox.dataset.record_dataset`;
     with held-out layouts, use a `root` of its own and evaluate with `Evaluator.layouts`;
     `rename_map`: dataset key -> policy key)."""
     from reflow_exp.sandbox import build_sandbox
 
-    built = build_sandbox(root, seed=seed, episodes=episodes, action_noise=action_noise,
-                          holdout_layouts=holdout_layouts, video=video, cameras=cameras)
-    return DataSource(str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]), built["expert"],
-                      dict(rename_map or {}))
+    built = build_sandbox(
+        root,
+        seed=seed,
+        episodes=episodes,
+        action_noise=action_noise,
+        holdout_layouts=holdout_layouts,
+        video=video,
+        cameras=cameras,
+    )
+    return DataSource(
+        str(built["vlm_path"]), built["repo_id"], str(built["dataset_root"]), built["expert"], dict(rename_map or {})
+    )
 
 
 @gin.configurable
-def metaworld_source(root: str = "runs/metaworld", tasks=DEFAULT_METAWORLD_TASKS, episodes_per_task: int = 50,
-                     seed: int = 0, image_size: int = 64, state: str = "objects", video: bool = True,
-                     min_expert_success: float = 0.8) -> DataSource:
+def metaworld_source(
+    root: str = "runs/metaworld",
+    tasks=DEFAULT_METAWORLD_TASKS,
+    episodes_per_task: int = 50,
+    seed: int = 0,
+    image_size: int = 64,
+    state: str = "objects",
+    video: bool = True,
+    min_expert_success: float = 0.8,
+) -> DataSource:
     """MetaWorld (LeRobot's env): scripted-expert demonstrations of `tasks` and a tiny SmolVLM that
     knows their instructions, made locally once and cached (see `metaworld.record.record_dataset`)."""
     from reflow_exp.metaworld.record import build_metaworld

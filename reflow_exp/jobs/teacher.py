@@ -61,8 +61,11 @@ def train_teacher(
     device = distributed.device()
     features = policy_features(meta, data.rename_map)
     config = dataclasses.replace(smolvla_config(data.vlm_model_name, features), device=device.type)
-    train_eps, holdout_eps = (split_episodes(meta.total_episodes, holdout_episodes) if holdout_episodes
-                              else (list(range(meta.total_episodes)), []))
+    train_eps, holdout_eps = (
+        split_episodes(meta.total_episodes, holdout_episodes)
+        if holdout_episodes
+        else (list(range(meta.total_episodes)), [])
+    )
     run.update_summary({"data_split": data_split(meta, train_eps, holdout_eps)})
     with distributed.main_first():
         dataset = load_dataset(data, meta, config.chunk_size, train_eps, cameras=list(config.image_features))
@@ -88,5 +91,9 @@ def train_teacher(
 
 def data_split(meta, train_eps: list[int], holdout_eps: list[int]) -> dict:
     """summary.json's `data_split`: which episodes of which dataset trained the run's policy."""
-    return {"dataset": dataset_digest(meta), "episodes": meta.total_episodes, "train_episodes": len(train_eps),
-            "holdout_episodes": holdout_eps}
+    return {
+        "dataset": dataset_digest(meta),
+        "episodes": meta.total_episodes,
+        "train_episodes": len(train_eps),
+        "holdout_episodes": holdout_eps,
+    }

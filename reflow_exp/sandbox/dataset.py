@@ -50,13 +50,21 @@ def features(video: bool = False, cameras: int = 1) -> dict:
 def zoom(pixels: np.ndarray) -> np.ndarray:
     """The second camera: the centre half of the frame at twice the size, (H, W, 3) uint8."""
     h, w = pixels.shape[:2]
-    centre = pixels[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]
+    centre = pixels[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]
     return np.repeat(np.repeat(centre, 2, axis=0), 2, axis=1)
 
 
-def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episodes: int = 100,
-                   seed: int = 0, fps: int = 10, action_noise: float = 0.0, holdout_layouts: bool = False,
-                   video: bool = False, cameras: int = 1) -> dict:
+def record_dataset(
+    root: str | Path,
+    repo_id: str = "reflow_exp/sandbox",
+    episodes: int = 100,
+    seed: int = 0,
+    fps: int = 10,
+    action_noise: float = 0.0,
+    holdout_layouts: bool = False,
+    video: bool = False,
+    cameras: int = 1,
+) -> dict:
     """Record `episodes` expert episodes into a LeRobotDataset at `root`; return the report.
 
     `video`: cameras stored as MP4 (LeRobot's default codec, as on the hub) instead of images;
@@ -78,8 +86,15 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if not 0.0 <= action_noise < MAX_STEP:
         raise ValueError(f"action_noise must be in [0, {MAX_STEP}) (the longest step), got {action_noise}")
-    marker = {"kind": "sandbox_dataset", "version": DATASET_VERSION, "repo_id": repo_id,
-              "episodes": episodes, "seed": seed, "fps": fps, "action_noise": action_noise}
+    marker = {
+        "kind": "sandbox_dataset",
+        "version": DATASET_VERSION,
+        "repo_id": repo_id,
+        "episodes": episodes,
+        "seed": seed,
+        "fps": fps,
+        "action_noise": action_noise,
+    }
     if holdout_layouts:  # only then, so caches of the default data stay valid
         marker["holdout_layouts"] = [list(pair) for pair in sorted(HELDOUT_LAYOUTS)]  # as JSON stores it
     if video or cameras != 1:  # likewise
@@ -96,8 +111,9 @@ def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: 
         os.environ.setdefault("SVT_LOG", "1")
         av.logging.set_libav_level(av.logging.ERROR)
     backend = video_backend() if video else None  # LeRobot's own probe prints a traceback when it falls back
-    dataset = LeRobotDataset.create(repo_id, fps, root=root, features=spec, use_videos=video,
-                                    streaming_encoding=video, video_backend=backend)
+    dataset = LeRobotDataset.create(
+        repo_id, fps, root=root, features=spec, use_videos=video, streaming_encoding=video, video_backend=backend
+    )
     env = SandboxEnv()
     kept, frames = 0, 0
     routes = Counter({route: 0 for route in (*ROUTES, "none")})
@@ -121,12 +137,18 @@ def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: 
     finally:
         if bars_were_on:
             datasets_logging.enable_progress_bar()
-    return {"episodes": kept, "frames": frames, "success_rate": kept / len(seeds),
-            "routes": dict(routes), "discarded": len(seeds) - kept}
+    return {
+        "episodes": kept,
+        "frames": frames,
+        "success_rate": kept / len(seeds),
+        "routes": dict(routes),
+        "discarded": len(seeds) - kept,
+    }
 
 
-def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, action_noise: float,
-                 noise: np.random.Generator) -> tuple[bool, str, list[dict]]:
+def _run_episode(
+    env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, action_noise: float, noise: np.random.Generator
+) -> tuple[bool, str, list[dict]]:
     """One expert episode; returns (success, route taken, its frames for `add_frame`)."""
     obs, info = env.reset(seed=episode_seed)
     expert.reset()
@@ -134,20 +156,29 @@ def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, act
     done = False
     while not done:
         action = expert.act(obs, env)
-        steps.append({
-            "observation.image": obs["pixels"],  # (64, 64, 3) uint8
-            "observation.state": obs["agent_pos"],  # (2,) float32
-            "action": action,  # (2,) float32: the clean label
-            "task": env.task,
-        })
+        steps.append(
+            {
+                "observation.image": obs["pixels"],  # (64, 64, 3) uint8
+                "observation.state": obs["agent_pos"],  # (2,) float32
+                "action": action,  # (2,) float32: the clean label
+                "task": env.task,
+            }
+        )
         obs, _, terminated, truncated, info = env.step(action + noise.normal(0.0, action_noise, 2))
         path.append(obs["agent_pos"])
         done = terminated or truncated
     return info["is_success"], route_of(np.stack(path)), steps
 
 
-def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_noise: float = 0.0,
-                  holdout_layouts: bool = False, video: bool = False, cameras: int = 1) -> dict:
+def build_sandbox(
+    root: str | Path,
+    seed: int = 0,
+    episodes: int = 100,
+    action_noise: float = 0.0,
+    holdout_layouts: bool = False,
+    video: bool = False,
+    cameras: int = 1,
+) -> dict:
     """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data"
     (`holdout_layouts`, `video`, `cameras`: see `record_dataset`).
 
@@ -156,7 +187,14 @@ def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_n
     root = Path(root)
     repo_id = "reflow_exp/sandbox"
     vlm_path = make_tiny_vlm(root / "vlm", seed=seed)
-    report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed, action_noise=action_noise,
-                            holdout_layouts=holdout_layouts, video=video, cameras=cameras)
-    return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id,
-            "expert": report}
+    report = record_dataset(
+        root / "data",
+        repo_id=repo_id,
+        episodes=episodes,
+        seed=seed,
+        action_noise=action_noise,
+        holdout_layouts=holdout_layouts,
+        video=video,
+        cameras=cameras,
+    )
+    return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id, "expert": report}

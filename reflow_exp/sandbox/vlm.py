@@ -59,6 +59,7 @@ PAD, UNK = "<pad>", "<unk>"
 
 # -- the tiny SmolVLM ---------------------------------------------------------------------------
 
+
 def vocabulary(instructions=INSTRUCTIONS) -> list[str]:
     """Pad, unk, the image special tokens, punctuation, then every word of `instructions`."""
     words = sorted({word for text in instructions for word in text.lower().split()})
@@ -74,8 +75,13 @@ def make_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE,
     if image_size % (PATCH_SIZE * SCALE_FACTOR):
         raise ValueError(f"image_size must be a multiple of {PATCH_SIZE * SCALE_FACTOR}, got {image_size}")
     path = Path(path)
-    marker = {"kind": "tiny_smolvlm", "version": VLM_VERSION, "seed": seed, "image_size": image_size,
-              "vocabulary": vocabulary(instructions)}
+    marker = {
+        "kind": "tiny_smolvlm",
+        "version": VLM_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "vocabulary": vocabulary(instructions),
+    }
     build_once(path, marker, lambda tmp: _write_vlm(tmp, seed, image_size, marker["vocabulary"]))
     return path
 
@@ -143,16 +149,20 @@ def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> SmolVLMPr
 
 # -- SmolVLA on the tiny SmolVLM ---------------------------------------------------------------
 
+
 def tiny_smolvla_config(vlm_path: str | Path, **overrides) -> SmolVLAConfig:
     """SmolVLA config for the sandbox on the tiny SmolVLM at `vlm_path`.
 
     Features: observation.image (3, 64, 64) VISUAL, observation.state (2,) STATE, action (2,)
     ACTION; chunks of 16 actions, all executed. `overrides` are SmolVLAConfig fields.
     """
-    inputs = overrides.pop("input_features", {
-        "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE)),
-        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
-    })
+    inputs = overrides.pop(
+        "input_features",
+        {
+            "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE)),
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
+        },
+    )
     outputs = overrides.pop("output_features", {"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))})
     features = inputs | outputs
     defaults = dict(
