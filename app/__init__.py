@@ -12,7 +12,8 @@ Start it with ``reflow-dashboard [--host 127.0.0.1] [--port P] [--runs-dir runs]
 - ``app.gpus``      the GPU list from nvidia-smi
 - ``app.aim_server`` ``aim up`` on demand
 - ``app.views``     status pills, headers, messages, the runs table (HTML and data frames)
-- ``app.ui``        the Gradio Blocks and their callbacks
+- ``app.dashboard`` the handlers: launch, stop, follow a log, the run page, the runs table
+- ``app.ui``        the Gradio Blocks: layout and wiring
 - ``app.main``      the console script
 
 Importing this package is cheap (no gradio, no torch): the launcher wrapper imports it.
