@@ -355,6 +355,8 @@ def _to_float(name: str, value: Any) -> float:
 
 
 def _read_json(path: Path) -> dict:
+    """Strict, unlike `files.read_json`: a damaged summary.json stops the run instead of being
+    replaced by an empty one."""
     return json.loads(path.read_text()) if path.exists() else {}
 
 
