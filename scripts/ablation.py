@@ -40,8 +40,12 @@ VARIANTS = {
     "no image cache": ["reflow.image_embedding_cache = False"],  # issue 15: the cache changes nothing but speed
 }
 COMMON = [
-    'Evaluator.split = "dev"', "Evaluator.videos = 0", "Evaluator.latency_calls = 0",
-    "reflow.teacher_eval_steps = ()", "reflow.student_eval_steps = (1, 2)", f'reflow.teacher = "{TEACHER}"',
+    'Evaluator.split = "dev"',
+    "Evaluator.videos = 0",
+    "Evaluator.latency_calls = 0",
+    "reflow.teacher_eval_steps = ()",
+    "reflow.student_eval_steps = (1, 2)",
+    f'reflow.teacher = "{TEACHER}"',
 ]
 
 
@@ -55,8 +59,17 @@ def run_job(gin_file: str, name: str, bindings: list[str], log: Path) -> float:
     summary = ROOT / name / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("eval"):
         return 0.0
-    command = [sys.executable, "-m", "reflow_exp.run", "--gin_file", gin_file,
-               "--gin_param", f'run.runs_dir = "{ROOT}"', "--gin_param", f'run.name = "{name}"']
+    command = [
+        sys.executable,
+        "-m",
+        "reflow_exp.run",
+        "--gin_file",
+        gin_file,
+        "--gin_param",
+        f'run.runs_dir = "{ROOT}"',
+        "--gin_param",
+        f'run.name = "{name}"',
+    ]
     for binding in bindings:
         command += ["--gin_param", binding]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -75,10 +88,15 @@ def outcomes(run: Path, head: str, steps: int) -> list[bool]:
 def row(name: str, teacher: Path) -> dict:
     run = ROOT / folder(name)
     summary = json.loads((run / "summary.json").read_text())
-    result = {"bindings": VARIANTS[name], "steps_per_s": summary["train"]["steps_per_s"],
-              "offline_ratio": summary["offline"]["student"]["1"]["error"] / summary["offline"]["teacher"]["1"]["error"]}
+    result = {
+        "bindings": VARIANTS[name],
+        "steps_per_s": summary["train"]["steps_per_s"],
+        "offline_ratio": summary["offline"]["student"]["1"]["error"] / summary["offline"]["teacher"]["1"]["error"],
+    }
     for k in (1, 2):
-        result[f"student@{k}"] = {key: summary["eval"]["student"][str(k)][key] for key in ("success_rate", "ci_low", "ci_high")}
+        result[f"student@{k}"] = {
+            key: summary["eval"]["student"][str(k)][key] for key in ("success_rate", "ci_low", "ci_high")
+        }
     student1 = outcomes(run, "student", 1)
     result["vs teacher@10"] = paired_comparison(student1, outcomes(teacher, "teacher", 10))
     if name != "baseline":
@@ -87,16 +105,20 @@ def row(name: str, teacher: Path) -> dict:
 
 
 def markdown(rows: dict, teacher: dict) -> str:
-    lines = ["| variant | student@1 (95% CI) | vs baseline (p) | vs teacher@10 (p) | student@2 | offline ratio |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| variant | student@1 (95% CI) | vs baseline (p) | vs teacher@10 (p) | student@2 | offline ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in rows.items():
         s1, s2 = r["student@1"], r["student@2"]
         base = r.get("vs baseline")
         base_text = f"{base['difference']:+.3f} ({base['p_value']:.3f})" if base else "—"
         t10 = r["vs teacher@10"]
-        lines.append(f"| {name} | {s1['success_rate']:.3f} ({s1['ci_low']:.3f}–{s1['ci_high']:.3f}) | {base_text} "
-                     f"| {t10['difference']:+.3f} ({t10['p_value']:.3f}) | {s2['success_rate']:.3f} "
-                     f"| {r['offline_ratio']:.3f} |")
+        lines.append(
+            f"| {name} | {s1['success_rate']:.3f} ({s1['ci_low']:.3f}–{s1['ci_high']:.3f}) | {base_text} "
+            f"| {t10['difference']:+.3f} ({t10['p_value']:.3f}) | {s2['success_rate']:.3f} "
+            f"| {r['offline_ratio']:.3f} |"
+        )
     teacher_text = ", ".join(f"teacher@{k} {m['success_rate']:.3f}" for k, m in teacher.items())
     return "\n".join(lines) + f"\n\nSame seeds: {teacher_text}."
 
@@ -106,19 +128,33 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="variants trained side by side (default 2)")
     parser.add_argument("--episodes", type=int, default=300, help="dev-range rollouts per row (default 300)")
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants (and the baseline)")
-    parser.add_argument("--extra", action="append", default=[], metavar="NAME=BINDING;BINDING",
-                        help="a further variant, e.g. 'combined=Trainer.steps = 3000;reflow.huber = True'")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=BINDING;BINDING",
+        help="a further variant, e.g. 'combined=Trainer.steps = 3000;reflow.huber = True'",
+    )
     args = parser.parse_args()
     for extra in args.extra:
         name, _, bindings = extra.partition("=")
         VARIANTS[name] = [b.strip() for b in bindings.split(";") if b.strip()]
-    names = ["baseline", *[n for n in (args.only or VARIANTS) if n != "baseline"], *[e.partition("=")[0] for e in args.extra]]
+    names = [
+        "baseline",
+        *[n for n in (args.only or VARIANTS) if n != "baseline"],
+        *[e.partition("=")[0] for e in args.extra],
+    ]
     names = list(dict.fromkeys(names))
     ROOT.mkdir(parents=True, exist_ok=True)
     episodes = f"Evaluator.episodes = {args.episodes}"
     teacher_name = "teacher-dev"
-    jobs = [("gin/sandbox/eval.gin", teacher_name,
-             [episodes, *COMMON[:3], f'evaluate_policies.policies = {{"teacher": ("{TEACHER}", [1, 2, 10])}}'])]
+    jobs = [
+        (
+            "gin/sandbox/eval.gin",
+            teacher_name,
+            [episodes, *COMMON[:3], f'evaluate_policies.policies = {{"teacher": ("{TEACHER}", [1, 2, 10])}}'],
+        )
+    ]
     jobs += [("gin/sandbox/reflow.gin", folder(n), [*COMMON, episodes, *VARIANTS[n]]) for n in names]
     with ThreadPoolExecutor(args.jobs) as pool:
         seconds = list(pool.map(lambda job: run_job(*job, ROOT / f"{job[1]}.log"), jobs))
@@ -126,8 +162,9 @@ def main() -> int:
     teacher_run = ROOT / teacher_name
     teacher = json.loads((teacher_run / "summary.json").read_text())["eval"]["teacher"]
     rows = {name: row(name, teacher_run) for name in names}
-    (ROOT / "ablation.json").write_text(json.dumps({"episodes": args.episodes, "split": "dev", "teacher": teacher,
-                                                    "variants": rows}, indent=1) + "\n")
+    (ROOT / "ablation.json").write_text(
+        json.dumps({"episodes": args.episodes, "split": "dev", "teacher": teacher, "variants": rows}, indent=1) + "\n"
+    )
     print(markdown(rows, teacher))
     return 0
 
