@@ -24,7 +24,10 @@ demo: $(STAMP) ffmpeg
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/teacher.gin
 	$(VENV)/bin/python -m reflow_exp.run --gin_file gin/sandbox/reflow.gin
 
+# Lint and format check first (ruff, configured in pyproject.toml), then the tests.
 test: $(STAMP) ffmpeg browser gl
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -q tests
 
 # The Gradio dashboard (binds 127.0.0.1; e.g. `make dashboard DASHBOARD_ARGS="--port 7860 --runs-dir runs"`).

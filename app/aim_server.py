@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,11 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from reflow_exp.files import free_port
 
 
 def aim_executable() -> str | None:
@@ -70,7 +65,10 @@ class AimServer:
             log = open(self._log_path, "wb")
             self._proc = subprocess.Popen(
                 [aim, "up", "--repo", str(self.runs_dir), "--host", self.host, "--port", str(self.port), "--yes"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             log.close()
             deadline = time.monotonic() + timeout

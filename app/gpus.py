@@ -32,13 +32,16 @@ class Gpu:
     @property
     def label(self) -> str:
         """``GPU 0 · NVIDIA H100 · 1.2/79.6 GiB · 3%`` (unknown values as ``?``)."""
+
         def gib(mib):
             return "?" if mib is None else f"{mib / 1024:.1f}"
 
         util = "?" if self.utilization_pct is None else f"{self.utilization_pct:.0f}%"
         busy = f" · in use by pid {', '.join(map(str, self.pids))}" if self.pids else ""
-        return (f"GPU {self.index} · {self.name} · {gib(self.memory_used_mib)}/{gib(self.memory_total_mib)} GiB"
-                f" · {util} busy{busy}")
+        return (
+            f"GPU {self.index} · {self.name} · {gib(self.memory_used_mib)}/{gib(self.memory_total_mib)} GiB"
+            f" · {util} busy{busy}"
+        )
 
 
 def parse_nvidia_smi(text: str) -> list[Gpu]:
@@ -123,7 +126,7 @@ def resolve_device(value: str | int | None, gpus: list[Gpu]) -> str:
     lowered = text.lower()
     for prefix in ("gpu", "cuda:", "cuda"):
         if lowered.startswith(prefix):
-            lowered = lowered[len(prefix):].strip()
+            lowered = lowered[len(prefix) :].strip()
             break
     lowered = lowered.split("·")[0].strip()  # a full label was passed
     try:
@@ -136,8 +139,10 @@ def resolve_device(value: str | int | None, gpus: list[Gpu]) -> str:
         raise ValueError(f"GPU {index} does not exist: {where}. Choose CPU or a listed GPU.")
     gpu = next(g for g in gpus if g.index == index)
     if gpu.pids:
-        raise ValueError(f"GPU {index} is busy: process(es) {', '.join(map(str, gpu.pids))} compute on it "
-                         "(nvidia-smi). Choose another GPU, or stop those processes first.")
+        raise ValueError(
+            f"GPU {index} is busy: process(es) {', '.join(map(str, gpu.pids))} compute on it "
+            "(nvidia-smi). Choose another GPU, or stop those processes first."
+        )
     return str(index)
 
 

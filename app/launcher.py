@@ -8,18 +8,18 @@ It is the leader of the run's process group (the dashboard starts it with
 (``{"exit_code", "ended"}``), so the dashboard knows how a run ended even if it was restarted
 meanwhile. Stop = SIGINT to the group: the run unwinds (closing Aim in its ``finally``); this
 wrapper ignores SIGINT/SIGTERM itself (a no-op handler, which exec resets to the default in the
-child) and records the exit. Standard library only: starts in milliseconds.
+child) and records the exit. Standard library only (and ``reflow_exp.files``): starts in milliseconds.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from reflow_exp.files import write_json_atomic
 
 EXIT_FILE = "dashboard_exit.json"
 CONSOLE_FILE = "console.txt"
@@ -46,14 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             code = 127
         else:
             code = child.wait()  # retried across our no-op signal handlers (PEP 475)
-    _write_atomic(run_dir / EXIT_FILE, {"exit_code": code, "ended": time.time()})
+    write_json_atomic(run_dir / EXIT_FILE, {"exit_code": code, "ended": time.time()})
     return 0
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from app.runs import REPO_ROOT
+from app.forms import REPO_ROOT
 
 USER_ENV = "REFLOW_DASHBOARD_USER"
 PASSWORD_ENV = "REFLOW_DASHBOARD_PASSWORD"
@@ -29,11 +29,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reflow-dashboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                        help="a host name or address users reach the dashboard by, besides loopback and --host "
-                             "(repeatable; needed with --host 0.0.0.0)")
-    parser.add_argument("--runs-dir", default=str(REPO_ROOT / "runs"),
-                        help="folder of the run folders, also the Aim repo (default: <repo>/runs)")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address users reach the dashboard by, besides loopback and --host "
+        "(repeatable; needed with --host 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        default=str(REPO_ROOT / "runs"),
+        help="folder of the run folders, also the Aim repo (default: <repo>/runs)",
+    )
     return parser.parse_args(argv)
 
 
@@ -65,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # close like Ctrl-C, so atexit stops `aim up`
     print(f"reflow dashboard over {runs_dir}" + (" (login required)" if auth else ""), flush=True)
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, auth=auth,
+        server_name=args.host,
+        server_port=args.port,
+        auth=auth,
         auth_message="reflow_exp dashboard" if auth else None,
         **launch_kwargs(runs_dir, args.host, tuple(args.allow_host)),
     )

@@ -12,7 +12,7 @@ Plain clients (curl, ``gradio_client``) send no ``Origin`` and are only checked 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers

@@ -12,21 +12,30 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from app import gpus as gpus_mod
-from app.runs import (
-    EXIT_FILE, GIN_DIR, LAUNCH_FILE, REPO_ROOT, LaunchError, RunInfo, build_command, check_write_locations,
-    config_error_message, default_run_name, is_run_dir, parse_overrides, pid_alive, process_start_time,
-    read_json, resolve_gin_file, run_folder, run_status, write_json_atomic,
+from app.forms import (
+    GIN_DIR,
+    REPO_ROOT,
+    LaunchError,
+    build_command,
+    check_write_locations,
+    config_error_message,
+    default_run_name,
+    parse_overrides,
+    resolve_gin_file,
+    run_folder,
 )
+from app.processes import pid_alive, process_start_time
+from app.runs import EXIT_FILE, LAUNCH_FILE, RunInfo, is_run_dir, read_json, run_status, write_json_atomic
+from reflow_exp.files import free_port
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,16 @@ class LaunchPlan:
         if self.processes == 1:
             return self.command
         python, *rest = self.command
-        return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.processes),
-                "--master_port", str(self.master_port), *rest]
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(self.processes),
+            "--master_port",
+            str(self.master_port),
+            *rest,
+        ]
 
 
 class Runner:
@@ -69,9 +86,17 @@ class Runner:
         stop_grace: seconds after SIGINT before SIGTERM, and after SIGTERM before SIGKILL.
     """
 
-    def __init__(self, runs_dir: str | Path, *, repo_root: Path = REPO_ROOT, gin_dir: Path = GIN_DIR,
-                 python: str = sys.executable, list_gpus: Callable[[], list] = gpus_mod.list_gpus,
-                 dry_run_timeout: float = 300.0, stop_grace: tuple[float, float] = (60.0, 20.0)):
+    def __init__(
+        self,
+        runs_dir: str | Path,
+        *,
+        repo_root: Path = REPO_ROOT,
+        gin_dir: Path = GIN_DIR,
+        python: str = sys.executable,
+        list_gpus: Callable[[], list] = gpus_mod.list_gpus,
+        dry_run_timeout: float = 300.0,
+        stop_grace: tuple[float, float] = (60.0, 20.0),
+    ):
         self.runs_dir = Path(runs_dir).resolve()
         self.repo_root = Path(repo_root)
         self.gin_dir = Path(gin_dir)
@@ -84,8 +109,15 @@ class Runner:
 
     # -- launch ----------------------------------------------------------------------------------
 
-    def plan(self, gin_file: str, extra_gin_files: list[str] | None, overrides: str | None,
-             device: str | None, name: str | None, allow_outside: bool = False) -> LaunchPlan:
+    def plan(
+        self,
+        gin_file: str,
+        extra_gin_files: list[str] | None,
+        overrides: str | None,
+        device: str | None,
+        name: str | None,
+        allow_outside: bool = False,
+    ) -> LaunchPlan:
         """Check the form (fast, nothing started) and build the command.
 
         ``allow_outside``: let overrides point write locations (``WRITE_LOCATIONS``) outside the
@@ -116,7 +148,7 @@ class Runner:
             if info.alive:
                 raise LaunchError(f"Run {name!r} is already {info.status}; choose another run name or stop it first.")
         command = build_command(rel_files, bindings, name, self.runs_dir, python=self.python)
-        port = _free_port() if gpus_mod.process_count(cuda) > 1 else 0
+        port = free_port() if gpus_mod.process_count(cuda) > 1 else 0
         return LaunchPlan(name, run_dir, rel_files, bindings, cuda, command, resume, port)
 
     def validate(self, plan: LaunchPlan) -> str:
@@ -127,12 +159,18 @@ class Runner:
         """
         try:
             result = subprocess.run(
-                [*plan.command, "--dry_run"], cwd=self.repo_root, env=self._env(plan.cuda_visible_devices),
-                capture_output=True, text=True, timeout=self.dry_run_timeout, stdin=subprocess.DEVNULL,
+                [*plan.command, "--dry_run"],
+                cwd=self.repo_root,
+                env=self._env(plan.cuda_visible_devices),
+                capture_output=True,
+                text=True,
+                timeout=self.dry_run_timeout,
+                stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
-            raise LaunchError(f"Validating the config (--dry_run) took over {self.dry_run_timeout:.0f} s; "
-                              "nothing was started.") from None
+            raise LaunchError(
+                f"Validating the config (--dry_run) took over {self.dry_run_timeout:.0f} s; nothing was started."
+            ) from None
         except OSError as e:
             raise LaunchError(f"Cannot run {plan.command[0]!r}: {e}") from None
         if result.returncode != 0:
@@ -151,8 +189,13 @@ class Runner:
             (plan.run_dir / EXIT_FILE).unlink(missing_ok=True)
             wrapper = [self.python, "-m", "app.launcher", str(plan.run_dir), "--", *plan.launch_command]
             proc = subprocess.Popen(
-                wrapper, cwd=self.repo_root, env=self._env(plan.cuda_visible_devices), start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                wrapper,
+                cwd=self.repo_root,
+                env=self._env(plan.cuda_visible_devices),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             record = {
                 "name": plan.name,
@@ -210,11 +253,12 @@ class Runner:
         write_json_atomic(run_dir / LAUNCH_FILE, launch)
         pid, pgid, start = launch["pid"], launch.get("pgid", launch["pid"]), launch.get("proc_start")
         _signal_group(pgid, signal.SIGINT)
-        threading.Thread(target=self._escalate, args=(name, pid, pgid, start), daemon=True,
-                         name=f"stop-{name}").start()
+        threading.Thread(target=self._escalate, args=(name, pid, pgid, start), daemon=True, name=f"stop-{name}").start()
         grace_int, grace_term = self.stop_grace
-        return (f"Stopping {name}: sent SIGINT (the run closes its log and Aim run); SIGTERM follows after "
-                f"{grace_int:.0f} s and SIGKILL {grace_term:.0f} s later if it is still running.")
+        return (
+            f"Stopping {name}: sent SIGINT (the run closes its log and Aim run); SIGTERM follows after "
+            f"{grace_int:.0f} s and SIGKILL {grace_term:.0f} s later if it is still running."
+        )
 
     def _escalate(self, name: str, pid: int, pgid: int, start: int | None) -> None:
         for sig, wait in ((signal.SIGTERM, self.stop_grace[0]), (signal.SIGKILL, self.stop_grace[1])):
@@ -231,12 +275,6 @@ class Runner:
 
 def _wants_gpu(device) -> bool:
     return str(device if device is not None else "").strip().lower() not in ("", gpus_mod.CPU)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _relative_to_repo(path: Path, repo_root: Path) -> str:

@@ -1,5 +1,5 @@
-"""Pure logic of the dashboard: gin files, overrides, run names and commands, and reading run
-folders (status, metrics, summary, media). No gradio, no torch: tested directly.
+"""Reading run folders for the dashboard: status, metrics, summary, log, media. No gradio, no
+torch: tested directly (the launch form is ``app.forms``, process liveness ``app.processes``).
 
 A run folder ``<runs_dir>/<name>/`` is written by ``python -m reflow_exp.run`` (see
 ``reflow_exp/rundir.py``); the dashboard adds two files of its own:
@@ -15,10 +15,6 @@ so the runs table can be rebuilt from the folder alone after a dashboard restart
 comes from exit records, never from log text: the run's own ``status.json`` (written by
 ``reflow_exp.run`` when it opens the folder and when it ends, with the exit code and the reason),
 else the launcher's ``dashboard_exit.json``.
-
-Everything the dashboard acts on stays inside the runs folder: ``confined_path`` is the one check
-for the run folders it launches, stops and shows, and for the folders that overrides make a run
-write to (``WRITE_LOCATIONS``).
 """
 
 from __future__ import annotations
@@ -27,14 +23,14 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GIN_DIR = REPO_ROOT / "gin"
+from app.processes import pid_alive, record_owner_alive
+from reflow_exp.files import read_json, write_json_atomic  # noqa: F401  re-exported for the app
+
 LAUNCH_FILE = "dashboard.json"
 EXIT_FILE = "dashboard_exit.json"
 CONSOLE_FILE = "console.txt"
@@ -42,257 +38,14 @@ LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATUS_FILE = "status.json"  # reflow_exp.rundir.STATUS_FILE
-# Bindings the dashboard sets itself (from the Name field and --runs-dir).
-RESERVED_BINDINGS = {"run.name": "the Run name field", "run.runs_dir": "the dashboard's --runs-dir"}
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Folders under runs_dir that are never runs (the Aim repo; the sandbox's data cache has no run files).
 NOT_RUNS = {".aim"}
 EXIT_INTERRUPTED = 130
 STOPPED_CODES = (EXIT_INTERRUPTED, -2, -15, -9)  # SIGINT handled, or killed by SIGINT/SIGTERM/SIGKILL
-# Parameters that name a folder a run writes into: an override may point them only inside the runs
-# folder, unless the launch form's "allow writes outside runs/" is on.
-WRITE_LOCATIONS = {
-    "sandbox_source.root": "the sandbox cache is built there",
-    "lerobot_source.root": "a dataset missing there is downloaded there",
-    "Tracker.repo": "the Aim repo is written there",
-}
 STATUSES = ("running", "stopping", "finished", "failed", "stopped", "unknown")
 
 
-class LaunchError(ValueError):
-    """Bad input from the launch form; the message says what is wrong and what to do."""
-
-
-# -- gin files -------------------------------------------------------------------------------
-
-
-def list_gin_files(gin_dir: Path = GIN_DIR) -> list[str]:
-    """Every ``*.gin`` under ``gin_dir`` (recursively), as posix paths relative to it, sorted
-    with top-level files first (``base.gin``, then ``sandbox/...``, ``smolvla/...``)."""
-    gin_dir = Path(gin_dir)
-    if not gin_dir.is_dir():
-        return []
-    files = [p.relative_to(gin_dir).as_posix() for p in gin_dir.rglob("*.gin") if p.is_file()]
-    return sorted(files, key=lambda f: (f.count("/"), f))
-
-
-def resolve_gin_file(name: str, gin_dir: Path = GIN_DIR) -> Path:
-    """Check a gin file chosen in the form and return its absolute path inside ``gin_dir``.
-
-    Accepts ``sandbox/tiny.gin`` or ``gin/sandbox/tiny.gin``.
-
-    Raises:
-        LaunchError: empty, outside ``gin_dir`` (absolute paths, ``..``, symlinks out), not a
-            ``.gin`` file, or missing.
-    """
-    text = (name or "").strip()
-    if not text:
-        raise LaunchError("Choose a gin file.")
-    gin_dir = Path(gin_dir).resolve()
-    if os.path.isabs(text) or text.startswith("~"):
-        raise LaunchError(f"Gin file {text!r} is outside gin/: pick one of the listed files (paths relative to gin/).")
-    relative = text[len("gin/"):] if text.startswith("gin/") else text
-    path = (gin_dir / relative).resolve()
-    if not path.is_relative_to(gin_dir):
-        raise LaunchError(f"Gin file {text!r} is outside gin/: pick one of the listed files.")
-    if path.suffix != ".gin":
-        raise LaunchError(f"{text!r} is not a .gin file.")
-    if not path.is_file():
-        raise LaunchError(f"Unknown gin file {text!r}: no such file in gin/. Pick one of the listed files.")
-    return path
-
-
-# -- overrides -------------------------------------------------------------------------------
-
-
-def parse_overrides(text: str | None) -> list[str]:
-    """One gin binding per line (``Trainer.steps = 100``) → the list of bindings.
-
-    Blank lines and ``#`` comments are skipped. Each line must be a single binding gin can parse
-    (``[scope/]configurable.parameter = value``); includes, imports and macros are refused here,
-    as are ``run.name`` and ``run.runs_dir`` (set by the dashboard).
-
-    Raises:
-        LaunchError: naming the line number and the line.
-    """
-    from gin import config_parser  # light: no registry, no torch
-
-    bindings = []
-    for number, raw in enumerate((text or "").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"Override line {number} ({line!r})"
-        if "=" not in line:
-            raise LaunchError(f"{where}: expected `configurable.parameter = value`, e.g. `Trainer.steps = 100`.")
-        try:
-            statements = list(config_parser.ConfigParser(line + "\n", _PlainDelegate()))
-        except SyntaxError as e:
-            raise LaunchError(f"{where}: not a valid gin binding ({e.msg}). "
-                              "Write `configurable.parameter = value`, e.g. `Trainer.lr = 3e-4`.") from None
-        except Exception as e:  # tokenize.TokenError (unclosed bracket/string) and friends
-            message = e.args[0] if e.args else type(e).__name__
-            raise LaunchError(f"{where}: not a valid gin binding ({message}). "
-                              "Values are Python literals: quote strings, close brackets.") from None
-        if len(statements) != 1 or not isinstance(statements[0], config_parser.BindingStatement):
-            raise LaunchError(f"{where}: only bindings `configurable.parameter = value` are allowed here "
-                              "(no include or import; put those in a gin file).")
-        stmt = statements[0]
-        if not stmt.arg_name:
-            raise LaunchError(f"{where}: `{stmt.selector}` has no parameter; write `configurable.parameter = value`.")
-        key = f"{stmt.selector}.{stmt.arg_name}"
-        if not stmt.scope and key in RESERVED_BINDINGS:
-            raise LaunchError(f"{where}: {key} is set by {RESERVED_BINDINGS[key]}; remove this line.")
-        bindings.append(line)
-    return bindings
-
-
-def check_write_locations(bindings: list[str], runs_dir: Path, repo_root: Path) -> None:
-    """Refuse overrides that make a run write outside ``runs_dir`` (see ``WRITE_LOCATIONS``).
-
-    Values are paths relative to ``repo_root`` (the runs' working directory) or absolute;
-    ``None`` (the default location) is fine.
-
-    Raises:
-        LaunchError: naming the binding, the folder and the option that allows it.
-    """
-    from gin import config_parser
-
-    for line in bindings:
-        (stmt,) = config_parser.ConfigParser(line + "\n", _PlainDelegate())
-        key = f"{stmt.selector.rsplit('.', 1)[-1]}.{stmt.arg_name}"  # module-qualified selectors too
-        if key not in WRITE_LOCATIONS or stmt.value is None:
-            continue
-        if not isinstance(stmt.value, str) or stmt.value.startswith(("@", "%")):
-            raise LaunchError(f"Override {line!r}: {key} must be a quoted folder path.")
-        try:
-            confined_path(runs_dir, stmt.value, base=repo_root, what=f"{key} ({WRITE_LOCATIONS[key]})")
-        except LaunchError as e:
-            raise LaunchError(f"Override {line!r}: {e} Put it inside the runs folder, or tick "
-                              "\"Allow writes outside runs/\" on the launch form.") from None
-
-
-def confined_path(runs_dir: Path, path: str | Path, *, base: Path | None = None, what: str = "Path") -> Path:
-    """``path`` resolved (relative to ``base``, default ``runs_dir``; ``~`` expanded, ``..`` and
-    symlinks followed) when it lies inside ``runs_dir``: the one confinement check of the
-    dashboard, for run folders (launch, stop, show) and for folders overrides write to.
-
-    Raises:
-        LaunchError: it points outside ``runs_dir``.
-    """
-    root = Path(runs_dir).resolve()
-    resolved = (Path(base or root) / Path(os.path.expanduser(str(path)))).resolve()
-    if not resolved.is_relative_to(root):
-        raise LaunchError(f"{what} {str(path)!r} resolves to {resolved}, outside the runs folder {root}.")
-    return resolved
-
-
-def run_folder(runs_dir: Path, name: str) -> Path:
-    """The folder of run ``name``: a plain name (``check_run_name``) inside ``runs_dir``, also
-    after following symlinks (``confined_path``).
-
-    Raises:
-        LaunchError: a bad name, or a folder that leads outside ``runs_dir``.
-    """
-    path = confined_path(runs_dir, check_run_name(name), what="Run folder")
-    if path == Path(runs_dir).resolve():
-        raise LaunchError(f"Run name {name!r} names the runs folder itself.")
-    return path
-
-
-class _PlainDelegate:
-    """Parse references/macros as placeholders: syntax only, no configurable registry."""
-
-    def configurable_reference(self, scoped_selector, evaluate):
-        return f"@{scoped_selector}"
-
-    def macro(self, name):
-        return f"%{name}"
-
-
-# -- run names and commands ------------------------------------------------------------------
-
-
-def check_run_name(name: str) -> str:
-    """A plain folder name: letters, digits, ``.``, ``_``, ``-`` (not starting with a dot).
-
-    Raises:
-        LaunchError: otherwise.
-    """
-    text = (name or "").strip()
-    if not RUN_NAME_RE.match(text):
-        raise LaunchError(f"Run name {text!r} is not allowed: use letters, digits, '.', '_' or '-' "
-                          "(up to 100, starting with a letter or digit).")
-    return text
-
-
-def default_run_name(runs_dir: Path, now: float | None = None) -> str:
-    """A ``YYYYmmdd-HHMMSS`` timestamp, suffixed ``-2``, ``-3``... if that folder exists."""
-    base = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    name, n = base, 1
-    while (Path(runs_dir) / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return name
-
-
-def gin_string(value: str) -> str:
-    """A Python/gin string literal for ``value`` (paths and names)."""
-    return json.dumps(str(value))
-
-
-def build_command(gin_files: list[str], overrides: list[str], name: str, runs_dir: Path,
-                  *, python: str = sys.executable, dry_run: bool = False) -> list[str]:
-    """``python -m reflow_exp.run --gin_file ... --gin_param ... --gin_param run.name=... ``.
-
-    ``gin_files`` as passed (relative to the repo root, e.g. ``gin/sandbox/tiny.gin``); the
-    run name and runs folder go last, so they win over the gin files.
-    """
-    cmd = [python, "-m", "reflow_exp.run"]
-    for f in gin_files:
-        cmd += ["--gin_file", f]
-    for binding in overrides:
-        cmd += ["--gin_param", binding]
-    cmd += ["--gin_param", f"run.name = {gin_string(name)}", "--gin_param", f"run.runs_dir = {gin_string(runs_dir)}"]
-    if dry_run:
-        cmd.append("--dry_run")
-    return cmd
-
-
-def config_error_message(stderr: str, stdout: str = "") -> str:
-    """What to show for a failed ``--dry_run``: the ``error: ...`` lines, or the last line of a
-    traceback (the exception and its message), never the whole traceback."""
-    lines = [l.rstrip() for l in (stderr or "").splitlines() if l.strip()]
-    errors = [l[len("error: "):] if l.startswith("error: ") else l for l in lines if l.startswith("error:")]
-    if errors:
-        # `error:` may be followed by continuation lines (one problem per line).
-        start = next(i for i, l in enumerate(lines) if l.startswith("error:"))
-        rest = [l for l in lines[start + 1:] if not l.startswith(("Traceback", "  File "))]
-        return "\n".join([errors[0], *rest]).strip()
-    if any(l.startswith("Traceback") for l in lines):
-        last = next((l for l in reversed(lines) if not l.startswith(" ")), lines[-1])
-        return last.strip()
-    tail = lines[-5:] or [l for l in (stdout or "").splitlines() if l.strip()][-5:]
-    return "\n".join(tail) or "the dry run failed without a message"
-
-
 # -- reading files ---------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; {} when missing or half-written."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 _metrics_cache: dict[Path, tuple[tuple[int, int], list[dict]]] = {}
@@ -386,8 +139,13 @@ def vlm_load_count(summary: dict, rows: list[dict] | None = None) -> int | None:
     return int(value) if _finite(value) else None
 
 
-PARAM_ROWS = (("total", "Total"), ("trainable", "Trainable"), ("backbone", "Backbone (VLM)"),
-              ("teacher_head", "Teacher head"), ("student_head", "Student head"))
+PARAM_ROWS = (
+    ("total", "Total"),
+    ("trainable", "Trainable"),
+    ("backbone", "Backbone (VLM)"),
+    ("teacher_head", "Teacher head"),
+    ("student_head", "Student head"),
+)
 
 
 def params_rows(summary: dict) -> list[list[str]]:
@@ -422,15 +180,18 @@ def eval_rows(summary: dict) -> list[list[Any]]:
     for head, steps in sorted(keys, key=lambda k: (order.get(k[0], 2), k[0], k[1])):
         m = (evaluation.get(head) or {}).get(str(steps)) or {}
         o = (offline.get(head) or {}).get(str(steps)) or {}
-        rows.append([
-            head, steps,
-            _fmt(m.get("success_rate"), "{:.0%}"),
-            _interval(m),
-            _fmt(m.get("mean_return"), "{:.3f}"),
-            _fmt(m.get("latency_ms"), "{:.1f}"),
-            _fmt(m.get("episodes"), "{:.0f}"),
-            _fmt(o.get("error"), "{:.4f}"),
-        ])
+        rows.append(
+            [
+                head,
+                steps,
+                _fmt(m.get("success_rate"), "{:.0%}"),
+                _interval(m),
+                _fmt(m.get("mean_return"), "{:.3f}"),
+                _fmt(m.get("latency_ms"), "{:.1f}"),
+                _fmt(m.get("episodes"), "{:.0f}"),
+                _fmt(o.get("error"), "{:.4f}"),
+            ]
+        )
     return rows
 
 
@@ -471,13 +232,14 @@ def curve_points(rows: list[dict]) -> dict[str, list[dict]]:
                 out["lr"].append({"step": step, "value": row["lr"], "series": head})
             for key, value in row.items():
                 if key.startswith("loss_t") and _finite(value):
-                    label = "t ∈ [" + key[len("loss_t"):].replace("-", ", ") + ")"
+                    label = "t ∈ [" + key[len("loss_t") :].replace("-", ", ") + ")"
                     if len(heads) > 1:
                         label = f"{head} {label}"
                     out["loss_by_t"].append({"step": step, "value": value, "series": label})
         elif subset == "eval" and _finite(row.get("offline_error")):
-            out["offline"].append({"step": step, "value": row["offline_error"],
-                                   "series": f"{head} @{context.get('steps', '?')} steps"})
+            out["offline"].append(
+                {"step": step, "value": row["offline_error"], "series": f"{head} @{context.get('steps', '?')} steps"}
+            )
     return out
 
 
@@ -493,41 +255,6 @@ def find_media(run_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if d not in MEDIA_SKIP and not d.startswith("."))
         found += [Path(root) / f for f in files if f.lower().endswith(suffixes) and not f.startswith(".")]
     return sorted(found)
-
-
-# -- processes -------------------------------------------------------------------------------
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), or
-    None when there is no such live process (zombies count as dead)."""
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    if not fields or fields[0] in ("Z", "X"):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def pid_alive(pid: int | None, start_time: int | None = None) -> bool:
-    """Whether ``pid`` is a live process, and the same one (same start time) if given."""
-    if not pid:
-        return False
-    if Path("/proc").is_dir():
-        current = process_start_time(pid)
-        return current is not None and (start_time is None or current == start_time)
-    try:  # no /proc: best effort
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- run status ------------------------------------------------------------------------------
@@ -573,8 +300,11 @@ class RunInfo:
 
 def is_run_dir(path: Path) -> bool:
     path = Path(path)
-    return path.is_dir() and path.name not in NOT_RUNS and any(
-        (path / f).exists() for f in (LAUNCH_FILE, "config.gin", LOG_FILE))
+    return (
+        path.is_dir()
+        and path.name not in NOT_RUNS
+        and any((path / f).exists() for f in (LAUNCH_FILE, "config.gin", LOG_FILE))
+    )
 
 
 def run_status(run_dir: Path) -> RunInfo:
@@ -587,16 +317,25 @@ def run_status(run_dir: Path) -> RunInfo:
     summary = read_summary(run_dir)
     rows = read_metrics(run_dir)
     step, loss = train_progress(rows)
-    status, detail, exit_code = _status(launch, read_json(run_dir / EXIT_FILE), read_json(run_dir / STATUS_FILE),
-                                        summary)
+    status, detail, exit_code = _status(
+        launch, read_json(run_dir / EXIT_FILE), read_json(run_dir / STATUS_FILE), summary
+    )
     started = launch.get("started")
     if started is None:
         started = _mtime(run_dir / "config.gin") or _mtime(run_dir / LOG_FILE)
     return RunInfo(
-        name=run_dir.name, path=run_dir, status=status,
+        name=run_dir.name,
+        path=run_dir,
+        status=status,
         device=device_label(launch.get("cuda_visible_devices")) if launch else "—",
-        started=started, step=step, total_steps=total_steps(run_dir), last_loss=loss,
-        pid=launch.get("pid"), exit_code=exit_code, detail=detail, launch=launch,
+        started=started,
+        step=step,
+        total_steps=total_steps(run_dir),
+        last_loss=loss,
+        pid=launch.get("pid"),
+        exit_code=exit_code,
+        detail=detail,
+        launch=launch,
     )
 
 
@@ -613,7 +352,7 @@ def _status(launch: dict, exit_info: dict, record: dict, summary: dict) -> tuple
     stop_requested = bool(launch.get("stop_requested"))
     if launch and not exit_info and pid_alive(launch.get("pid"), launch.get("proc_start")):
         return ("stopping" if stop_requested else "running"), "", None
-    if record.get("status") == "running" and _record_owner_alive(record):
+    if record.get("status") == "running" and record_owner_alive(record):
         return "running", "" if launch else "started outside the dashboard", None
 
     final = None
@@ -637,19 +376,6 @@ def _status(launch: dict, exit_info: dict, record: dict, summary: dict) -> tuple
     if "train" in summary:  # a run from before status.json existed: jobs write `train` last
         return "finished", "", None
     return "unknown", "no exit record", None
-
-
-def _record_owner_alive(record: dict) -> bool:
-    """Whether the process that wrote a "running" status.json still runs (same pid, created
-    before it wrote the record: a reused pid is a younger process)."""
-    import psutil
-
-    try:
-        process = psutil.Process(int(record["pid"]))
-        return (process.status() != psutil.STATUS_ZOMBIE
-                and process.create_time() <= float(record["started"]) + 1.0)
-    except (KeyError, TypeError, ValueError, psutil.Error):
-        return False
 
 
 def _mtime(path: Path) -> float | None:

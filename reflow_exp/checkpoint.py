@@ -26,8 +26,10 @@ import re
 import shutil
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+from reflow_exp.files import fsync_dir, fsync_tree
 
 LAST = "last"
 TMP_PREFIX = ".tmp-"
@@ -47,9 +49,7 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(name)
 
 
-def save_checkpoint(
-    ckpt_root: Path, step: int, write: Callable[[Path], None], keep_last: int | None = None
-) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], keep_last: int | None = None) -> Path:
     """Write the checkpoint for ``step`` atomically and point ``ckpt_root/last`` at it.
 
     Args:
@@ -130,8 +130,7 @@ def latest_checkpoint(ckpt_root: Path, clean: bool = False) -> Path | None:
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return ckpt
-        print(f"Warning: checkpoint {ckpt} is damaged ({problem}); falling back to the one before it",
-              file=sys.stderr)
+        print(f"Warning: checkpoint {ckpt} is damaged ({problem}); falling back to the one before it", file=sys.stderr)
     return None
 
 
@@ -179,27 +178,6 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
     if 8 + header_len + end != size:
         return f"truncated: {8 + header_len + end} bytes expected, the file has {size}"
     return None
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a folder, so renames and new entries in it survive a power loss."""
-    fsync_file(path)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (``root`` included)."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fsync_file(Path(folder) / name)
-        fsync_dir(Path(folder))
 
 
 def _step_dirs(ckpt_root: Path) -> list[Path]:

@@ -14,8 +14,9 @@ import inspect
 import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 _CANNOT_TELL = object()
 

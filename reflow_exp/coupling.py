@@ -24,8 +24,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from reflow_exp import distributed
-from reflow_exp.checkpoint import file_problem, fsync_dir, fsync_file
+from reflow_exp.checkpoint import file_problem
 from reflow_exp.data import rows_by_index
+from reflow_exp.files import atomic_path
 
 
 class OnlineCoupling:
@@ -110,8 +111,10 @@ class CachedCoupling:
             shared = model.encode(batch)
             z = torch.stack([self._frame_noise(int(i), chunk, dim) for i in raw["index"]])  # (B, K, chunk, D)
             x = torch.stack(
-                [model.teacher_actions(batch, z[:, k].to(batch["action"].device), self.teacher_steps, shared).cpu()
-                 for k in range(self.pairs_per_sample)],
+                [
+                    model.teacher_actions(batch, z[:, k].to(batch["action"].device), self.teacher_steps, shared).cpu()
+                    for k in range(self.pairs_per_sample)
+                ],
                 dim=1,
             )
             index.append(raw["index"])
@@ -153,18 +156,5 @@ def _load_cached(path: Path, key: str) -> tuple[dict[str, Tensor] | None, str]:
 
 
 def _save_durably(tensors: dict[str, Tensor], path: Path, key: str) -> None:
-    """Write to a temp file, fsync it, rename it into place, fsync the folder."""
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"fingerprint": key})
-    fsync_file(tmp)
-    tmp.replace(path)
-    fsync_dir(path.parent)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, read in 16 MiB blocks (a 1.8 GB teacher takes a few seconds)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"fingerprint": key})

@@ -69,8 +69,7 @@ def check_rename_map(rename_map: dict[str, str], features: dict) -> None:
         raise ValueError(f"rename_map {rename_map} gives several dataset keys the same name: {clashes}")
 
 
-def policy_features(meta: LeRobotDatasetMetadata, rename_map: dict[str, str] | None = None
-                    ) -> dict[str, PolicyFeature]:
+def policy_features(meta: LeRobotDatasetMetadata, rename_map: dict[str, str] | None = None) -> dict[str, PolicyFeature]:
     """The dataset's features as LeRobot policy features (images, state, action), keys renamed."""
     rename_map = rename_map or {}
     return {rename_map.get(k, k): f for k, f in dataset_to_policy_features(meta.features).items()}
@@ -96,8 +95,9 @@ def check_features(config, features: dict[str, PolicyFeature], rename_hint: str 
             if feature.type is FeatureType.VISUAL:
                 missing_cameras.append(key)
         elif feature.type is not FeatureType.VISUAL and tuple(features[key].shape) != tuple(feature.shape):
-            problems.append(f"{key}: the policy has shape {tuple(feature.shape)}, "
-                            f"the dataset {tuple(features[key].shape)}")
+            problems.append(
+                f"{key}: the policy has shape {tuple(feature.shape)}, the dataset {tuple(features[key].shape)}"
+            )
     spare = [k for k, f in features.items() if f.type is FeatureType.VISUAL and k not in wanted]
     if not problems:
         if spare:  # LeRobot's rule too: a policy may read a subset of the cameras
@@ -105,7 +105,8 @@ def check_features(config, features: dict[str, PolicyFeature], rename_hint: str 
         return
     example = dict(zip(spare, missing_cameras)) or {"<dataset camera key>": "<policy camera key>"}
     raise ValueError(
-        "The dataset does not match the policy's features:\n  - " + "\n  - ".join(problems)
+        "The dataset does not match the policy's features:\n  - "
+        + "\n  - ".join(problems)
         + f"\nPolicy features:  {_describe(wanted)}\nDataset features: {_describe(features)}\n"
         f"Fix: map dataset keys to the policy's with {rename_hint} (dataset key -> policy key), e.g.\n"
         f"  --gin_param '{rename_hint} = {_gin_dict(example)}'\n"
@@ -130,8 +131,10 @@ def video_backend() -> str:
         importlib.import_module("torchcodec")
         return "torchcodec"
     except (ImportError, OSError, RuntimeError) as error:
-        print(f"[Data] Video decoder: pyav (torchcodec did not load: {_first_line(error)[:160]}; `make setup` installs "
-              "Debian's ffmpeg, which torchcodec needs)")
+        print(
+            f"[Data] Video decoder: pyav (torchcodec did not load: {_first_line(error)[:160]}; `make setup` installs "
+            "Debian's ffmpeg, which torchcodec needs)"
+        )
         return "pyav"
 
 
@@ -142,8 +145,13 @@ def _first_line(error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- the dataset
-def load_dataset(source: DataSource, meta: LeRobotDatasetMetadata, chunk_size: int,
-                 episodes: list[int] | None = None, cameras: list[str] | None = None) -> ChunkedFrames:
+def load_dataset(
+    source: DataSource,
+    meta: LeRobotDatasetMetadata,
+    chunk_size: int,
+    episodes: list[int] | None = None,
+    cameras: list[str] | None = None,
+) -> ChunkedFrames:
     """The dataset's frames, each with the chunk of `chunk_size` actions that starts at it.
 
     `cameras`: the policy's camera keys to decode (after rename_map; None: every camera).
@@ -159,8 +167,9 @@ def load_dataset(source: DataSource, meta: LeRobotDatasetMetadata, chunk_size: i
     return ChunkedFrames(dataset, chunk_size, cameras=cameras, rename_map=rename)
 
 
-def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None = None,
-                      cameras: list[str] | None = None) -> None:
+def check_video_files(
+    meta: LeRobotDatasetMetadata, episodes: list[int] | None = None, cameras: list[str] | None = None
+) -> None:
     """The selected episodes' video files of `cameras` (None: all) exist, and the last frame of each
     file decodes (a truncated file loses its end). Raises naming the episode, the camera and the file."""
     keys = [key for key in meta.video_keys if cameras is None or key in cameras]
@@ -168,7 +177,7 @@ def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None =
         return
     wanted = set(range(meta.total_episodes) if episodes is None else episodes)
     last = {}  # file -> (latest end timestamp in it, episode, key)
-    for key, ep, path, start, end in _video_spans(meta, keys):
+    for key, ep, path, _start, end in _video_spans(meta, keys):
         if ep not in wanted:
             continue
         if not path.is_file():
@@ -193,19 +202,31 @@ def check_video_files(meta: LeRobotDatasetMetadata, episodes: list[int] | None =
 
 def _video_spans(meta: LeRobotDatasetMetadata, keys: list[str]):
     """(key, episode, absolute file path, from_timestamp, to_timestamp) for every episode and video key."""
-    columns = [f"videos/{key}/{name}" for key in keys for name in ("chunk_index", "file_index", "from_timestamp",
-                                                                  "to_timestamp")]
+    columns = [
+        f"videos/{key}/{name}"
+        for key in keys
+        for name in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
+    ]
     table = meta.episodes.select_columns(["episode_index", *columns]).with_format(None)[:]
     for key in keys:
         for i, ep in enumerate(table["episode_index"]):
-            relative = meta.video_path.format(video_key=key, chunk_index=table[f"videos/{key}/chunk_index"][i],
-                                              file_index=table[f"videos/{key}/file_index"][i])
-            yield (key, int(ep), Path(meta.root) / relative, table[f"videos/{key}/from_timestamp"][i],
-                   table[f"videos/{key}/to_timestamp"][i])
+            relative = meta.video_path.format(
+                video_key=key,
+                chunk_index=table[f"videos/{key}/chunk_index"][i],
+                file_index=table[f"videos/{key}/file_index"][i],
+            )
+            yield (
+                key,
+                int(ep),
+                Path(meta.root) / relative,
+                table[f"videos/{key}/from_timestamp"][i],
+                table[f"videos/{key}/to_timestamp"][i],
+            )
 
 
-def _decode(path: Path, timestamp: float, tolerance_s: float, backend: str, cache: VideoDecoderCache | None
-            ) -> torch.Tensor:
+def _decode(
+    path: Path, timestamp: float, tolerance_s: float, backend: str, cache: VideoDecoderCache | None
+) -> torch.Tensor:
     """One frame (3, H, W) float in [0, 1] with LeRobot's decoders (torchcodec through `cache`)."""
     if backend == "torchcodec":
         frames = decode_video_frames_torchcodec(path, [timestamp], tolerance_s, decoder_cache=cache)
@@ -229,8 +250,13 @@ class ChunkedFrames(torch.utils.data.Dataset):
     `cameras`: dataset camera keys to decode (None: all).
     """
 
-    def __init__(self, dataset: LeRobotDataset, chunk_size: int, cameras: list[str] | None = None,
-                 rename_map: dict[str, str] | None = None):
+    def __init__(
+        self,
+        dataset: LeRobotDataset,
+        chunk_size: int,
+        cameras: list[str] | None = None,
+        rename_map: dict[str, str] | None = None,
+    ):
         meta, table = dataset.meta, dataset.hf_dataset
         cameras = list(meta.camera_keys) if cameras is None else list(cameras)
         if set(cameras) & set(meta.depth_keys):
@@ -330,8 +356,10 @@ def rows_by_index(index: list[int], where: str) -> dict[int, int]:
     silently make one frame's row serve another, so they are refused."""
     rows = {int(i): r for r, i in enumerate(index)}
     if len(rows) != len(index):
-        raise ValueError(f"{where}: {len(index) - len(rows)} duplicated frame indices; every training frame needs its "
-                         "own dataset `index` (datasets added to the training set must offset theirs)")
+        raise ValueError(
+            f"{where}: {len(index) - len(rows)} duplicated frame indices; every training frame needs its "
+            "own dataset `index` (datasets added to the training set must offset theirs)"
+        )
     return rows
 
 

@@ -23,16 +23,16 @@ import struct
 import time
 from pathlib import Path
 
-import gin
 import lerobot
 import torch
 from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
+import gin
 from reflow_exp import prefix
-from reflow_exp.checkpoint import fsync_dir, fsync_file
 from reflow_exp.data import rows_by_index
+from reflow_exp.files import atomic_path
 from reflow_exp.heads import ActionHead
 
 RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v1"
@@ -94,10 +94,16 @@ class ImageEmbeddingCache:
             self._open(key)
             self.report = {"build_s": seconds, "build_s_per_frame": seconds / len(loader.dataset)}
         self.dtype = fresh.embeddings[0].dtype
-        self.report |= {"file": str(self.path), "frames": len(self.row), "file_bytes": self.path.stat().st_size,
-                        "bytes_per_frame": sum(t[0].nbytes for t in self.tensors.values())}  # all cameras
-        print(f"[Reflow] Image embeddings: {len(self.row)} frames x {len(self.cameras)} camera(s), "
-              f"{self.report['bytes_per_frame'] / 1024:.1f} KiB per frame")
+        self.report |= {
+            "file": str(self.path),
+            "frames": len(self.row),
+            "file_bytes": self.path.stat().st_size,
+            "bytes_per_frame": sum(t[0].nbytes for t in self.tensors.values()),
+        }  # all cameras
+        print(
+            f"[Reflow] Image embeddings: {len(self.row)} frames x {len(self.cameras)} camera(s), "
+            f"{self.report['bytes_per_frame'] / 1024:.1f} KiB per frame"
+        )
         return True
 
     def _problem(self, key: str, frames: int, first: dict, fresh: prefix.ImageEmbeddings) -> str | None:
@@ -125,7 +131,7 @@ class ImageEmbeddingCache:
         for camera in self.cameras:
             tensor = self.tensors[camera]
             for start in range(0, len(tensor), _CHECK_ROWS):
-                if not torch.isfinite(tensor[start:start + _CHECK_ROWS]).all():
+                if not torch.isfinite(tensor[start : start + _CHECK_ROWS]).all():
                     return f"{camera}: non-finite values"
         return None
 
@@ -152,13 +158,17 @@ class ImageEmbeddingCache:
         if not self.active:
             return None
         if "index" not in batch:
-            raise ValueError("the batch has no `index` column (the dataset's frame index), by which the image "
-                             "embedding cache finds its frames")
+            raise ValueError(
+                "the batch has no `index` column (the dataset's frame index), by which the image "
+                "embedding cache finds its frames"
+            )
         try:
             rows = torch.tensor([self.row[i] for i in batch["index"].tolist()])
         except KeyError as error:
-            raise ValueError(f"frame index {error.args[0]} is not in the image embedding cache {self.path}; "
-                             "it covers the training frames only") from None
+            raise ValueError(
+                f"frame index {error.args[0]} is not in the image embedding cache {self.path}; "
+                "it covers the training frames only"
+            ) from None
         device = batch["action"].device
         embeddings = [self.tensors[camera][rows].to(device, self.dtype) for camera in self.cameras]
         return prefix.ImageEmbeddings(embeddings, [_camera_mask(batch, camera, len(rows)) for camera in self.cameras])
@@ -213,28 +223,28 @@ def vision_digest(head: ActionHead) -> str:
 def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: str) -> None:
     """Embed every frame of `loader` and write the file atomically (rows in the loader's order)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    writer, row = None, 0
-    for raw in tqdm(loader, desc="image embeddings", unit="batch"):
-        batch = preprocess(raw)
-        embedded = prefix.image_embeddings(head, batch)
-        cameras = [key for key in head.config.image_features if key in batch]
-        if writer is None:
-            shapes = {"index": (frames,), **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)}}
-            writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
-            print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
-        writer.write("index", row, raw["index"].to(torch.int64))
-        for camera, embedding in zip(cameras, embedded.embeddings):
-            if not torch.isfinite(embedding).all():
-                raise ValueError(f"non-finite image embeddings for {camera} at frames {raw['index'].tolist()}")
-            writer.write(camera, row, embedding.float().cpu())
-        row += len(raw["index"])
-    if writer is None or row != frames:
-        raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
-    writer.close()
-    fsync_file(tmp)  # durable like every other atomic write (checkpoint.py)
-    tmp.replace(path)
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        writer, row = None, 0
+        for raw in tqdm(loader, desc="image embeddings", unit="batch"):
+            batch = preprocess(raw)
+            embedded = prefix.image_embeddings(head, batch)
+            cameras = [key for key in head.config.image_features if key in batch]
+            if writer is None:
+                shapes = {
+                    "index": (frames,),
+                    **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)},
+                }
+                writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
+                print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
+            writer.write("index", row, raw["index"].to(torch.int64))
+            for camera, embedding in zip(cameras, embedded.embeddings):
+                if not torch.isfinite(embedding).all():
+                    raise ValueError(f"non-finite image embeddings for {camera} at frames {raw['index'].tolist()}")
+                writer.write(camera, row, embedding.float().cpu())
+            row += len(raw["index"])
+        if writer is None or row != frames:
+            raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
+        writer.close()
 
 
 class _Writer:
@@ -248,8 +258,11 @@ class _Writer:
         for name, shape in shapes.items():
             dtype = torch.int64 if name == "index" else torch.float32
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": self.DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": self.DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self.start[name], self.row_bytes[name] = offset, nbytes // shape[0]
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()

@@ -3,17 +3,7 @@
 `Evaluator(...).run(policy, step_counts, out_dir, tag) -> {k: metrics}` is the whole contract: it
 returns numbers and writes videos, and never logs (the trainer/run decides what to log).
 
-A policy here is anything with the `ChunkPolicy` interface:
-
-    n_action_steps: int                      actions executed from each chunk before re-planning
-    reset(seeds: list[int]) -> None          a batch of episodes starts, one env seed per row
-    predict_chunk(batch, num_steps) -> (B, chunk, action_dim) unnormalised actions
-
-where `batch` is LeRobot's env-side format (what `lerobot_eval.py` feeds its preprocessor):
-`observation.image` (B, 3, H, W) float in [0, 1], `observation.state` (B, state_dim), `task`
-(list of B strings). `SmolVLAChunkPolicy` puts both our `Policy` and LeRobot's `SmolVLAPolicy`
-(+ its processors) behind it; `ScriptedChunkPolicy` does the same for the sandbox's expert, so the
-rollout loop itself can be checked against a policy known to succeed.
+A policy here is anything with the `ChunkPolicy` interface (`reflow_exp.chunk_policy`).
 
 Sampling follows SmolVLA's time convention: `num_steps` Euler steps from t=1 (noise) to t=0
 (action), dt = -1/num_steps. The noise of each chunk is drawn from a generator seeded with the
@@ -30,20 +20,24 @@ import importlib
 import statistics
 import time
 from pathlib import Path
-from typing import Protocol
 
-import av
-import gin
 import gymnasium as gym
 import numpy as np
-import torch
 from lerobot.envs.utils import preprocess_observation
+from lerobot.utils.io_utils import write_video
 from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import gin
+from reflow_exp.chunk_policy import (  # noqa: F401  re-exported: evaluate's policies
+    ChunkPolicy,
+    ScriptedChunkPolicy,
+    SmolVLAChunkPolicy,
+    as_chunk_policy,
+)
 from reflow_exp.sandbox import ENV_ID as SANDBOX_ENV_ID
-from reflow_exp.sandbox import ScriptedExpert, route_of
+from reflow_exp.sandbox import route_of
 from reflow_exp.sandbox.task import EVAL_SEED_OFFSETS, LAYOUT_SETS, MAX_EPISODE_STEPS, eval_seeds
 from reflow_exp.stats import wilson_interval
 
@@ -51,6 +45,7 @@ PUSHT_TASK = "Push the T-shaped block onto the T-shaped target."
 
 
 # -- environments --------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
@@ -75,9 +70,11 @@ ENVS = {
     SANDBOX_ENV_ID: EnvSpec(SANDBOX_ENV_ID, "reflow_exp.sandbox", {}, MAX_EPISODE_STEPS, routes=True),
     # Pixels 96x96 + agent position, like LeRobot's PushT datasets; 256 px renders keep videos small.
     "pusht": EnvSpec(
-        "gym_pusht/PushT-v0", "gym_pusht",
+        "gym_pusht/PushT-v0",
+        "gym_pusht",
         {"obs_type": "pixels_agent_pos", "visualization_width": 256, "visualization_height": 256},
-        max_steps=300, task=PUSHT_TASK,
+        max_steps=300,
+        task=PUSHT_TASK,
     ),
 }
 # LeRobot's MetaworldEnv, subclassed (reflow_exp.metaworld.env); choose the task with env_kwargs={"task": ...}.
@@ -116,140 +113,8 @@ def observation_batch(obs: dict[str, np.ndarray], tasks: list[str]) -> dict:
     return {**preprocess_observation(obs), "task": list(tasks)}
 
 
-# -- policies ------------------------------------------------------------------------------------
-
-class ChunkPolicy(Protocol):
-    """What the rollout needs from a policy (see the module docstring)."""
-
-    n_action_steps: int
-
-    def reset(self, seeds: list[int]) -> None: ...
-
-    def predict_chunk(self, batch: dict, num_steps: int) -> Tensor: ...
-
-
-class SmolVLAChunkPolicy:
-    """Our `Policy` or LeRobot's `SmolVLAPolicy`, with their pre/post-processors, as a ChunkPolicy.
-
-    Each call normalises and tokenises the batch, samples a chunk from explicit noise
-    (B, chunk_size, max_action_dim) drawn per row from a generator seeded in `reset`, and
-    unnormalises it: (B, chunk_size, action_dim) on the CPU.
-    """
-
-    def __init__(self, model, preprocessor, postprocessor):
-        if preprocessor is None or postprocessor is None:
-            raise ValueError(
-                "the policy has no pre/post-processors; build it with them (Policy(backbone, head, pre, post)) "
-                "or load it from a folder (Policy.from_pretrained / SmolVLAChunkPolicy.from_pretrained)"
-            )
-        self.model = model
-        self.preprocessor = preprocessor
-        self.postprocessor = postprocessor
-        self.config = model.config
-        self.n_action_steps = self.config.n_action_steps
-        self._generators: list[torch.Generator] = []
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> SmolVLAChunkPolicy:
-        """Load a LeRobot SmolVLA folder with LeRobot's own loader and processors."""
-        from lerobot.policies.factory import make_pre_post_processors
-        from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-
-        model = SmolVLAPolicy.from_pretrained(str(path)).eval()
-        # LeRobot's eval script overrides the processors' device: a checkpoint saved elsewhere keeps its own.
-        device = {"device_processor": {"device": str(model.config.device)}}
-        pre, post = make_pre_post_processors(model.config, pretrained_path=str(path), preprocessor_overrides=device)
-        return cls(model, pre, post)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def reset(self, seeds: list[int]) -> None:
-        self._generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-
-    def predict_chunk(self, batch: dict, num_steps: int) -> Tensor:
-        self._check_inputs(batch)
-        noise = self._noise(len(batch["task"]))  # (B, chunk_size, max_action_dim)
-        processed = self.preprocessor(dict(batch))
-        with torch.no_grad():
-            actions = self._sample(processed, noise, num_steps)  # (B, chunk_size, action_dim), normalised
-        return self.postprocessor(actions)
-
-    def _noise(self, batch_size: int) -> Tensor:
-        if len(self._generators) != batch_size:
-            raise ValueError(f"reset(seeds) was given {len(self._generators)} seeds for a batch of {batch_size}")
-        shape = (self.config.chunk_size, self.config.max_action_dim)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in self._generators])
-        return noise.to(self.device)
-
-    def _sample(self, batch: dict, noise: Tensor, num_steps: int) -> Tensor:
-        from reflow_exp.policy import Policy
-
-        if isinstance(self.model, Policy):
-            return self.model.predict_action_chunk(batch, noise=noise, num_steps=num_steps)
-        # LeRobot's SmolVLAPolicy reads the step count from its config.
-        saved = self.config.num_steps
-        self.config.num_steps = num_steps
-        try:
-            return self.model.predict_action_chunk(batch, noise=noise)
-        finally:
-            self.config.num_steps = saved
-
-    def _check_inputs(self, batch: dict) -> None:
-        missing = [key for key in self.config.input_features if key not in batch]
-        if missing:
-            provided = sorted(key for key in batch if key != "task")
-            raise ValueError(
-                f"the policy needs {missing} but the env provides {provided}; evaluate it in an env "
-                "whose observations match the policy's input_features"
-            )
-
-
-class ScriptedChunkPolicy:
-    """The sandbox's ScriptedExpert as a ChunkPolicy: one expert per row, chunks of one action.
-
-    It sees only the batch (agent position, image, instruction), like a learnt policy, and chooses
-    its route with a coin seeded by the episode's env seed.
-    """
-
-    n_action_steps = 1
-
-    def __init__(self, route: str | None = None):
-        self.route = route
-        self.experts: list[ScriptedExpert] = []
-
-    def reset(self, seeds: list[int]) -> None:
-        self.experts = [ScriptedExpert(seed=int(seed), route=self.route) for seed in seeds]
-        for expert in self.experts:
-            expert.reset()
-
-    def predict_chunk(self, batch: dict, num_steps: int) -> Tensor:
-        state = batch["observation.state"].numpy()  # (B, 2)
-        # (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8; exact, the image was uint8 / 255.
-        pixels = (batch["observation.image"] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        actions = [
-            expert.act({"agent_pos": state[i], "pixels": pixels[i]}, batch["task"][i])
-            for i, expert in enumerate(self.experts)
-        ]
-        return torch.from_numpy(np.stack(actions))[:, None]  # (B, 1, 2)
-
-
-def as_chunk_policy(policy) -> ChunkPolicy:
-    """Our `Policy` -> SmolVLAChunkPolicy with its own processors; a ChunkPolicy passes through."""
-    from reflow_exp.policy import Policy
-
-    if isinstance(policy, Policy):
-        return SmolVLAChunkPolicy(policy, policy.preprocessor, policy.postprocessor)
-    if hasattr(policy, "predict_chunk") and hasattr(policy, "reset"):
-        return policy
-    raise TypeError(
-        f"cannot evaluate a {type(policy).__name__}; pass a reflow_exp Policy or a ChunkPolicy, e.g. "
-        "SmolVLAChunkPolicy(smolvla_policy, preprocessor, postprocessor) or SmolVLAChunkPolicy.from_pretrained(dir)"
-    )
-
-
 # -- rollouts ------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Episode:
@@ -264,9 +129,17 @@ class Episode:
     steps: list | None = None  # (observation, executed action (d,), task) per step, when kept
 
 
-def rollout(env: gym.vector.SyncVectorEnv, policy: ChunkPolicy, seeds: list[int], num_steps: int,
-            max_steps: int, default_task: str | None = None, record: int = 0,
-            n_action_steps: int | None = None, keep_steps: bool = False) -> list[Episode]:
+def rollout(
+    env: gym.vector.SyncVectorEnv,
+    policy: ChunkPolicy,
+    seeds: list[int],
+    num_steps: int,
+    max_steps: int,
+    default_task: str | None = None,
+    record: int = 0,
+    n_action_steps: int | None = None,
+    keep_steps: bool = False,
+) -> list[Episode]:
     """Run one episode per sub-env, in lockstep, for at most `max_steps` env steps.
 
     Every `n_action_steps` steps (default: the policy's own) the policy re-plans from the current
@@ -318,8 +191,14 @@ def _to_numpy(actions) -> np.ndarray:
     return np.asarray(actions, np.float32)
 
 
-def measure_latency(policy: ChunkPolicy, env: gym.vector.SyncVectorEnv, seed: int, num_steps: int,
-                    calls: int, default_task: str | None = None) -> float:
+def measure_latency(
+    policy: ChunkPolicy,
+    env: gym.vector.SyncVectorEnv,
+    seed: int,
+    num_steps: int,
+    calls: int,
+    default_task: str | None = None,
+) -> float:
     """Median wall time in ms of one chunk prediction at batch 1, pre/post-processing included,
     on the first observation of the episode with env seed `seed`. One unmeasured warm-up call."""
     obs, _ = env.reset(seed=[seed])
@@ -337,25 +216,17 @@ def measure_latency(policy: ChunkPolicy, env: gym.vector.SyncVectorEnv, seed: in
 
 # -- videos --------------------------------------------------------------------------------------
 
+
 def write_mp4(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
-    """Frames (H, W, 3) uint8 -> H.264 (libx264, yuv420p) mp4 that browsers and Gradio play."""
+    """Frames (H, W, 3) uint8 -> H.264 (libx264, yuv420p) mp4 that browsers and Gradio play, with
+    LeRobot's writer (odd sizes are cropped by one pixel)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames[0].shape[:2]
-    # yuv420p halves the chroma resolution: odd sizes are cropped by one pixel.
-    height, width = height - height % 2, width - width % 2
-    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
-            container.mux(stream.encode(video_frame))
-        container.mux(stream.encode())  # flush
+    write_video(path, frames, fps)
     return path
 
 
-def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: int = 96,
-              max_frames: int = 40) -> Path:
+def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: int = 96, max_frames: int = 40) -> Path:
     """A small animated GIF (for Aim, which has no video type): `size` px, at most `max_frames`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,6 +237,7 @@ def write_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10, size: i
 
 
 # -- the evaluator -------------------------------------------------------------------------------
+
 
 @gin.configurable
 class Evaluator:
@@ -393,13 +265,29 @@ class Evaluator:
             own (`config.n_action_steps`).
     """
 
-    def __init__(self, env_id: str = SANDBOX_ENV_ID, episodes: int = 20, seed: int = 0,
-                 step_counts=(1, 2, 4, 10), videos: int = 2, n_envs: int = 10, max_steps: int | None = None,
-                 latency_calls: int = 10, env_kwargs: dict | None = None, n_action_steps: int | None = None,
-                 split: str = "dev", layouts: str = "all"):
+    def __init__(
+        self,
+        env_id: str = SANDBOX_ENV_ID,
+        episodes: int = 20,
+        seed: int = 0,
+        step_counts=(1, 2, 4, 10),
+        videos: int = 2,
+        n_envs: int = 10,
+        max_steps: int | None = None,
+        latency_calls: int = 10,
+        env_kwargs: dict | None = None,
+        n_action_steps: int | None = None,
+        split: str = "dev",
+        layouts: str = "all",
+    ):
         self.spec = env_spec(env_id)
-        for name, value, low in (("episodes", episodes, 1), ("n_envs", n_envs, 1), ("videos", videos, 0),
-                                 ("latency_calls", latency_calls, 0), ("n_action_steps", 1 if n_action_steps is None else n_action_steps, 1)):
+        for name, value, low in (
+            ("episodes", episodes, 1),
+            ("n_envs", n_envs, 1),
+            ("videos", videos, 0),
+            ("latency_calls", latency_calls, 0),
+            ("n_action_steps", 1 if n_action_steps is None else n_action_steps, 1),
+        ):
             if int(value) != value or value < low:
                 raise ValueError(f"Evaluator.{name} must be an integer >= {low}, got {value!r}")
         if max_steps is not None and max_steps < 1:
@@ -427,8 +315,13 @@ class Evaluator:
     @property
     def protocol(self) -> dict:
         """Which episodes this evaluator plays: summary.json's `eval_protocol`."""
-        return {"env_id": self.env_id, "split": self.split, "seed": self.seed, "layouts": self.layouts,
-                "episodes": self.episodes}
+        return {
+            "env_id": self.env_id,
+            "split": self.split,
+            "seed": self.seed,
+            "layouts": self.layouts,
+            "episodes": self.episodes,
+        }
 
     def run(self, policy, step_counts=None, out_dir: str | Path | None = None, tag: str = "") -> dict[int, dict]:
         """Evaluate `policy` (a reflow_exp Policy or a ChunkPolicy) at each step count.
@@ -441,7 +334,7 @@ class Evaluator:
         """
         policy = as_chunk_policy(policy)
         step_counts = self.step_counts if step_counts is None else _check_step_counts(step_counts)
-        with _train_modes_kept(getattr(policy, "model", None)):
+        with train_modes_kept(getattr(policy, "model", None)):
             return {k: self._evaluate(policy, k, out_dir, tag) for k in step_counts}
 
     def _evaluate(self, policy: ChunkPolicy, num_steps: int, out_dir, tag: str) -> dict:
@@ -463,12 +356,19 @@ class Evaluator:
         fps = 10
         with tqdm(total=self.episodes, desc=f"eval {tag or 'policy'} steps={num_steps}", leave=False) as bar:
             for start in range(0, self.episodes, self.n_envs):
-                seeds = self.seeds[start:start + self.n_envs]
+                seeds = self.seeds[start : start + self.n_envs]
                 with contextlib.closing(make_vector_env(self.spec, len(seeds), self.env_kwargs)) as env:
                     fps = int(env.metadata.get("render_fps") or fps)
-                    episodes += rollout(env, policy, seeds, num_steps, self.max_steps, self.spec.task,
-                                        record=max(0, min(record - start, len(seeds))),
-                                        n_action_steps=self.n_action_steps)
+                    episodes += rollout(
+                        env,
+                        policy,
+                        seeds,
+                        num_steps,
+                        self.max_steps,
+                        self.spec.task,
+                        record=max(0, min(record - start, len(seeds))),
+                        n_action_steps=self.n_action_steps,
+                    )
                 bar.update(len(seeds))
                 bar.set_postfix(success=f"{np.mean([e.success for e in episodes]):.2f}")
         return episodes, fps
@@ -486,7 +386,7 @@ class Evaluator:
 
 
 @contextlib.contextmanager
-def _train_modes_kept(model):
+def train_modes_kept(model):
     """Give `model` back in the train/eval modes it came in: LeRobot's predict_action_chunk calls
     eval() on the policy, and the trainer evaluates in the middle of training."""
     modules = list(model.modules()) if isinstance(model, nn.Module) else []

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from lerobot.policies.common.flow_matching import euler_integrate
 from torch import Tensor
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, chunk, D), t (B,)) -> v (B, chunk, D)
@@ -33,7 +34,10 @@ def uniform_time(batch: int, device=None, generator: torch.Generator | None = No
 
 
 def beta_time(batch: int, device=None, generator=None, alpha: float = 1.5, beta: float = 1.0) -> Tensor:
-    """SmolVLA's sampler: Beta(1.5, 1)·0.999 + 0.001, biased towards t=1 (noise)."""
+    """SmolVLA's sampler: Beta(1.5, 1)·0.999 + 0.001, biased towards t=1 (noise).
+
+    Not LeRobot's `sample_time_beta` (same law, tested): that one draws from the global RNG, and
+    every sampler here takes a `generator`; Beta(a, b) = Ga/(Ga + Gb) with seeded gammas."""
     gamma_a = torch._standard_gamma(torch.full((batch,), alpha), generator=generator)
     gamma_b = torch._standard_gamma(torch.full((batch,), beta), generator=generator)
     return (gamma_a / (gamma_a + gamma_b) * 0.999 + 0.001).to(device)
@@ -84,19 +88,18 @@ def binned_means(values: Tensor, t: Tensor, bins: int = 4) -> dict[str, float]:
 def euler(velocity: Velocity, noise: Tensor, steps: int) -> tuple[Tensor, list[Tensor]]:
     """Integrate from t=1 (noise (B, chunk, D)) to t=0 with `steps` Euler steps.
 
-    Returns the action (B, chunk, D) and the velocity used at each step. The time grid is
-    LeRobot's: t_k = 1 − k/steps.
+    Returns the action (B, chunk, D) and the velocity used at each step. LeRobot's own loop
+    (`euler_integrate`, SmolVLA's sampler), so the grid is LeRobot's: t_k = 1 − k/steps.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    dt = -1.0 / steps
-    x, velocities = noise, []
-    for k in range(steps):
-        t = torch.full((noise.shape[0],), 1.0 + k * dt, device=noise.device)
-        v = velocity(x, t)
-        velocities.append(v)
-        x = x + dt * v
-    return x, velocities
+    velocities = []
+
+    def recorded(x_t: Tensor, t: Tensor) -> Tensor:  # LeRobot's loop returns only the end point
+        velocities.append(velocity(x_t, t))
+        return velocities[-1]
+
+    return euler_integrate(recorded, noise, steps), velocities
 
 
 def straightness(velocities: list[Tensor], noise: Tensor, action: Tensor) -> Tensor:

@@ -38,8 +38,12 @@ class ActionHead(nn.Module):
         with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
             policy = SmolVLAPolicy(dataclasses.replace(config, load_vlm_weights=False))
         vlm_with_expert = policy.model.vlm_with_expert
+        # Borrowed, not registered: LeRobot's code reads `vlm_with_expert.vlm`, but as a submodule the
+        # shared ~350M-parameter VLM would be in every head's parameters(), state_dict() and `.to()`
+        # (optimizer groups, checkpoints and counts per head). nn.Module.__setattr__ registers any
+        # Module, hence object.__setattr__. LeRobot's save needs it registered: `with_vlm_registered`.
         del vlm_with_expert._modules["vlm"]
-        object.__setattr__(vlm_with_expert, "vlm", backbone.vlm)  # borrowed, not registered
+        object.__setattr__(vlm_with_expert, "vlm", backbone.vlm)
 
         if state_dict is None:
             policy.to_empty(device=device)
@@ -63,18 +67,24 @@ class ActionHead(nn.Module):
             del vlm_with_expert._modules["vlm"]
             object.__setattr__(vlm_with_expert, "vlm", vlm)
 
-    @contextlib.contextmanager
-    def num_steps(self, steps: int | None) -> Iterator[None]:
-        """Sample with `steps` Euler steps inside the block (LeRobot reads `config.num_steps`)."""
-        saved = self.config.num_steps
-        if steps is not None:
-            if steps < 1:
-                raise ValueError(f"num_steps must be >= 1, got {steps}")
-            self.config.num_steps = steps
-        try:
-            yield
-        finally:
-            self.config.num_steps = saved
+    def num_steps(self, steps: int | None):
+        """Sample with `steps` Euler steps inside the block (see `num_steps`)."""
+        return num_steps(self.config, steps)
+
+
+@contextlib.contextmanager
+def num_steps(config: SmolVLAConfig, steps: int | None) -> Iterator[None]:
+    """Set `config.num_steps` to `steps` inside the block (LeRobot's SmolVLA reads its step count
+    from there); None leaves it as is."""
+    saved = config.num_steps
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {steps}")
+        config.num_steps = steps
+    try:
+        yield
+    finally:
+        config.num_steps = saved
 
 
 def _initialise(policy: SmolVLAPolicy) -> None:

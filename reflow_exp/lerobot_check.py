@@ -56,8 +56,9 @@ def load_lerobot_policy(path: str | Path, device: str = "cpu", num_steps: int | 
     return policy, pre, post
 
 
-def lerobot_rollouts(policy, preprocessor, postprocessor, seeds: list[int],
-                     n_envs: int = 10) -> tuple[list[int], list[int]]:
+def lerobot_rollouts(
+    policy, preprocessor, postprocessor, seeds: list[int], n_envs: int = 10
+) -> tuple[list[int], list[int]]:
     """Success (0/1) and length (env steps) of each seed's episode, through LeRobot's `rollout`
     (`select_action`), `n_envs` episodes per batch. Each batch seeds torch's global generator
     (LeRobot's noise source) with its first env seed, so a run is reproducible; with `n_envs=1`
@@ -65,7 +66,7 @@ def lerobot_rollouts(policy, preprocessor, postprocessor, seeds: list[int],
     identity = PolicyProcessorPipeline(steps=[]), PolicyProcessorPipeline(steps=[])  # the sandbox's env processors
     successes, lengths = [], []
     for start in range(0, len(seeds), n_envs):
-        batch = seeds[start:start + n_envs]
+        batch = seeds[start : start + n_envs]
         make = freeze_after_episode_end(lambda: gym.make(ENV_ID, max_episode_steps=MAX_EPISODE_STEPS))
         env = gym.vector.SyncVectorEnv([make for _ in batch])
         try:
@@ -84,45 +85,75 @@ def lerobot_rollouts(policy, preprocessor, postprocessor, seeds: list[int],
 def rate(successes: list[int]) -> dict:
     """{"success_rate", "ci_low", "ci_high", "episodes"} of 0/1 outcomes."""
     low, high = wilson_interval(sum(successes), len(successes))
-    return {"success_rate": sum(successes) / len(successes), "ci_low": low, "ci_high": high,
-            "episodes": len(successes)}
+    return {"success_rate": sum(successes) / len(successes), "ci_low": low, "ci_high": high, "episodes": len(successes)}
 
 
-def check(path: str, split: str = "report", episodes: int = 500, seed: int = 0, layouts: str = "all",
-          num_steps: int | None = None, n_envs: int = 10, device: str = "cpu", ours: bool = False) -> dict:
+def check(
+    path: str,
+    split: str = "report",
+    episodes: int = 500,
+    seed: int = 0,
+    layouts: str = "all",
+    num_steps: int | None = None,
+    n_envs: int = 10,
+    device: str = "cpu",
+    ours: bool = False,
+) -> dict:
     """Run the check; returns {"protocol", "lerobot": rate + "episode_success", and with `ours`
     "ours" the same and "paired": LeRobot's loop vs ours on the same seeds, "agree": whether the
     two 95% intervals overlap}."""
     seeds = eval_seeds(episodes, seed, split, layouts)  # validates before anything is loaded
     policy, pre, post = load_lerobot_policy(path, device, num_steps)
     steps = policy.config.num_steps
-    result = {"protocol": {"policy": str(path), "split": split, "seed": seed, "layouts": layouts,
-                           "episodes": episodes, "num_steps": steps, "n_action_steps": policy.config.n_action_steps},
-              "seeds": seeds}
+    result = {
+        "protocol": {
+            "policy": str(path),
+            "split": split,
+            "seed": seed,
+            "layouts": layouts,
+            "episodes": episodes,
+            "num_steps": steps,
+            "n_action_steps": policy.config.n_action_steps,
+        },
+        "seeds": seeds,
+    }
     successes, lengths = lerobot_rollouts(policy, pre, post, seeds, n_envs)
     result["lerobot"] = rate(successes) | {"mean_length": sum(lengths) / len(lengths), "episode_success": successes}
     if ours:
-        evaluator = Evaluator(episodes=episodes, seed=seed, split=split, layouts=layouts, n_envs=n_envs,
-                              videos=0, latency_calls=0)
+        evaluator = Evaluator(
+            episodes=episodes, seed=seed, split=split, layouts=layouts, n_envs=n_envs, videos=0, latency_calls=0
+        )
         if evaluator.seeds != seeds:
             raise RuntimeError("our Evaluator chose other seeds than this check; both must use sandbox.task.eval_seeds")
         theirs = evaluator.run(SmolVLAChunkPolicy(policy, pre, post), step_counts=(steps,))[steps]
-        result["ours"] = rate(theirs["episode_success"]) | {"mean_length": theirs["mean_length"],
-                                                            "episode_success": theirs["episode_success"]}
+        result["ours"] = rate(theirs["episode_success"]) | {
+            "mean_length": theirs["mean_length"],
+            "episode_success": theirs["episode_success"],
+        }
         result["paired"] = paired_comparison(successes, theirs["episode_success"])
-        result["agree"] = (result["lerobot"]["ci_low"] <= result["ours"]["ci_high"]
-                           and result["ours"]["ci_low"] <= result["lerobot"]["ci_high"])
+        result["agree"] = (
+            result["lerobot"]["ci_low"] <= result["ours"]["ci_high"]
+            and result["ours"]["ci_low"] <= result["lerobot"]["ci_high"]
+        )
     return result
 
 
 TARGET_ROWS = (("student", 1), ("student", 2), ("teacher", 1), ("teacher", 2), ("teacher", 10))
 
 
-def targets(student: str, teacher: str, split: str = "report", episodes: int = 500, seed: int = 0,
-            layouts: str = "all", n_envs: int = 10, device: str = "cpu") -> dict:
+def targets(
+    student: str,
+    teacher: str,
+    split: str = "report",
+    episodes: int = 500,
+    seed: int = 0,
+    layouts: str = "all",
+    n_envs: int = 10,
+    device: str = "cpu",
+) -> dict:
     """TARGET_ROWS through LeRobot's loop on one set of seeds: {"protocol", "rows": {"head@steps":
     rate}, "paired": the three paired comparisons, "quality_bar": `jobs.quality_bar` of them}."""
-    from reflow_exp.jobs import PAIRS, quality_bar
+    from reflow_exp.jobs.report import PAIRS, quality_bar
 
     seeds = eval_seeds(episodes, seed, split, layouts)
     folders = {"student": student, "teacher": teacher}
@@ -133,28 +164,47 @@ def targets(student: str, teacher: str, split: str = "report", episodes: int = 5
         print(f"LeRobot select_action  {head}@{steps}: success {sum(outcomes[head, steps]) / len(seeds):.3f}")
     rows = {f"{head}@{steps}": rate(o) for (head, steps), o in outcomes.items()}
     paired = {f"{a}@{i} vs {b}@{j}": paired_comparison(outcomes[a, i], outcomes[b, j]) for a, i, b, j in PAIRS}
-    summary = {head: {str(steps): rows[f"{head}@{steps}"] for h, steps in TARGET_ROWS if h == head}
-               for head in folders}
-    return {"protocol": {"student": student, "teacher": teacher, "split": split, "seed": seed, "layouts": layouts,
-                         "episodes": episodes}, "rows": rows, "paired": paired, "quality_bar": quality_bar(summary, paired)}
+    summary = {head: {str(steps): rows[f"{head}@{steps}"] for h, steps in TARGET_ROWS if h == head} for head in folders}
+    return {
+        "protocol": {
+            "student": student,
+            "teacher": teacher,
+            "split": split,
+            "seed": seed,
+            "layouts": layouts,
+            "episodes": episodes,
+        },
+        "rows": rows,
+        "paired": paired,
+        "quality_bar": quality_bar(summary, paired),
+    }
 
 
 def targets_report(result: dict) -> str:
     """The printed lines of `targets`."""
-    lines = [f"{name:<12} success {r['success_rate']:.3f}  95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}"
-             for name, r in result["rows"].items()]
-    lines += [f"{name:<24} {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
-              f"McNemar p = {d['p_value']:.4f}" for name, d in result["paired"].items()]
-    lines.append("Quality bar: " + "; ".join(f"{check}: {'PASS' if ok else 'FAIL'}"
-                                             for check, ok in result["quality_bar"].items()))
+    lines = [
+        f"{name:<12} success {r['success_rate']:.3f}  95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}"
+        for name, r in result["rows"].items()
+    ]
+    lines += [
+        f"{name:<24} {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
+        f"McNemar p = {d['p_value']:.4f}"
+        for name, d in result["paired"].items()
+    ]
+    lines.append(
+        "Quality bar: "
+        + "; ".join(f"{check}: {'PASS' if ok else 'FAIL'}" for check, ok in result["quality_bar"].items())
+    )
     return "\n".join(lines)
 
 
 def report(result: dict) -> str:
     """The printed lines of a check."""
     p = result["protocol"]
-    lines = [f"{p['policy']} @{p['num_steps']} steps, {p['n_action_steps']} actions per re-plan; "
-             f"{p['episodes']} episodes, split {p['split']!r} (seed {p['seed']}), layouts {p['layouts']!r}"]
+    lines = [
+        f"{p['policy']} @{p['num_steps']} steps, {p['n_action_steps']} actions per re-plan; "
+        f"{p['episodes']} episodes, split {p['split']!r} (seed {p['seed']}), layouts {p['layouts']!r}"
+    ]
     for loop in ("lerobot", "ours"):
         if loop in result:
             r = result[loop]
@@ -162,8 +212,10 @@ def report(result: dict) -> str:
             lines.append(f"{name:<22} success {r['success_rate']:.3f}  95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}")
     if "paired" in result:
         d = result["paired"]
-        lines.append(f"LeRobot - ours: {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
-                     f"McNemar p = {d['p_value']:.4f}; intervals {'overlap' if result['agree'] else 'DO NOT overlap'}")
+        lines.append(
+            f"LeRobot - ours: {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
+            f"McNemar p = {d['p_value']:.4f}; intervals {'overlap' if result['agree'] else 'DO NOT overlap'}"
+        )
     return "\n".join(lines)
 
 
@@ -178,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_envs", type=int, default=10, help="episodes per batch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ours", action="store_true", help="also run reflow_exp's Evaluator on the same seeds")
-    parser.add_argument("--teacher", default=None,
-                        help="the teacher folder: roll out student@1,2 and teacher@1,2,10 and apply the quality bar")
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="the teacher folder: roll out student@1,2 and teacher@1,2,10 and apply the quality bar",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.n_envs < 1 or (args.num_steps is not None and args.num_steps < 1):
@@ -187,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher is not None:
         if args.ours or args.num_steps is not None:
             parser.error("--teacher runs its own step counts through LeRobot's loop; drop --ours and --num_steps")
-        result = targets(args.policy, args.teacher, args.split, args.episodes, args.seed, args.layouts, args.n_envs,
-                         args.device)
+        result = targets(
+            args.policy, args.teacher, args.split, args.episodes, args.seed, args.layouts, args.n_envs, args.device
+        )
         print(targets_report(result))
     else:
         options = {k: v for k, v in vars(args).items() if k not in ("policy", "out", "teacher")}

@@ -35,8 +35,10 @@ def success_latency_plot(results: dict[str, dict], path: str | Path) -> Path:
         steps = [k for k, _ in points]
         rates = [m["success_rate"] for _, m in points]
         # Error bars (rate - low, high - rate); a point without an interval gets none.
-        errors = [[r - m.get("ci_low", r) for r, (_, m) in zip(rates, points)],
-                  [m.get("ci_high", r) - r for r, (_, m) in zip(rates, points)]]
+        errors = [
+            [r - m.get("ci_low", r) for r, (_, m) in zip(rates, points)],
+            [m.get("ci_high", r) - r for r, (_, m) in zip(rates, points)],
+        ]
         success_ax.errorbar(steps, rates, yerr=errors, capsize=3, label=head, **style)
         timed = [(k, m["latency_ms"]) for k, m in points if "latency_ms" in m]
         if timed:

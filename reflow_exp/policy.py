@@ -164,8 +164,7 @@ def looks_local(name_or_path: str | Path) -> bool:
     """Whether a policy name is meant as a local path rather than a hub id (``org/name``):
     absolute, ``.``/``~``-relative, not exactly one ``/``, or its parent folder exists here."""
     text = str(name_or_path)
-    return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") != 1
-            or Path(text).parent.is_dir())
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") != 1 or Path(text).parent.is_dir()
 
 
 def local_policy_folder(name_or_path: str | Path) -> Path | None:

@@ -129,7 +129,11 @@ def embed_image_replaced(vlm_with_expert, embed: Callable[[Tensor], Tensor]):
     """LeRobot's code with `embed` in place of `vlm_with_expert.embed_image` (vision encoder +
     connector); everything `embed_prefix` does around it (the sqrt(hidden) scaling, special tokens,
     masks, padding) stays LeRobot's own."""
-    vlm_with_expert.embed_image = embed  # an instance attribute shadows the method
+    # LeRobot's embed_prefix has no parameter for precomputed image embeddings; an instance attribute
+    # shadows the method for this object only (other policies keep theirs) and `del` restores it. If
+    # LeRobot renamed `embed_image`, the replacement would go unused; tests/test_prefix.py and
+    # tests/test_embedding_cache.py compare the cached path with LeRobot's own.
+    vlm_with_expert.embed_image = embed
     try:
         yield
     finally:
@@ -139,7 +143,11 @@ def embed_image_replaced(vlm_with_expert, embed: Callable[[Tensor], Tensor]):
 @contextlib.contextmanager
 def _every_layer_self_attention(vlm_with_expert):
     """LeRobot's layer loop sends odd layers to the expert's cross-attention unless it is filling a new
-    cache; extending a filled cache by the state token needs the prefill path on every layer."""
+    cache; extending a filled cache by the state token needs the prefill path on every layer.
+
+    Tied to LeRobot 0.6.1's `SmolVLMWithExpertModel.forward` (it tests `"cross" not in
+    self.attention_mode` per layer) and has no argument for it; if that test changes, the state token
+    attends differently, which tests/test_prefix.py's equality with LeRobot's joint forward checks."""
     mode = vlm_with_expert.attention_mode
     vlm_with_expert.attention_mode = "self_attn"
     try:

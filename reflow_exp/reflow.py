@@ -86,15 +86,17 @@ class Reflow(nn.Module):
         if shared is not None:
             return prefix.sample(self.teacher, prefix.extend(self.teacher, shared, batch), noise, steps)[0]
         with self.teacher.num_steps(steps):
-            return self.teacher.lerobot.model.sample_actions(*_inputs(self.teacher, batch), noise=noise)
+            return self.teacher.lerobot.model.sample_actions(*lerobot_inputs(self.teacher, batch), noise=noise)
 
     def student_squared_error(
         self, batch: dict, noise: Tensor, action: Tensor, t: Tensor, shared: prefix.Prefix | None
     ) -> Tensor:
         """(v − u)² (B, chunk, max_action_dim) of the student's velocity v at x_t against u = z − x."""
         if shared is None:  # LeRobot's joint forward returns exactly this
-            return self.student.lerobot.model.forward(*_inputs(self.student, batch), action, noise, t)
-        v = prefix.velocity(self.student, prefix.extend(self.student, shared, batch), flow.interpolate(action, noise, t), t)
+            return self.student.lerobot.model.forward(*lerobot_inputs(self.student, batch), action, noise, t)
+        v = prefix.velocity(
+            self.student, prefix.extend(self.student, shared, batch), flow.interpolate(action, noise, t), t
+        )
         return (v - flow.target_velocity(action, noise)) ** 2
 
     # ------------------------------------------------------------------ the objective
@@ -124,7 +126,7 @@ class Reflow(nn.Module):
         return loss, {f"loss_{k}": v for k, v in binned.items()}
 
 
-def _inputs(head: ActionHead, batch: dict) -> tuple:
+def lerobot_inputs(head: ActionHead, batch: dict) -> tuple:
     """LeRobot's model inputs from a preprocessed batch: images, masks, tokens, token mask, state."""
     images, img_masks = head.lerobot.prepare_images(batch)
     return (

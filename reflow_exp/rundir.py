@@ -32,15 +32,16 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, TextIO
 
 import gin
-
-from reflow_exp.checkpoint import checkpoint_step, fsync_dir, latest_checkpoint
+from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
 from reflow_exp.distributed import DEFAULT_TIMEOUT_S
-from reflow_exp.tracking import Tracker, deep_merge
+from reflow_exp.files import deep_merge, json_safe, read_json, write_atomic
+from reflow_exp.tracking import Tracker
 
 CONFIG_FILE = "config.gin"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
@@ -161,8 +162,10 @@ class RunDir:
             else:
                 print(f"[{stamp}] Run folder {self.path}")
             self._started = time.time()
-            _write_atomic(self.path / STATUS_FILE, json.dumps(
-                {"status": "running", "pid": os.getpid(), "started": self._started}) + "\n")
+            write_atomic(
+                self.path / STATUS_FILE,
+                json.dumps({"status": "running", "pid": os.getpid(), "started": self._started}) + "\n",
+            )
             if config_text is not None:
                 self._write_config(config_text)
             self.summary: dict = _read_json(self.path / SUMMARY_FILE)
@@ -184,7 +187,7 @@ class RunDir:
         reserved = {"step", "time", "context"} & values.keys()
         if reserved:
             raise ValueError(f"metric names {sorted(reserved)} are reserved in metrics.jsonl; rename them")
-        context = {k: _jsonable(v) for k, v in context.items()}
+        context = {k: json_safe(v) for k, v in context.items()}
         finite = {k: v if math.isfinite(v) else None for k, v in values.items()}  # strict JSON: null
         record = {"step": int(step), "time": time.time(), "context": context, **finite}
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
@@ -194,31 +197,37 @@ class RunDir:
 
     def update_summary(self, update: Mapping[str, Any]) -> dict:
         """Deep-merge ``update`` into summary.json (written atomically) and return the summary."""
-        self.summary = deep_merge(self.summary, _jsonable(update))
-        _write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
+        self.summary = deep_merge(self.summary, json_safe(update))
+        write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
         return self.summary
 
     def record_exit(self, status: str, exit_code: int, message: str = "") -> None:
         """Write status.json for this session's end (``status``: finished, failed, interrupted)."""
-        record = {"status": status, "exit_code": int(exit_code), "message": message, "pid": os.getpid(),
-                  "started": self._started, "ended": time.time()}
-        _write_atomic(self.path / STATUS_FILE, json.dumps(record, indent=2) + "\n")
+        record = {
+            "status": status,
+            "exit_code": int(exit_code),
+            "message": message,
+            "pid": os.getpid(),
+            "started": self._started,
+            "ended": time.time(),
+        }
+        write_atomic(self.path / STATUS_FILE, json.dumps(record, indent=2) + "\n")
 
     def save_operative_config(self) -> str:
         """Write operative_config.gin (values of every configurable called so far) and log it."""
         text = gin.operative_config_str()
-        _write_atomic(self.path / OPERATIVE_CONFIG_FILE, text)
+        write_atomic(self.path / OPERATIVE_CONFIG_FILE, text)
         self.tracker.log_text("operative_config", text)
         return text
 
     def _write_config(self, text: str) -> None:
         config = self.path / CONFIG_FILE
         if not config.exists():
-            _write_atomic(config, text)
+            write_atomic(config, text)
         elif config.read_text() != text:
             # Resumed with a different config: keep the original, record the new one beside it.
             other = self.path / f"config.{time.strftime('%Y%m%d-%H%M%S')}.gin"
-            _write_atomic(other, text)
+            write_atomic(other, text)
             print(f"Note: the gin config differs from this run's {CONFIG_FILE}; saved it as {other.name}")
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -240,7 +249,7 @@ class RunDir:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
 
-    def __enter__(self) -> "RunDir":
+    def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -282,7 +291,7 @@ class WorkerRun:
             sys.stdout = self._stdout
         self._devnull.close()
 
-    def __enter__(self) -> "WorkerRun":
+    def __enter__(self) -> WorkerRun:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -345,20 +354,9 @@ def _to_float(name: str, value: Any) -> float:
         raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}: {value!r}") from None
 
 
-def _jsonable(value: Any) -> Any:
-    """Nested dicts/lists with numpy/torch scalars and paths turned into JSON types."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    return value
-
-
 def _read_json(path: Path) -> dict:
+    """Strict, unlike `files.read_json`: a damaged summary.json stops the run instead of being
+    replaced by an empty one."""
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -380,7 +378,7 @@ def lock_run_folder(path: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        owner = _read_json_quietly(path / LOCK_FILE)
+        owner = read_json(path / LOCK_FILE)
         pid = owner.get("pid", "?")
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["started"])) if "started" in owner else "?"
         raise RunLocked(
@@ -391,23 +389,3 @@ def lock_run_folder(path: Path) -> int | None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
     return fd
-
-
-def _read_json_quietly(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + os.replace, so readers never see a half-written file; fsynced
-    (file, then folder), so the new content also survives a power loss."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -73,8 +73,9 @@ def paired_comparison(first: Sequence[bool], second: Sequence[bool], z: float = 
     }
 
 
-def newcombe_paired_interval(both: int, first_only: int, second_only: int, neither: int,
-                             z: float = Z95) -> tuple[float, float]:
+def newcombe_paired_interval(
+    both: int, first_only: int, second_only: int, neither: int, z: float = Z95
+) -> tuple[float, float]:
     """Interval of p1 - p2 for paired binary outcomes (Newcombe 1998, method 10).
 
     p1 = (both + first_only) / n and p2 = (both + second_only) / n each get a Wilson interval

@@ -17,10 +17,12 @@ from __future__ import annotations
 import atexit
 import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import gin
+from reflow_exp.files import deep_merge, json_safe
 
 HASH_FILE = "aim_run_hash.txt"
 
@@ -57,8 +59,9 @@ class Tracker:
         _init_repo(self.repo)
         hash_file = self.run_dir / HASH_FILE
         run_hash = hash_file.read_text().strip() if hash_file.exists() else None
-        settings = dict(repo=str(self.repo), experiment=experiment, system_tracking_interval=None,
-                        capture_terminal_logs=False)
+        settings = dict(
+            repo=str(self.repo), experiment=experiment, system_tracking_interval=None, capture_terminal_logs=False
+        )
         try:
             self._run = aim.Run(run_hash=run_hash, **settings)  # None → new run; else resume it
         except aim.sdk.errors.MissingRunError:  # the folder moved to another runs dir, or the repo went
@@ -79,7 +82,7 @@ class Tracker:
         if self._run is None:
             return
         current = self._run.get("hparams") or {}
-        self._run["hparams"] = deep_merge(dict(current), _native(params))
+        self._run["hparams"] = deep_merge(dict(current), json_safe(params))
 
     def log_text(self, name: str, text: str, step: int | None = None) -> None:
         """Track a text (e.g. the operative gin config); step None → Aim's next step."""
@@ -93,7 +96,7 @@ class Tracker:
         """Track one scalar; numpy/torch scalars are converted to float."""
         if self._run is None:
             return
-        self._run.track(_scalar(name, value), name=name, step=int(step), context=_native(context or {}))
+        self._run.track(_scalar(name, value), name=name, step=int(step), context=json_safe(context or {}))
 
     def track_image(self, name: str, image: Any, step: int, context: Mapping[str, Any] | None = None) -> None:
         """Track an image: a PIL image, an image file (an animated GIF stays animated), or an
@@ -112,7 +115,10 @@ class Tracker:
             image = Image.fromarray(image)
         animated = getattr(image, "n_frames", 1) > 1
         self._run.track(
-            aim.Image(image, format="gif" if animated else "png"), name=name, step=int(step), context=_native(context or {})
+            aim.Image(image, format="gif" if animated else "png"),
+            name=name,
+            step=int(step),
+            context=json_safe(context or {}),
         )
 
     def close(self) -> None:
@@ -131,36 +137,12 @@ def _scalar(name: str, value: Any) -> float:
     return float(value)
 
 
-def _native(value: Any) -> Any:
-    """Recursively convert to types Aim accepts: dict/list/str/int/float/bool/None."""
-    if isinstance(value, Mapping):
-        return {str(k): _native(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_native(v) for v in value]
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return str(value)  # paths, enums, objects: readable beats a TypeError
-
-
-def deep_merge(base: dict, update: Mapping) -> dict:
-    """Merge `update` into `base` recursively (nested dicts merge, other values replace); returns base."""
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            base[key] = deep_merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def _run_aim_cleanup_inline_at_exit() -> None:
     """Aim's atexit hook runs its cleanup in a new thread, which Python 3.12 forbids at shutdown
-    ("can't create new thread at interpreter shutdown"); run the same cleanup inline instead."""
+    ("can't create new thread at interpreter shutdown"); run the same cleanup inline instead.
+
+    Aim offers no switch for this. Without it every run ends with that RuntimeError printed at exit
+    and Aim's cleanup skipped; `Tracker.close()` still finalises our own run first."""
     from aim.ext.cleanup import AutoClean
 
     atexit.unregister(AutoClean.cleanup)

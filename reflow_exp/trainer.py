@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
-import gin
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -34,6 +34,7 @@ from lerobot.utils.random_utils import load_rng_state, save_rng_state
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import gin
 from reflow_exp import distributed
 from reflow_exp.checkpoint import latest_checkpoint, save_checkpoint
 from reflow_exp.rundir import RunDir
@@ -151,11 +152,18 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters with requires_grad=True; nothing to train")
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
+        )
         scheduler = CosineDecayWithWarmupSchedulerConfig(
-            num_warmup_steps=self.warmup_steps, num_decay_steps=self.decay_steps, peak_lr=self.lr, decay_lr=self.decay_lr
+            num_warmup_steps=self.warmup_steps,
+            num_decay_steps=self.decay_steps,
+            peak_lr=self.lr,
+            decay_lr=self.decay_lr,
         ).build(optimizer, self.steps)
-        wrapped, optimizer, dataloader, scheduler = accelerator.prepare(_LossForward(model), optimizer, dataloader, scheduler)
+        wrapped, optimizer, dataloader, scheduler = accelerator.prepare(
+            _LossForward(model), optimizer, dataloader, scheduler
+        )
 
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "first_loss": None}
         if accelerator.is_main_process:  # only rank 0 may delete a crashed save's leftovers
@@ -334,19 +342,23 @@ class _Batches:
         self._iter: Iterator | None = None
 
     def __next__(self):
-        model_rng = torch.get_rng_state()
-        torch.set_rng_state(self._rng_state)
-        try:
-            return self._next()
-        finally:
-            self._rng_state = torch.get_rng_state()
-            torch.set_rng_state(model_rng)
+        # The DataLoader draws from the global CPU RNG (e.g. its workers' base seed); fork_rng gives
+        # those draws our own stream and restores the model's afterwards, so where epochs and
+        # prefetching fall cannot shift the model's noise (tests/test_trainer.py's SIGKILL resume test).
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            try:
+                return self._next()
+            finally:
+                self._rng_state = torch.get_rng_state()
 
     def _next(self):
         while True:
             if self._iter is None:
                 self.dataloader.set_epoch(self.epoch)
-                loader = self.accelerator.skip_first_batches(self.dataloader, self.index) if self.index else self.dataloader
+                loader = (
+                    self.accelerator.skip_first_batches(self.dataloader, self.index) if self.index else self.dataloader
+                )
                 self._iter = iter(loader)
             try:
                 batch = next(self._iter)

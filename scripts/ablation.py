@@ -33,9 +33,7 @@ VARIANTS = {
     "baseline": [],
     "pairs from teacher@2": [T2],  # offline errors are then against teacher@2
     "teacher-visited 200": ["reflow.visited_episodes = 200"],
-    "3-RF": [
-        'reflow.teacher = "runs/ablation/baseline/student"'
-    ],  # the 2-RF student at 10 steps as teacher
+    "3-RF": ['reflow.teacher = "runs/ablation/baseline/student"'],  # the 2-RF student at 10 steps as teacher
     "@2 + 3000 steps": [T2, "Trainer.steps = 3000"],
     "@2 + lr 1e-3": [T2, "Trainer.lr = 1e-3"],
     "@2 + pseudo-Huber": [T2, "reflow.huber = True"],
@@ -101,9 +99,7 @@ def run_job(gin_file: str, name: str, bindings: list[str], log: Path) -> float:
 
 
 def outcomes(run: Path, head: str, steps: int) -> list[bool]:
-    return json.loads((run / "eval_episodes.json").read_text())[head][str(steps)][
-        "success"
-    ]
+    return json.loads((run / "eval_episodes.json").read_text())[head][str(steps)]["success"]
 
 
 def row(name: str, teacher: Path) -> dict:
@@ -112,23 +108,17 @@ def row(name: str, teacher: Path) -> dict:
     result = {
         "bindings": VARIANTS[name],
         "steps_per_s": summary["train"]["steps_per_s"],
-        "offline_ratio": summary["offline"]["student"]["1"]["error"]
-        / summary["offline"]["teacher"]["1"]["error"],
+        "offline_ratio": summary["offline"]["student"]["1"]["error"] / summary["offline"]["teacher"]["1"]["error"],
     }
     for k in (1, 2):
         result[f"student@{k}"] = {
-            key: summary["eval"]["student"][str(k)][key]
-            for key in ("success_rate", "ci_low", "ci_high")
+            key: summary["eval"]["student"][str(k)][key] for key in ("success_rate", "ci_low", "ci_high")
         }
     student1 = outcomes(run, "student", 1)
-    result["vs teacher@10"] = paired_comparison(
-        student1, outcomes(teacher, "teacher", 10)
-    )
+    result["vs teacher@10"] = paired_comparison(student1, outcomes(teacher, "teacher", 10))
     if name != reference(name):
         result["reference"] = reference(name)
-        result["vs reference"] = paired_comparison(
-            student1, outcomes(ROOT / folder(reference(name)), "student", 1)
-        )
+        result["vs reference"] = paired_comparison(student1, outcomes(ROOT / folder(reference(name)), "student", 1))
     return result
 
 
@@ -140,28 +130,20 @@ def markdown(rows: dict, teacher: dict) -> str:
     for name, r in rows.items():
         s1, s2 = r["student@1"], r["student@2"]
         base = r.get("vs reference")
-        base_text = (
-            f"{base['difference']:+.3f} ({base['p_value']:.3f})" if base else "—"
-        )
+        base_text = f"{base['difference']:+.3f} ({base['p_value']:.3f})" if base else "—"
         t10 = r["vs teacher@10"]
         lines.append(
             f"| {name} | {s1['success_rate']:.3f} ({s1['ci_low']:.3f}–{s1['ci_high']:.3f}) | {base_text} "
             f"| {t10['difference']:+.3f} ({t10['p_value']:.3f}) | {s2['success_rate']:.3f} "
             f"| {r['offline_ratio']:.3f} | {r['steps_per_s']:.2f} |"
         )
-    teacher_text = ", ".join(
-        f"teacher@{k} {m['success_rate']:.3f}" for k, m in teacher.items()
-    )
+    teacher_text = ", ".join(f"teacher@{k} {m['success_rate']:.3f}" for k, m in teacher.items())
     return "\n".join(lines) + f"\n\nSame seeds: {teacher_text}."
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--jobs", type=int, default=2, help="variants trained side by side (default 2)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2, help="variants trained side by side (default 2)")
     parser.add_argument(
         "--episodes",
         type=int,
@@ -185,9 +167,7 @@ def main() -> int:
     for extra in args.extra:
         name, _, bindings = extra.partition("=")
         VARIANTS[name] = [b.strip() for b in bindings.split(";") if b.strip()]
-    names = [n for n in (args.only or VARIANTS) if n != "baseline"] + [
-        e.partition("=")[0] for e in args.extra
-    ]
+    names = [n for n in (args.only or VARIANTS) if n != "baseline"] + [e.partition("=")[0] for e in args.extra]
     names = list(dict.fromkeys(["baseline", *(reference(n) for n in names), *names]))
     ROOT.mkdir(parents=True, exist_ok=True)
     episodes = f"Evaluator.episodes = {args.episodes}"
@@ -203,14 +183,9 @@ def main() -> int:
             ],
         )
     ]
-    jobs += [
-        ("gin/sandbox/reflow.gin", folder(n), [*COMMON, episodes, *VARIANTS[n]])
-        for n in names
-    ]
+    jobs += [("gin/sandbox/reflow.gin", folder(n), [*COMMON, episodes, *VARIANTS[n]]) for n in names]
     with ThreadPoolExecutor(args.jobs) as pool:
-        seconds = list(
-            pool.map(lambda job: run_job(*job, ROOT / f"{job[1]}.log"), jobs)
-        )
+        seconds = list(pool.map(lambda job: run_job(*job, ROOT / f"{job[1]}.log"), jobs))
     print(
         "wall seconds per job:",
         dict(zip([j[1] for j in jobs], [round(s) for s in seconds])),

@@ -1,11 +1,11 @@
-"""The dashboard: its pure logic directly, then the running app through ``gradio_client``
-(launch the tiny sandbox config, follow its log to the end, read back the VLM load count and the
-parameter table; bad form input gets a clear message and starts nothing)."""
+"""The dashboard: reading run folders, GPUs, the launcher and the runner directly (the launch form
+is tests/test_forms.py), then the running app through ``gradio_client`` (launch the tiny sandbox
+config, follow its log to the end, read back the VLM load count and the parameter table; bad form
+input gets a clear message and starts nothing)."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,86 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from app import gpus, runs
+from app import gpus, processes, runs
+from app.forms import LaunchError
 from app.launcher import main as launcher_main
 from app.runner import LaunchPlan, Runner
-from app.runs import LaunchError
+from reflow_exp.files import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-
-
-# -- gin files and overrides -----------------------------------------------------------------
-
-
-@pytest.fixture
-def gin_dir(tmp_path):
-    root = tmp_path / "gin"
-    (root / "sub" / "deeper").mkdir(parents=True)
-    (root / "base.gin").write_text("run.seed = 0\n")
-    (root / "sub" / "a.gin").write_text("")
-    (root / "sub" / "deeper" / "b.gin").write_text("")
-    (root / "sub" / "notes.txt").write_text("")
-    (tmp_path / "outside.gin").write_text("")
-    (root / "sub" / "link.gin").symlink_to(tmp_path / "outside.gin")
-    return root
-
-
-def test_list_gin_files_is_recursive(gin_dir):
-    assert runs.list_gin_files(gin_dir) == ["base.gin", "sub/a.gin", "sub/link.gin", "sub/deeper/b.gin"]
-    assert "sandbox/tiny.gin" in runs.list_gin_files()  # the repo's own
-
-
-def test_resolve_gin_file_stays_inside_gin(gin_dir):
-    assert runs.resolve_gin_file("sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
-    assert runs.resolve_gin_file("gin/sub/a.gin", gin_dir) == (gin_dir / "sub" / "a.gin").resolve()
-    for bad, words in [("../outside.gin", "outside gin/"), (str(gin_dir / "base.gin"), "outside gin/"),
-                       ("sub/link.gin", "outside gin/"), ("sub/../../outside.gin", "outside gin/"),
-                       ("sub/notes.txt", "not a .gin file"), ("nope.gin", "Unknown gin file"),
-                       ("", "Choose a gin file")]:
-        with pytest.raises(LaunchError, match=words):
-            runs.resolve_gin_file(bad, gin_dir)
-
-
-def test_parse_overrides():
-    text = "Trainer.steps = 100\n\n# a comment\n teacher/ActionHead.x = @uniform \nreflow.teacher = 'runs/t'\n"
-    assert runs.parse_overrides(text) == ["Trainer.steps = 100", "teacher/ActionHead.x = @uniform",
-                                          "reflow.teacher = 'runs/t'"]
-    assert runs.parse_overrides("") == [] and runs.parse_overrides(None) == []
-    for bad, words in [("Trainer.steps 100", "line 1.*configurable.parameter = value"),
-                       ("Trainer.lr = 1\nTrainer.steps = [1, 2", "line 2.*close brackets"),
-                       ("a.b = 'unclosed", "not a valid gin binding"),
-                       ("Trainer.steps = 1 2", "not a valid gin binding"),
-                       ("FOO = 3", "has no parameter"),
-                       ("run.name = 'x'", "Run name field"),
-                       ("run.runs_dir = '/tmp'", "--runs-dir")]:
-        with pytest.raises(LaunchError, match=words):
-            runs.parse_overrides(bad)
-
-
-def test_run_names_and_command(tmp_path):
-    assert runs.check_run_name(" my-run_1.b ") == "my-run_1.b"
-    for bad in ["../x", "a/b", ".hidden", "a b", "x" * 101]:
-        with pytest.raises(LaunchError, match="not allowed"):
-            runs.check_run_name(bad)
-    now = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
-    assert runs.default_run_name(tmp_path, now) == "20260102-030405"
-    (tmp_path / "20260102-030405").mkdir()
-    assert runs.default_run_name(tmp_path, now) == "20260102-030405-2"
-
-    cmd = runs.build_command(["gin/a.gin", "gin/b.gin"], ["X.y = 1"], "r1", Path("/r"), python="py", dry_run=True)
-    assert cmd == ["py", "-m", "reflow_exp.run", "--gin_file", "gin/a.gin", "--gin_file", "gin/b.gin",
-                   "--gin_param", "X.y = 1", "--gin_param", 'run.name = "r1"', "--gin_param", 'run.runs_dir = "/r"',
-                   "--dry_run"]
-
-
-def test_config_error_message_never_shows_a_traceback():
-    assert runs.config_error_message("error: gin/x.gin:3: Trainer has no parameter 'stepz'\n") == \
-        "gin/x.gin:3: Trainer has no parameter 'stepz'"
-    assert runs.config_error_message("error: two problems\nA.b is required\nC.d is required\n") == \
-        "two problems\nA.b is required\nC.d is required"
-    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    boom()\nFileNotFoundError: no teacher at runs/t\n'
-    assert runs.config_error_message(traceback) == "FileNotFoundError: no teacher at runs/t"
 
 
 # -- GPUs ------------------------------------------------------------------------------------
@@ -105,7 +33,9 @@ def test_gpus_parse_and_device_checks():
     text = "0, GPU-aaa, NVIDIA H100 80GB HBM3, 81559, 1234, 7\n1, GPU-bbb, NVIDIA A10, 24564, [N/A], 0\nbad line\n"
     found = gpus.parse_nvidia_smi(text)
     assert [(g.index, g.name, g.memory_total_mib, g.memory_used_mib, g.utilization_pct) for g in found] == [
-        (0, "NVIDIA H100 80GB HBM3", 81559.0, 1234.0, 7.0), (1, "NVIDIA A10", 24564.0, None, 0.0)]
+        (0, "NVIDIA H100 80GB HBM3", 81559.0, 1234.0, 7.0),
+        (1, "NVIDIA A10", 24564.0, None, 0.0),
+    ]
     assert found[0].label == "GPU 0 · NVIDIA H100 80GB HBM3 · 1.2/79.6 GiB · 7% busy"
     assert gpus.device_choices(found)[-1] == ("CPU", "cpu") and gpus.device_choices([]) == [("CPU", "cpu")]
     assert gpus.resolve_device("cpu", found) == "" and gpus.resolve_device("CPU", []) == ""
@@ -118,8 +48,10 @@ def test_gpus_parse_and_device_checks():
         gpus.resolve_device("tpu", found)
 
 
-TWO_GPUS = [gpus.Gpu(0, "GPU-aaa", "NVIDIA H100", 81559.0, 500.0, 0.0),
-            gpus.Gpu(1, "GPU-bbb", "NVIDIA H100", 81559.0, 500.0, 0.0)]
+TWO_GPUS = [
+    gpus.Gpu(0, "GPU-aaa", "NVIDIA H100", 81559.0, 500.0, 0.0),
+    gpus.Gpu(1, "GPU-bbb", "NVIDIA H100", 81559.0, 500.0, 0.0),
+]
 
 
 def test_several_gpus_and_busy_gpus():
@@ -142,8 +74,16 @@ def test_runner_starts_one_process_per_chosen_gpu_with_torchrun(tmp_path):
     runner = Runner(tmp_path / "runs", list_gpus=lambda: TWO_GPUS)
     plan = runner.plan("sandbox/tiny.gin", [], "", "0,1", "two-gpus")
     assert plan.cuda_visible_devices == "0,1" and plan.processes == 2 and plan.master_port > 0
-    assert plan.launch_command[:8] == [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                                       str(plan.master_port), "-m"]
+    assert plan.launch_command[:8] == [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(plan.master_port),
+        "-m",
+    ]
     assert plan.launch_command[8:] == ["reflow_exp.run", *plan.command[3:]]
     assert plan.command[1:3] == ["-m", "reflow_exp.run"]  # what --dry_run validates: one process
     assert runner._env(plan.cuda_visible_devices)["CUDA_VISIBLE_DEVICES"] == "0,1"
@@ -167,8 +107,15 @@ METRICS = [
     {"step": 0, "time": 1, "context": {"subset": "setup"}, "vlm_load_count": 1.0},
     {"step": 0, "time": 1, "context": {"subset": "eval", "head": "student", "steps": 1}, "offline_error": 0.5},
     {"step": 0, "time": 2, "context": {"subset": "train", "head": "student"}, "loss": 1.0, "loss_t0.00-0.50": 2.0},
-    {"step": 2, "time": 3, "context": {"subset": "train", "head": "student"}, "loss": 0.5, "lr": 1e-3,
-     "loss_t0.00-0.50": 1.0, "loss_t0.50-1.00": 0.25},
+    {
+        "step": 2,
+        "time": 3,
+        "context": {"subset": "train", "head": "student"},
+        "loss": 0.5,
+        "lr": 1e-3,
+        "loss_t0.00-0.50": 1.0,
+        "loss_t0.50-1.00": 0.25,
+    },
 ]
 
 
@@ -184,14 +131,30 @@ def test_metrics_and_summary_readers(tmp_path):
     assert {p["series"] for p in points["loss_by_t"]} == {"t ∈ [0.00, 0.50)", "t ∈ [0.50, 1.00)"}
     assert points["offline"] == [{"step": 0, "value": 0.5, "series": "student @1 steps"}]
 
-    summary = {"params": {"total": 1000, "trainable": 250, "backbone": 750, "teacher_head": 250},
-               "eval": {"teacher": {"10": {"success_rate": 0.9, "ci_low": 0.699, "ci_high": 0.972, "mean_return": 0.8,
-                                           "latency_ms": 36.25, "episodes": 20}},
-                        "student": {"1": {"success_rate": 0.85, "latency_ms": 9.0, "episodes": 20}}},
-               "offline": {"student": {"1": {"error": 0.14}, "2": {"error": 0.02}}, "straightness": {"student": 0.3}}}
-    assert runs.params_rows(summary) == [["Total", "1,000", ""], ["Trainable", "250", "25.00%"],
-                                         ["Backbone (VLM)", "750", "75.00%"], ["Teacher head", "250", "25.00%"],
-                                         ["Student head", "—", ""]]
+    summary = {
+        "params": {"total": 1000, "trainable": 250, "backbone": 750, "teacher_head": 250},
+        "eval": {
+            "teacher": {
+                "10": {
+                    "success_rate": 0.9,
+                    "ci_low": 0.699,
+                    "ci_high": 0.972,
+                    "mean_return": 0.8,
+                    "latency_ms": 36.25,
+                    "episodes": 20,
+                }
+            },
+            "student": {"1": {"success_rate": 0.85, "latency_ms": 9.0, "episodes": 20}},
+        },
+        "offline": {"student": {"1": {"error": 0.14}, "2": {"error": 0.02}}, "straightness": {"student": 0.3}},
+    }
+    assert runs.params_rows(summary) == [
+        ["Total", "1,000", ""],
+        ["Trainable", "250", "25.00%"],
+        ["Backbone (VLM)", "750", "75.00%"],
+        ["Teacher head", "250", "25.00%"],
+        ["Student head", "—", ""],
+    ]
     assert runs.eval_rows(summary) == [
         ["teacher", 10, "90%", "70–97%", "0.800", "36.2", "20", "—"],
         ["student", 1, "85%", "—", "—", "9.0", "20", "0.1400"],
@@ -210,8 +173,15 @@ def test_metrics_and_summary_readers(tmp_path):
 
 def _launched(run_dir: Path, pid: int, **extra) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"pid": pid, "pgid": pid, "proc_start": runs.process_start_time(pid), "cuda_visible_devices": "0",
-              "started": 1000.0, "stop_requested": None, **extra}
+    record = {
+        "pid": pid,
+        "pgid": pid,
+        "proc_start": processes.process_start_time(pid),
+        "cuda_visible_devices": "0",
+        "started": 1000.0,
+        "stop_requested": None,
+        **extra,
+    }
     runs.write_json_atomic(run_dir / runs.LAUNCH_FILE, record)
 
 
@@ -231,11 +201,12 @@ def test_run_status(tmp_path):
     # Same pid, other process (pid reuse): the recorded start time does not match.
     _launched(tmp_path / "reused", os.getpid(), proc_start=1)
     # Started from the CLI: no dashboard files; the run's own status.json (none: an older run).
-    for name, record, summary in [("cli-done", {}, {"train": {}}),
-                                  ("cli-stopped", {"status": "interrupted", "exit_code": 130}, {}),
-                                  ("cli-failed", {"status": "failed", "exit_code": 1, "message": "ValueError: x"}, {}),
-                                  ("cli-running", {"status": "running", "pid": os.getpid(), "started": time.time()},
-                                   {})]:
+    for name, record, summary in [
+        ("cli-done", {}, {"train": {}}),
+        ("cli-stopped", {"status": "interrupted", "exit_code": 130}, {}),
+        ("cli-failed", {"status": "failed", "exit_code": 1, "message": "ValueError: x"}, {}),
+        ("cli-running", {"status": "running", "pid": os.getpid(), "started": time.time()}, {}),
+    ]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "log.txt").write_text("Traceback (most recent call last):\n")  # log text is not read
         runs.write_json_atomic(tmp_path / name / "summary.json", summary)
@@ -246,9 +217,17 @@ def test_run_status(tmp_path):
 
     found = {r.name: r for r in runs.list_runs(tmp_path)}
     assert {n: r.status for n, r in found.items()} == {
-        "alive": "running", "done": "finished", "crashed": "failed", "stopped": "stopped", "killed": "stopped",
-        "lost": "failed", "reused": "failed", "cli-done": "finished", "cli-stopped": "stopped",
-        "cli-failed": "failed", "cli-running": "running",
+        "alive": "running",
+        "done": "finished",
+        "crashed": "failed",
+        "stopped": "stopped",
+        "killed": "stopped",
+        "lost": "failed",
+        "reused": "failed",
+        "cli-done": "finished",
+        "cli-stopped": "stopped",
+        "cli-failed": "failed",
+        "cli-running": "running",
     }
     assert found["cli-failed"].detail == "exit code 1: ValueError: x"
     assert found["alive"].device == "GPU 0" and found["cli-done"].device == "—"
@@ -336,8 +315,12 @@ def test_runner_plan_refuses_a_running_name_and_non_runs(tmp_path):
         runner.plan("sandbox/tiny.gin", [], "", "cpu", "busy")
     plan = runner.plan("sandbox/tiny.gin", ["sandbox/data.gin"], "Trainer.steps = 2", "cpu", "")
     assert plan.gin_files == ["gin/sandbox/tiny.gin", "gin/sandbox/data.gin"] and not plan.resume
-    assert plan.command[-4:] == ["--gin_param", f'run.name = "{plan.name}"', "--gin_param",
-                                 f'run.runs_dir = "{runner.runs_dir}"']
+    assert plan.command[-4:] == [
+        "--gin_param",
+        f'run.name = "{plan.name}"',
+        "--gin_param",
+        f'run.runs_dir = "{runner.runs_dir}"',
+    ]
 
 
 def test_auth_from_env():
@@ -354,34 +337,13 @@ def test_auth_from_env():
 # -- the running app, through gradio_client --------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def sandbox_root(tmp_path_factory):
-    """One sandbox cache (tiny VLM + data) for every dashboard test of the session."""
-    return tmp_path_factory.getbasetemp() / "dashboard-sandbox"
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, dashboard_server):
     os.environ.setdefault("NO_PROXY", "localhost,127.0.0.1")
     from gradio_client import Client
 
-    from app.ui import build_demo, launch_kwargs
-
-    runs_dir = tmp_path_factory.mktemp("dashboard-api") / "runs"
-    demo = build_demo(runs_dir)
-    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                    quiet=True, **launch_kwargs(runs_dir))
-    try:
-        yield Client(url, verbose=False), demo.dashboard
-    finally:
-        demo.dashboard.aim.stop()
-        demo.close()
+    with dashboard_server(tmp_path_factory.mktemp("dashboard-api") / "runs", free_port()) as (url, dashboard):
+        yield Client(url, verbose=False), dashboard
 
 
 @pytest.fixture(scope="module")
@@ -392,13 +354,27 @@ def tiny_run(app, sandbox_root):
     a launch whose config the dry run rejects, and ``aim up``.
     """
     client, dashboard = app
-    message, selected = client.predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"', "cpu",
-                                       "tiny-api", allow_outside=True, api_name="/launch")  # a shared cache
+    message, selected = client.predict(
+        "sandbox/tiny.gin",
+        [],
+        f'sandbox_source.root = "{sandbox_root}"',
+        "cpu",
+        "tiny-api",
+        allow_outside=True,
+        api_name="/launch",
+    )  # a shared cache
     assert "Started tiny-api on CPU" in message, message
     assert (selected["value"] if isinstance(selected, dict) else selected) == "tiny-api"  # the run page follows
     side_jobs = {
-        "bad_config": client.submit("sandbox/tiny.gin", [], f'sandbox_source.root = "{sandbox_root}"\nTrainer.stepz = 3',
-                                    "cpu", "bad-config", allow_outside=True, api_name="/launch"),
+        "bad_config": client.submit(
+            "sandbox/tiny.gin",
+            [],
+            f'sandbox_source.root = "{sandbox_root}"\nTrainer.stepz = 3',
+            "cpu",
+            "bad-config",
+            allow_outside=True,
+            api_name="/launch",
+        ),
         "aim": client.submit(api_name="/aim"),
     }
     log = client.submit("tiny-api", api_name="/follow_log").result(timeout=300)
@@ -436,14 +412,17 @@ def test_launch_follow_log_and_read_back(app, tiny_run):
     assert again[name]["status"] == "finished" and again[name]["device"] == "CPU"
 
 
-@pytest.mark.parametrize("form, words", [
-    (("nope.gin", [], "", "cpu", ""), "Unknown gin file 'nope.gin'"),
-    (("../pyproject.toml", [], "", "cpu", ""), "outside gin/"),
-    (("sandbox/tiny.gin", ["/etc/passwd"], "", "cpu", ""), "outside gin/"),
-    (("sandbox/tiny.gin", [], "Trainer.steps 3", "cpu", ""), "Override line 1"),
-    (("sandbox/tiny.gin", [], "", "7", ""), "GPU 7 does not exist"),
-    (("sandbox/tiny.gin", [], "", "cpu", "../escape"), "Run name '../escape' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "form, words",
+    [
+        (("nope.gin", [], "", "cpu", ""), "Unknown gin file 'nope.gin'"),
+        (("../pyproject.toml", [], "", "cpu", ""), "outside gin/"),
+        (("sandbox/tiny.gin", ["/etc/passwd"], "", "cpu", ""), "outside gin/"),
+        (("sandbox/tiny.gin", [], "Trainer.steps 3", "cpu", ""), "Override line 1"),
+        (("sandbox/tiny.gin", [], "", "7", ""), "GPU 7 does not exist"),
+        (("sandbox/tiny.gin", [], "", "cpu", "../escape"), "Run name '../escape' is not allowed"),
+    ],
+)
 def test_bad_form_input_starts_nothing(app, form, words):
     client, dashboard = app
     before = sorted(os.listdir(dashboard.runs_dir))
@@ -471,7 +450,7 @@ def test_config_error_from_the_dry_run_is_shown_inline(app, tiny_run):
     client, dashboard = app
     message, _ = tiny_run.side_jobs["bad_config"].result(timeout=300)
     text = message.replace("&#x27;", "'")
-    assert "Config error" in text and "Trainer has no parameter 'stepz'" in text and "Traceback" not in text
+    assert "Config error" in text and "doesn't have a parameter named 'stepz'" in text and "Traceback" not in text
     assert not (dashboard.runs_dir / "bad-config").exists()
     assert set(dashboard.runner.running()) <= {"tiny-api"}
 

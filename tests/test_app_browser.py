@@ -6,33 +6,34 @@ download is not reachable here)."""
 
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import running_dashboard
+from reflow_exp.files import free_port
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: run `make test` (installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: run `make test` (installs it)"
+)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, free_port):
+def app(tmp_path_factory, dashboard_server):
     """The dashboard on a free port: (url, its Dashboard)."""
     os.environ["NO_PROXY"] = "localhost,127.0.0.1"
-    with running_dashboard(tmp_path_factory.mktemp("dashboard-browser") / "runs", free_port()) as served:
+    with dashboard_server(tmp_path_factory.mktemp("dashboard-browser") / "runs", free_port()) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def sandbox_root(tmp_path_factory):
-    """Shared with tests/test_app.py: the tiny VLM and data are built once per session."""
-    return tmp_path_factory.getbasetemp() / "dashboard-sandbox"
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,11 @@ def log_text(page) -> str:
 
 
 def wait_log(page, text: str, timeout_s: float) -> None:
-    page.wait_for_function("t => (document.querySelector('#run-log textarea') || {}).value?.includes(t)",
-                           arg=text, timeout=timeout_s * 1000)
+    page.wait_for_function(
+        "t => (document.querySelector('#run-log textarea') || {}).value?.includes(t)",
+        arg=text,
+        timeout=timeout_s * 1000,
+    )
 
 
 def runs_row(page, name: str, status: str = ""):
@@ -78,19 +82,12 @@ def runs_row(page, name: str, status: str = ""):
 
 
 def test_launch_watch_and_stop(app, page, sandbox_root):
-    _, dashboard = app
     ARTIFACTS.mkdir(exist_ok=True)
-    cached = sandbox_root.exists()
 
-    # Two runs at once: a tiny one, and a long one to stop.
+    # Two runs at once: a tiny one, and a long one to stop (the second waits for the first's
+    # sandbox build through build_once's file lock).
     launch(page, sandbox_root, "ui-tiny")
     assert page.get_by_role("tab", name="Log").get_attribute("aria-selected") == "true"
-    if not cached:  # let the first run build the sandbox cache before a second one reads it
-        tiny_log = dashboard.runs_dir / "ui-tiny" / "log.txt"
-        deadline = time.monotonic() + 240
-        while "[Teacher] Data" not in (tiny_log.read_text() if tiny_log.exists() else ""):
-            assert time.monotonic() < deadline, "the first run never got its data"
-            time.sleep(0.5)
     launch(page, sandbox_root, "ui-stop", "Trainer.steps = 100000")
 
     # The page follows the run just launched: its log lines stream in while it trains.

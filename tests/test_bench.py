@@ -25,15 +25,25 @@ def run_bench(dirs, name, *extra):
 def test_startup_counts_one_vlm_load_against_two(dirs):
     result = run_bench(dirs, "startup")
     assert result["load_count_ours"] == 1 and result["load_count_naive"] == result["load_count_naive_no_init"] == 2
-    assert min(result[k] for k in ("time_ratio", "memory_ratio", "time_ratio_no_random_init",
-                                   "memory_ratio_no_random_init")) > 0
+    assert (
+        min(
+            result[k]
+            for k in ("time_ratio", "memory_ratio", "time_ratio_no_random_init", "memory_ratio_no_random_init")
+        )
+        > 0
+    )
     tiny = result["sizes"]["tiny"]
     assert tiny["median"]["ours"]["vlm_load_count"] == 1  # our own counter agrees
     assert tiny["median"]["naive_no_init"]["vlm_random_init_s"] == 0  # built on meta: no random init
     trainable = {side: tiny["median"][side]["trainable"] for side in ("ours", "naive", "naive_no_init")}
     assert len(set(trainable.values())) == 1, trainable
-    assert set(tiny["met"]) == {"time_ratio", "memory_ratio", "memory_ratio_no_random_init", "load_count_ours",
-                                "load_count_naive"}
+    assert set(tiny["met"]) == {
+        "time_ratio",
+        "memory_ratio",
+        "memory_ratio_no_random_init",
+        "load_count_ours",
+        "load_count_naive",
+    }
 
 
 def test_train_step_runs_every_side(dirs):
@@ -42,8 +52,14 @@ def test_train_step_runs_every_side(dirs):
     for ratio in ("step_ratio", "step_ratio_same_cache", "step_ratio_no_cache", "step_ratio_cached_pairs"):
         assert result[ratio] == tiny[ratio] > 0
     assert result["pair_epochs"] == tiny["pair_epochs"] >= 1
-    assert set(tiny["times"]) == {"ours", "naive", "naive_same_cache", "ours_no_cache", "ours_cached_pairs",
-                                  "pair_generation"}
+    assert set(tiny["times"]) == {
+        "ours",
+        "naive",
+        "naive_same_cache",
+        "ours_no_cache",
+        "ours_cached_pairs",
+        "pair_generation",
+    }
     assert all(len(times) == 1 for times in tiny["times"].values())
     assert tiny["cache_bytes_per_frame"] > 0 and tiny["cache_build_s_per_frame"] > 0
     assert tiny["machine"]["nproc"] >= 1 and tiny["command"].startswith("python -m reflow_exp.bench train_step")
@@ -56,7 +72,8 @@ def test_latency_splits_prefix_and_steps_and_plots(dirs):
     tiny = result["sizes"]["tiny"]
     assert 0 < tiny["limit_ratio"] < 1
     assert {"prefix", "vision", "expert teacher@10", "expert student@4", "chunk student@1", "lerobot@10"} <= set(
-        tiny["median_s"])
+        tiny["median_s"]
+    )
     assert set(tiny["throughput_chunks_per_s"]) == {"teacher@10", "student@1"}
     assert set(tiny["met"]) == {"end_to_end_vs_limit"} and set(tiny["sanity"]) == {"expert_ratio"}
     assert plot.stat().st_size > 0
@@ -91,8 +108,26 @@ def test_command_line_defaults_and_checks():
 def test_data_measures_both_loaders(dirs):
     """One small dataset, no workers (each side's process imports torch and LeRobot: that is the cost)."""
     out, cache = dirs
-    assert main(["data", "--episodes", "4", "--batches", "3", "--batch", "4", "--workers", "0",
-                 "--out", str(out), "--cache", str(cache)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "--episodes",
+                "4",
+                "--batches",
+                "3",
+                "--batch",
+                "4",
+                "--workers",
+                "0",
+                "--out",
+                str(out),
+                "--cache",
+                str(cache),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "data.json").read_text())
     assert result["samples_per_s_ours"] > 0 and result["samples_per_s_lerobot"] > 0
     assert result["rss_gb_4"] > 0 and result["rss_growth"] == 1.0

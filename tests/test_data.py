@@ -13,8 +13,16 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from reflow_exp.data import (
-    ChunkedFrames, DataSource, check_features, dataset_stats, default_workers, load_dataset, make_dataloader,
-    open_metadata, policy_features, split_episodes,
+    ChunkedFrames,
+    DataSource,
+    check_features,
+    dataset_stats,
+    default_workers,
+    load_dataset,
+    make_dataloader,
+    open_metadata,
+    policy_features,
+    split_episodes,
 )
 from reflow_exp.sandbox import record_dataset
 from reflow_exp.sandbox.dataset import CAMERA_KEYS
@@ -51,8 +59,9 @@ def assert_same_item(expected: dict, got: dict, where) -> None:
 def test_items_match_lerobot_dataset(recorded, kind, episodes):
     """Item for item, frames included (the same decoder at the same timestamps: exactly equal)."""
     root = recorded[kind]
-    reference = LeRobotDataset(REPO, root=root, episodes=episodes,
-                               delta_timestamps={"action": [k / 10 for k in range(CHUNK)]})
+    reference = LeRobotDataset(
+        REPO, root=root, episodes=episodes, delta_timestamps={"action": [k / 10 for k in range(CHUNK)]}
+    )
     assert set(CAMERA_KEYS) <= set(reference.meta.video_keys if kind == "video" else reference.meta.image_keys)
     data = source(root)
     ours = load_dataset(data, open_metadata(data), CHUNK, episodes)
@@ -68,8 +77,7 @@ def test_items_match_lerobot_dataset(recorded, kind, episodes):
 def test_workers_give_the_same_batches(recorded):
     data = source(recorded["video"])
     frames = load_dataset(data, open_metadata(data), CHUNK)
-    batches = [list(make_dataloader(frames, 16, seed=0, num_workers=workers, shuffle=False))
-               for workers in (0, 2)]
+    batches = [list(make_dataloader(frames, 16, seed=0, num_workers=workers, shuffle=False)) for workers in (0, 2)]
     assert len(batches[0]) == len(batches[1]) > 1
     for one, other in zip(*batches):
         assert one["task"] == other["task"]
@@ -154,9 +162,11 @@ def _policy(features: dict):
     """A SmolVLA config reading `features` (what check_features looks at)."""
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
-    return SmolVLAConfig(input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
-                         output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
-                         device="cpu")
+    return SmolVLAConfig(
+        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
+        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+        device="cpu",
+    )
 
 
 def test_feature_mismatch_lists_both_sides_and_the_fix(recorded, capsys):
@@ -174,7 +184,7 @@ def test_feature_mismatch_lists_both_sides_and_the_fix(recorded, capsys):
     assert "the policy reads observation.images.top (VISUAL), which the dataset lacks" in message
     assert "Policy features:  observation.image (3, 64, 64), observation.state (2,)" in message
     assert f"Dataset features: observation.image (3, 64, 64), {CAMERA_KEYS[1]} (3, 64, 64)" in message
-    assert f"lerobot_source.rename_map = {{\"{CAMERA_KEYS[1]}\": \"observation.images.top\"}}" in message
+    assert f'lerobot_source.rename_map = {{"{CAMERA_KEYS[1]}": "observation.images.top"}}' in message
     bigger_state = {**dataset, "observation.state": PolicyFeature(FeatureType.STATE, (6,))}
     with pytest.raises(ValueError, match=r"observation.state: the policy has shape \(6,\), the dataset \(2,\)"):
         check_features(_policy(bigger_state), dataset)
@@ -219,15 +229,22 @@ def test_two_video_cameras_teacher_reflow_export(tmp_path):
     """train_teacher -> reflow -> export on a two-camera video sandbox dataset, one camera renamed;
     the student acts through LeRobot's select_action."""
     runs, rename = tmp_path / "runs", {CAMERA_KEYS[1]: "observation.images.wrist"}
-    sandbox = [f'sandbox_source.root = "{tmp_path / "sandbox"}"', "sandbox_source.video = True",
-               "sandbox_source.cameras = 2", f'sandbox_source.rename_map = {json.dumps(rename)}']
+    sandbox = [
+        f'sandbox_source.root = "{tmp_path / "sandbox"}"',
+        "sandbox_source.video = True",
+        "sandbox_source.cameras = 2",
+        f"sandbox_source.rename_map = {json.dumps(rename)}",
+    ]
     assert run_job(runs, "gin/sandbox/tiny.gin", *sandbox) == 0
     assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *sandbox, f'reflow.teacher = "{runs / "tiny-teacher"}"') == 0
     student = runs / "tiny-reflow" / "student"
     config = json.loads((student / "config.json").read_text())
     assert {CAMERA_KEYS[0], "observation.images.wrist"} <= set(config["input_features"])
-    frames = load_dataset(source(tmp_path / "sandbox" / "data", rename_map=rename),
-                          open_metadata(source(tmp_path / "sandbox" / "data")), CHUNK)
+    frames = load_dataset(
+        source(tmp_path / "sandbox" / "data", rename_map=rename),
+        open_metadata(source(tmp_path / "sandbox" / "data")),
+        CHUNK,
+    )
     action = act_with_lerobot(student, frames)
     assert action.shape == (1, 2) and torch.isfinite(action).all()
 
@@ -237,18 +254,37 @@ def test_lerobot_train_teacher_is_distilled_on_its_video_dataset(recorded, tiny_
     out = tmp_path / "lerobot-train"
     command = [
         str(Path(sys.executable).parent / "lerobot-train"),
-        f"--dataset.repo_id={REPO}", f"--dataset.root={recorded['video']}", "--policy.type=smolvla",
-        f"--policy.vlm_model_name={tiny_vlm}", "--policy.load_vlm_weights=true", "--policy.push_to_hub=false",
-        "--policy.device=cpu", "--wandb.enable=false", f"--output_dir={out}", "--steps=2", "--batch_size=4",
-        "--num_workers=0", "--save_freq=2", "--log_freq=1", "--policy.num_vlm_layers=4", "--policy.chunk_size=16",
-        "--policy.n_action_steps=16", "--policy.resize_imgs_with_padding=[64,64]", "--policy.tokenizer_max_length=16",
+        f"--dataset.repo_id={REPO}",
+        f"--dataset.root={recorded['video']}",
+        "--policy.type=smolvla",
+        f"--policy.vlm_model_name={tiny_vlm}",
+        "--policy.load_vlm_weights=true",
+        "--policy.push_to_hub=false",
+        "--policy.device=cpu",
+        "--wandb.enable=false",
+        f"--output_dir={out}",
+        "--steps=2",
+        "--batch_size=4",
+        "--num_workers=0",
+        "--save_freq=2",
+        "--log_freq=1",
+        "--policy.num_vlm_layers=4",
+        "--policy.chunk_size=16",
+        "--policy.n_action_steps=16",
+        "--policy.resize_imgs_with_padding=[64,64]",
+        "--policy.tokenizer_max_length=16",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     teacher = out / "checkpoints" / "last" / "pretrained_model"
     runs = tmp_path / "runs"
-    data = ["reflow.source = @lerobot_source", f'lerobot_source.repo_id = "{REPO}"',
-            f'lerobot_source.root = "{recorded["video"]}"', f'reflow.teacher = "{teacher}"', "Trainer.steps = 2"]
+    data = [
+        "reflow.source = @lerobot_source",
+        f'lerobot_source.repo_id = "{REPO}"',
+        f'lerobot_source.root = "{recorded["video"]}"',
+        f'reflow.teacher = "{teacher}"',
+        "Trainer.steps = 2",
+    ]
     # a camera key the teacher reads but the dataset lacks (renamed away): a clear error before any work
     renamed = f'lerobot_source.rename_map = {{"{CAMERA_KEYS[1]}": "observation.images.top"}}'
     assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *data, renamed, 'run.name = "mismatch"') != 0
@@ -258,8 +294,10 @@ def test_lerobot_train_teacher_is_distilled_on_its_video_dataset(recorded, tiny_
     assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *data) == 0
     summary = json.loads((runs / "tiny-reflow" / "summary.json").read_text())
     assert summary["train"]["steps"] == 2 and summary["vlm_load_count"] == 1
-    action = act_with_lerobot(runs / "tiny-reflow" / "student", load_dataset(
-        source(recorded["video"]), open_metadata(source(recorded["video"])), CHUNK))
+    action = act_with_lerobot(
+        runs / "tiny-reflow" / "student",
+        load_dataset(source(recorded["video"]), open_metadata(source(recorded["video"])), CHUNK),
+    )
     assert action.shape == (1, 2)
 
 

@@ -9,7 +9,6 @@ references run in-process with the same global batch (2 × 4 = 8).
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from reflow_exp import distributed
 from reflow_exp import run as run_cli
+from reflow_exp.files import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -26,15 +26,14 @@ TEACHER_GIN = "gin/sandbox/tiny.gin"
 REFLOW_GIN = "gin/sandbox/tiny_reflow.gin"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bindings(tmp: Path, name: str, *extra: str) -> list[str]:
-    params = [f'run.runs_dir = "{tmp / "runs"}"', f'sandbox_source.root = "{tmp / "sandbox"}"', f'run.name = "{name}"',
-              "Trainer.log_every = 1", *extra]
+    params = [
+        f'run.runs_dir = "{tmp / "runs"}"',
+        f'sandbox_source.root = "{tmp / "sandbox"}"',
+        f'run.name = "{name}"',
+        "Trainer.log_every = 1",
+        *extra,
+    ]
     return [arg for p in params for arg in ("--gin_param", p)]
 
 
@@ -69,8 +68,12 @@ def runs(tmp_path_factory):
     assert results["teacher2"].returncode == 0, results["teacher2"].stderr[-3000:]
     assert run_cli.main(["--gin_file", TEACHER_GIN, *bindings(tmp, "teacher1", "train_teacher.batch_size = 8")]) == 0
 
-    reflow = [f'reflow.teacher = "{tmp / "runs" / "teacher2"}"', "reflow.coupling = @CachedCoupling()",
-              "CachedCoupling.pairs_per_sample = 2", "CachedCoupling.teacher_steps = 3"]
+    reflow = [
+        f'reflow.teacher = "{tmp / "runs" / "teacher2"}"',
+        "reflow.coupling = @CachedCoupling()",
+        "CachedCoupling.pairs_per_sample = 2",
+        "CachedCoupling.teacher_steps = 3",
+    ]
     results["reflow2"] = launch(torchrun(), REFLOW_GIN, bindings(tmp, "reflow2", *reflow, "reflow.batch_size = 4"))
     assert results["reflow2"].returncode == 0, results["reflow2"].stderr[-3000:]
     assert run_cli.main(["--gin_file", REFLOW_GIN, *bindings(tmp, "reflow1", *reflow, "reflow.batch_size = 8")]) == 0
@@ -124,8 +127,21 @@ def test_accelerate_launch_two_cpu_processes_resume_the_run(runs):
     without CUDA they use gloo on the CPU. The finished 6-step teacher resumes to step 8."""
     tmp, _ = runs
     shutil.copytree(tmp / "runs" / "teacher2", tmp / "runs" / "teacher2-resumed", symlinks=True)
-    launcher = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    launcher = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
     params = bindings(tmp, "teacher2-resumed", "train_teacher.batch_size = 4", "Trainer.steps = 8")
     result = launch(launcher, TEACHER_GIN, params)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,10 +163,17 @@ def test_a_gpu_index_that_does_not_exist_fails_before_the_run_folder(tmp_path):
 
 def test_a_process_that_cannot_reach_rank_0_times_out_with_a_message(tmp_path):
     port = free_port()  # nobody listens there
-    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    result = launch([sys.executable], TEACHER_GIN, bindings(tmp_path, "lonely", "run.dist_timeout_s = 3"), env=env,
-                    timeout=120)
+    env = {
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    result = launch(
+        [sys.executable], TEACHER_GIN, bindings(tmp_path, "lonely", "run.dist_timeout_s = 3"), env=env, timeout=120
+    )
     assert result.returncode == 1
     assert f"rank 1 of 2 could not reach rank 0 at 127.0.0.1:{port} within 3 s" in result.stderr
     assert not (tmp_path / "runs").exists()

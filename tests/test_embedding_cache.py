@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
-from lerobot.transforms.transforms import ImageTransforms, ImageTransformsConfig
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
+from lerobot.transforms.transforms import ImageTransforms, ImageTransformsConfig
 
 from reflow_exp import coupling, flow, run
 from reflow_exp.backbone import Backbone
@@ -33,13 +33,26 @@ def setup(tmp_path_factory):
     student = ActionHead(config, backbone, teacher.lerobot.state_dict())
     preprocess, _ = make_smolvla_pre_post_processors(config, meta.stats)
     loader = make_dataloader(load_dataset(source, meta, config.chunk_size), 8, seed=0, shuffle=False)
-    return {"backbone": backbone, "teacher": teacher, "student": student, "preprocess": preprocess,
-            "loader": loader, "source": source, "meta": meta}
+    return {
+        "backbone": backbone,
+        "teacher": teacher,
+        "student": student,
+        "preprocess": preprocess,
+        "loader": loader,
+        "source": source,
+        "meta": meta,
+    }
 
 
 def _model(setup, image_cache=None):
-    return Reflow(setup["backbone"], setup["teacher"], setup["student"],
-                  coupling.OnlineCoupling(teacher_steps=3), flow.uniform_time, image_cache=image_cache)
+    return Reflow(
+        setup["backbone"],
+        setup["teacher"],
+        setup["student"],
+        coupling.OnlineCoupling(teacher_steps=3),
+        flow.uniform_time,
+        image_cache=image_cache,
+    )
 
 
 def test_cached_embeddings_give_the_same_loss_and_teacher_actions(setup, tmp_path, capsys):
@@ -126,8 +139,11 @@ def test_unknown_frames_are_an_error(setup, tmp_path):
 
 
 def test_image_augmentation_refuses_the_cache(setup, tmp_path, capsys):
-    augmented = LeRobotDataset(setup["source"].repo_id, root=setup["meta"].root,
-                               image_transforms=ImageTransforms(ImageTransformsConfig(enable=True)))
+    augmented = LeRobotDataset(
+        setup["source"].repo_id,
+        root=setup["meta"].root,
+        image_transforms=ImageTransforms(ImageTransformsConfig(enable=True)),
+    )
     loader = make_dataloader(augmented, 8, seed=0, shuffle=False)
     args = (setup["teacher"], loader, setup["preprocess"], tmp_path, DATA)
     with pytest.raises(ValueError, match="image augmentation is on"):
@@ -139,8 +155,17 @@ def test_image_augmentation_refuses_the_cache(setup, tmp_path, capsys):
 
 
 def test_the_reflow_job_refuses_the_cache_without_the_shared_prefix(tmp_path, capsys):
-    argv = ["--gin_file", "gin/sandbox/tiny_reflow.gin", "--gin_param", f'run.runs_dir = "{tmp_path}"',
-            "--gin_param", 'reflow.teacher = "unused"', "--gin_param", "reflow.shared_prefix = False",
-            "--gin_param", "reflow.image_embedding_cache = True"]
+    argv = [
+        "--gin_file",
+        "gin/sandbox/tiny_reflow.gin",
+        "--gin_param",
+        f'run.runs_dir = "{tmp_path}"',
+        "--gin_param",
+        'reflow.teacher = "unused"',
+        "--gin_param",
+        "reflow.shared_prefix = False",
+        "--gin_param",
+        "reflow.image_embedding_cache = True",
+    ]
     assert run.main(argv) != 0  # before the teacher ("unused") is looked up
     assert "image_embedding_cache=True needs reflow.shared_prefix=True" in capsys.readouterr().err

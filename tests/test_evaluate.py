@@ -6,10 +6,8 @@ import pytest
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 from PIL import Image
 
-from reflow_exp.backbone import VLM_PREFIX, Backbone
 from reflow_exp.evaluate import (
     Evaluator,
     ScriptedChunkPolicy,
@@ -18,32 +16,14 @@ from reflow_exp.evaluate import (
     make_vector_env,
     observation_batch,
 )
-from reflow_exp.heads import ActionHead
 from reflow_exp.plots import success_latency_plot
-from reflow_exp.policy import Policy
-from reflow_exp.sandbox import tiny_smolvla_config
 from reflow_exp.sandbox.task import HELDOUT_LAYOUTS, REPORT_SEED_OFFSET, eval_seeds, layout_of
 from reflow_exp.stats import wilson_interval
 
-SANDBOX_STATS = {
-    "observation.state": {"mean": torch.full((2,), 0.5), "std": torch.full((2,), 0.3)},
-    "action": {"mean": torch.zeros(2), "std": torch.full((2,), 0.03)},
-}
 # PushT: positions in [0, 512] px for both the agent and the action; the stats of a uniform law.
-PUSHT_STATS = {key: {"mean": torch.full((2,), 256.0), "std": torch.full((2,), 148.0)}
-               for key in ("observation.state", "action")}
-
-
-def tiny_policy(vlm, stats, seed=0, **overrides) -> Policy:
-    """A random-weight tiny SmolVLA composed as our Policy (backbone + head + processors)."""
-    torch.manual_seed(seed)
-    config = tiny_smolvla_config(vlm, load_vlm_weights=False, device="cpu", **overrides)
-    state = SmolVLAPolicy(config).state_dict()
-    vlm_state = {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
-    head_state = {k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)}
-    backbone = Backbone.from_state_dict(config.vlm_model_name, config.num_vlm_layers, vlm_state, "test")
-    head = ActionHead(config, backbone, head_state)
-    return Policy(backbone, head, *make_smolvla_pre_post_processors(config, stats)).eval()
+PUSHT_STATS = {
+    key: {"mean": torch.full((2,), 256.0), "std": torch.full((2,), 148.0)} for key in ("observation.state", "action")
+}
 
 
 def probe_mp4(path) -> tuple[str, str, int]:
@@ -61,8 +41,8 @@ def outcome(result: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sandbox_policy(tiny_vlm):
-    return tiny_policy(tiny_vlm, SANDBOX_STATS)
+def sandbox_policy(tiny_vlm, tiny_policy, sandbox_stats):
+    return tiny_policy(tiny_vlm, sandbox_stats)
 
 
 def test_sandbox_numbers_videos_and_determinism(sandbox_policy, tmp_path):
@@ -74,7 +54,9 @@ def test_sandbox_numbers_videos_and_determinism(sandbox_policy, tmp_path):
     assert set(result) == {1, 2}
     for k, r in result.items():
         assert r["episodes"] == 3
-        assert 0.0 <= r["success_rate"] <= 1.0 and 0.0 <= r["mean_return"] <= 1.0
+        # The rates are the episodes' own: reward 1 on success only, so the mean return is the rate.
+        assert r["success_rate"] == sum(r["episode_success"]) / 3 == r["mean_return"]
+        assert r["episode_seeds"] == eval_seeds(3, split="dev", layouts="all")
         assert 1 <= r["mean_length"] <= 60
         assert r["latency_ms"] > 0
         assert sum(r["routes"].values()) == 3
@@ -100,8 +82,13 @@ def test_scripted_expert_succeeds_through_the_rollout_loop():
 
 def test_report_split_heldout_layouts_intervals_and_per_seed_outcomes():
     evaluator = Evaluator(episodes=6, n_envs=4, videos=0, latency_calls=0, split="report", layouts="heldout")
-    assert evaluator.protocol == {"env_id": "reflow_exp/Sandbox-v0", "split": "report", "seed": 0,
-                                  "layouts": "heldout", "episodes": 6}
+    assert evaluator.protocol == {
+        "env_id": "reflow_exp/Sandbox-v0",
+        "split": "report",
+        "seed": 0,
+        "layouts": "heldout",
+        "episodes": 6,
+    }
     result = evaluator.run(ScriptedChunkPolicy(), step_counts=(1, 2))
     seeds = eval_seeds(6, split="report", layouts="heldout")
     assert all(s >= REPORT_SEED_OFFSET and layout_of(s) in HELDOUT_LAYOUTS for s in seeds)
@@ -112,9 +99,13 @@ def test_report_split_heldout_layouts_intervals_and_per_seed_outcomes():
         assert all(type(x) is int for x in r["episode_success"])
 
 
-@pytest.mark.parametrize("gin_file, layouts", [
-    ("gin/sandbox/eval.gin", "all"), ("gin/sandbox/layouts/eval.gin", "heldout"),
-])
+@pytest.mark.parametrize(
+    "gin_file, layouts",
+    [
+        ("gin/sandbox/eval.gin", "all"),
+        ("gin/sandbox/layouts/eval.gin", "heldout"),
+    ],
+)
 def test_eval_gin_files_report_500_episodes_on_the_report_range(gin_file, layouts, capsys):
     from reflow_exp import run
 
@@ -158,9 +149,12 @@ def test_evaluator_can_override_how_often_the_policy_replans():
         Evaluator(n_action_steps=0)
 
 
-def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tmp_path):
+def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tiny_policy, tmp_path):
     policy = tiny_policy(
-        tiny_vlm, PUSHT_STATS, seed=1, n_action_steps=8,
+        tiny_vlm,
+        PUSHT_STATS,
+        seed=1,
+        n_action_steps=8,
         input_features={
             "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 96, 96)),  # resized to 64
             "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
@@ -168,7 +162,8 @@ def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tmp_path):
     )
     evaluator = Evaluator(env_id="pusht", episodes=2, n_envs=2, max_steps=20, videos=1, latency_calls=1)
     ours = evaluator.run(policy, step_counts=(2,), out_dir=tmp_path, tag="pusht")[2]
-    assert ours["episodes"] == 2 and ours["mean_length"] == 20 and 0 <= ours["success_rate"] <= 1
+    assert ours["episodes"] == 2 and ours["mean_length"] == 20
+    assert ours["success_rate"] == sum(ours["episode_success"]) / 2 and len(ours["episode_success"]) == 2
     assert "routes" not in ours
     codec, _, frames = probe_mp4(ours["videos"][0])
     assert codec == "h264" and frames == 21
@@ -214,3 +209,28 @@ def test_success_latency_plot(tmp_path):
     results["student"]["1"] |= {"ci_low": 0.6, "ci_high": 0.95}
     with Image.open(path) as plain, Image.open(success_latency_plot(results, tmp_path / "bars.png")) as bars:
         assert plain.size == bars.size and np.abs(np.asarray(plain, float) - np.asarray(bars, float)).sum() > 0
+
+
+def test_write_mp4_is_lerobots_writer_and_round_trips(tmp_path):
+    """Videos are LeRobot's `write_video` (H.264, yuv420p, odd sizes cropped): same bytes, and the
+    decoded frames are the written ones up to the codec's loss."""
+    import av
+    from lerobot.utils.io_utils import write_video
+
+    from reflow_exp.evaluate import write_mp4
+
+    y, x = np.mgrid[0:33, 0:47]
+    frames = [
+        np.stack([(4 * x + 8 * i) % 256, (6 * y) % 256, np.full_like(x, 30 * i % 256)], -1).astype(np.uint8)
+        for i in range(12)
+    ]  # smooth, moving, odd size
+    ours = write_mp4(frames, tmp_path / "sub" / "ours.mp4", fps=10)
+    write_video(tmp_path / "theirs.mp4", frames, fps=10)
+    assert ours.read_bytes() == (tmp_path / "theirs.mp4").read_bytes()
+    codec, pix_fmt, count = probe_mp4(ours)
+    assert (codec, pix_fmt, count) == ("h264", "yuv420p", 12)
+    with av.open(str(ours)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert decoded[0].shape == (32, 46, 3)
+    error = np.mean([np.abs(d.astype(int) - f[:32, :46].astype(int)).mean() for d, f in zip(decoded, frames)])
+    assert error < 8, error

@@ -21,11 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from app import runs
+from app.forms import LaunchError
 from app.runner import Runner
-from app.runs import LaunchError
 from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import latest_checkpoint
-from tests.conftest import running_dashboard
+from reflow_exp.files import free_port
 from reflow_exp.rundir import RunDir
 from reflow_exp.tracking import Tracker
 
@@ -66,9 +66,9 @@ def teacher_copy(tiny_teacher, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory, free_port):
+def dashboard(tmp_path_factory, dashboard_server):
     """The dashboard without a login, on 127.0.0.1: (url, Dashboard)."""
-    with running_dashboard(tmp_path_factory.mktemp("faults-dashboard") / "runs", free_port()) as served:
+    with dashboard_server(tmp_path_factory.mktemp("faults-dashboard") / "runs", free_port()) as served:
         yield served
 
 
@@ -104,18 +104,25 @@ def test_overrides_cannot_make_a_run_write_outside_the_runs_folder(dashboard, tm
     url, board = dashboard
     outside = tmp_path / "any" / "dir"
     runner = Runner(board.runs_dir, list_gpus=lambda: [])
-    for override in (f'sandbox_source.root = "{outside}"', f'Tracker.repo = "{outside}"',
-                     'sandbox_source.root = "runs/../../elsewhere"', "tracking.Tracker.repo = '~/aim'",
-                     f'teacher/Tracker.repo = "{outside}"', "sandbox_source.root = %ROOT"):
+    for override in (
+        f'sandbox_source.root = "{outside}"',
+        f'Tracker.repo = "{outside}"',
+        'sandbox_source.root = "runs/../../elsewhere"',
+        "tracking.Tracker.repo = '~/aim'",
+        f'teacher/Tracker.repo = "{outside}"',
+        "sandbox_source.root = %ROOT",
+    ):
         with pytest.raises(LaunchError, match="runs folder|quoted folder path"):
             runner.plan("sandbox/tiny.gin", [], override, "cpu", "w")
     # Inside the runs folder, the default (None) and the explicit option are fine.
-    runner.plan("sandbox/tiny.gin", [], f'sandbox_source.root = "{board.runs_dir / "sandbox"}"\nTracker.repo = None',
-                "cpu", "w")
+    runner.plan(
+        "sandbox/tiny.gin", [], f'sandbox_source.root = "{board.runs_dir / "sandbox"}"\nTracker.repo = None', "cpu", "w"
+    )
     runner.plan("sandbox/tiny.gin", [], f'Tracker.repo = "{outside}"', "cpu", "w", allow_outside=True)
 
-    message, _ = Client(url, verbose=False).predict("sandbox/tiny.gin", [], f'sandbox_source.root = "{outside}"',
-                                                    "cpu", "outside-write", api_name="/launch")
+    message, _ = Client(url, verbose=False).predict(
+        "sandbox/tiny.gin", [], f'sandbox_source.root = "{outside}"', "cpu", "outside-write", api_name="/launch"
+    )
     assert "msg-error" in message and "Allow writes outside runs/" in message.replace("&quot;", '"')
     assert not outside.exists() and not (board.runs_dir / "outside-write").exists()
     assert not board.runner.running()
@@ -140,22 +147,30 @@ def test_foreign_origin_or_host_gets_403(dashboard):
     assert _request(info, {})[0] == 200
     assert _request(info, {"Origin": url.rstrip("/")})[0] == 200
     assert _request(info, {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"})[0] == 200
-    for headers in ({"Origin": "http://evil.example"}, {"Host": "evil.example"},
-                    {"Host": "evil.example", "Origin": "http://evil.example"}, {"Origin": "null"}):
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Host": "evil.example"},
+        {"Host": "evil.example", "Origin": "http://evil.example"},
+        {"Origin": "null"},
+    ):
         status, answer = _request(info, headers)
         assert status == 403, headers
         if "Host" not in headers:
             assert "access-control-allow-origin" not in {k.lower() for k in answer}, answer
     # A cross-origin POST to the API starts nothing.
-    request = urllib.request.Request(url + "gradio_api/call/stop", data=b'{"data": ["x"]}', method="POST",
-                                     headers={"Origin": "http://evil.example", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "gradio_api/call/stop",
+        data=b'{"data": ["x"]}',
+        method="POST",
+        headers={"Origin": "http://evil.example", "Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         NO_PROXY.open(request, timeout=30)
     assert refused.value.code == 403
     assert Client(url, verbose=False).predict(api_name="/runs") is not None  # no login needed locally
 
 
-def test_aim_explorer_is_not_started_when_the_dashboard_has_a_login(tmp_path, free_port):
+def test_aim_explorer_is_not_started_when_the_dashboard_has_a_login(tmp_path):
     """Issue item 5: the Aim explorer has no login, so a dashboard with one does not start it."""
     from gradio_client import Client
 
@@ -163,8 +178,14 @@ def test_aim_explorer_is_not_started_when_the_dashboard_has_a_login(tmp_path, fr
 
     runs_dir = tmp_path / "runs"
     demo = build_demo(runs_dir, login=True)
-    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                    quiet=True, auth=("user", "secret"), **launch_kwargs(runs_dir))
+    _, url, _ = demo.queue().launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        auth=("user", "secret"),
+        **launch_kwargs(runs_dir),
+    )
     try:
         assert _request(url + "gradio_api/info", {})[0] in (401, 403)  # the login covers the API
         message = Client(url, auth=("user", "secret"), verbose=False).predict(api_name="/aim")
@@ -184,8 +205,12 @@ def test_diverging_run_stops_with_a_clear_message_and_a_finite_last(cli, tiny_te
     runs_dir = tmp_path / "runs"
     (runs_dir).mkdir()
     (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
-    result = cli("gin/sandbox/tiny.gin", *_bindings(runs_dir, 'run.name = "nan"', "Trainer.lr = 1e6",
-                                                    "Trainer.save_every = 1", "Tracker.enabled = False"))
+    result = cli(
+        "gin/sandbox/tiny.gin",
+        *_bindings(
+            runs_dir, 'run.name = "nan"', "Trainer.lr = 1e6", "Trainer.save_every = 1", "Tracker.enabled = False"
+        ),
+    )
     assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
     error = next(line for line in result.stderr.splitlines() if "error: " in line)
     assert " at step " in error and (" is nan " in error or " is inf " in error) and "Trainer.lr" in error, error
@@ -213,8 +238,10 @@ def test_reflow_refuses_a_teacher_with_nan_weights(cli, teacher_copy):
     name = next(k for k, v in tensors.items() if v.is_floating_point() and "expert" in k)
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, weights)
-    result = cli("gin/sandbox/tiny_reflow.gin", *_bindings(teacher_copy.parent, f'reflow.teacher = "{teacher_copy}"',
-                                                           "Tracker.enabled = False"))
+    result = cli(
+        "gin/sandbox/tiny_reflow.gin",
+        *_bindings(teacher_copy.parent, f'reflow.teacher = "{teacher_copy}"', "Tracker.enabled = False"),
+    )
     assert result.returncode == 1
     assert "pretrained_model/model.safetensors holds NaN/inf weights in 1 tensor(s)" in result.stderr, result.stderr
     assert "Generating" not in result.stdout and "Creating student" not in result.stdout
@@ -243,17 +270,24 @@ def test_one_process_per_run_folder_and_status_from_exit_records(cli, tiny_teach
 
     first = cli("gin/sandbox/tiny.gin", *long_run, wait=False)
     try:
-        _wait_for(lambda: (run_dir / "checkpoints" / "last").exists(), 240, "first checkpoint", first,
-                  run_dir / "log.txt")
+        _wait_for(
+            lambda: (run_dir / "checkpoints" / "last").exists(), 240, "first checkpoint", first, run_dir / "log.txt"
+        )
         assert runs.run_status(run_dir).status == "running"  # a CLI run: status.json + its live pid
-        before = sorted((p.name, p.stat().st_size) for p in run_dir.iterdir() if p.name not in (
-            "log.txt", "metrics.jsonl", "checkpoints"))
+        before = sorted(
+            (p.name, p.stat().st_size)
+            for p in run_dir.iterdir()
+            if p.name not in ("log.txt", "metrics.jsonl", "checkpoints")
+        )
         log_before = (run_dir / "log.txt").read_text().count("Run folder")
         second = cli("gin/sandbox/tiny.gin", *long_run, "Trainer.lr = 3e-4")
         assert second.returncode == run_cli.EXIT_RUN_LOCKED, second.stderr[-2000:]
         assert f"in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
-        after = sorted((p.name, p.stat().st_size) for p in run_dir.iterdir() if p.name not in (
-            "log.txt", "metrics.jsonl", "checkpoints"))
+        after = sorted(
+            (p.name, p.stat().st_size)
+            for p in run_dir.iterdir()
+            if p.name not in ("log.txt", "metrics.jsonl", "checkpoints")
+        )
         assert after == before  # no config.<time>.gin, no status change, no Aim hash rewrite
         assert (run_dir / "log.txt").read_text().count("Run folder") == log_before
         first.send_signal(signal.SIGINT)
@@ -268,8 +302,13 @@ def test_one_process_per_run_folder_and_status_from_exit_records(cli, tiny_teach
     # A process that dies holding the folder (SIGKILL) leaves a stale .lock file: it does not block.
     third = cli("gin/sandbox/tiny.gin", *long_run, wait=False)
     try:
-        _wait_for(lambda: json.loads((run_dir / "status.json").read_text()).get("pid") == third.pid, 120,
-                  "the third run's status", third, run_dir / "log.txt")
+        _wait_for(
+            lambda: json.loads((run_dir / "status.json").read_text()).get("pid") == third.pid,
+            120,
+            "the third run's status",
+            third,
+            run_dir / "log.txt",
+        )
         os.killpg(third.pid, signal.SIGKILL)
         third.wait(30)
     finally:
@@ -293,7 +332,7 @@ def test_status_uses_the_exit_code_not_log_text(tiny_teacher, tmp_path):
     run_dir = tmp_path / "runs" / "done"
     shutil.copytree(tiny_teacher, run_dir, symlinks=True)
     with open(run_dir / "log.txt", "a") as log:
-        log.write("Traceback (most recent call last):\n  File \"torchcodec/_core/ops.py\"\nRuntimeError: no FFmpeg\n")
+        log.write('Traceback (most recent call last):\n  File "torchcodec/_core/ops.py"\nRuntimeError: no FFmpeg\n')
     assert json.loads((run_dir / "status.json").read_text())["exit_code"] == 0
     assert runs.run_status(run_dir).status == "finished"
 
@@ -315,8 +354,10 @@ def test_damaged_last_checkpoint_falls_back_to_the_one_before(cli, teacher_copy)
     (checkpoints / "000006" / "training_state" / "optimizer_state.safetensors").write_bytes(b"")
     result = cli("gin/sandbox/tiny.gin", *_bindings(teacher_copy.parent, "Tracker.enabled = False"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (f"Warning: checkpoint {checkpoints / '000006'} is damaged "
-            "(training_state/optimizer_state.safetensors: the file is empty)") in result.stderr
+    assert (
+        f"Warning: checkpoint {checkpoints / '000006'} is damaged "
+        "(training_state/optimizer_state.safetensors: the file is empty)"
+    ) in result.stderr
     assert f"Resuming training from {checkpoints / '000003'} (step 3 of 6)" in result.stdout
     assert latest_checkpoint(checkpoints) == checkpoints / "000006"
     assert (checkpoints / "000006" / "training_state" / "optimizer_state.safetensors").stat().st_size > 0
@@ -379,13 +420,13 @@ FSYNC_SCRIPT = """
 import sys
 from pathlib import Path
 from reflow_exp.checkpoint import save_checkpoint
-from reflow_exp.rundir import _write_atomic
+from reflow_exp.files import write_atomic
 root = Path(sys.argv[1])
 def write(tmp):
     (tmp / "model").mkdir()
     (tmp / "model" / "weights.bin").write_bytes(b"w" * 100)
 save_checkpoint(root / "checkpoints", 5, write)
-_write_atomic(root / "summary.json", "{}")
+write_atomic(root / "summary.json", "{}")
 """
 
 
@@ -393,8 +434,23 @@ _write_atomic(root / "summary.json", "{}")
 def test_atomic_saves_are_fsynced_before_and_after_the_rename(tmp_path):
     """Issue item 6: file contents, then the rename, then the folder reach the disk (power loss)."""
     trace = tmp_path / "trace.txt"
-    subprocess.run([STRACE, "-f", "-y", "-e", "trace=fsync,rename,renameat,renameat2", "-o", str(trace),
-                    sys.executable, "-c", FSYNC_SCRIPT, str(tmp_path)], check=True, cwd=Path(__file__).parent.parent)
+    subprocess.run(
+        [
+            STRACE,
+            "-f",
+            "-y",
+            "-e",
+            "trace=fsync,rename,renameat,renameat2",
+            "-o",
+            str(trace),
+            sys.executable,
+            "-c",
+            FSYNC_SCRIPT,
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
     calls = [line.split(" ", 1)[1] for line in trace.read_text().splitlines() if "fsync(" in line or "rename" in line]
     ckpts = tmp_path / "checkpoints"
 
@@ -412,14 +468,17 @@ def test_atomic_saves_are_fsynced_before_and_after_the_rename(tmp_path):
 # -- 7: late or unclear errors ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("binding, expected", [
-    ('Trainer.steps = "ten"', "Trainer.steps: got str 'ten', expected int"),
-    ('Trainer.lr = "1e-3"', "Trainer.lr: got str '1e-3', expected float (write 1e-3 without quotes)"),
-    ("Trainer.steps = 5.5", "Trainer.steps: got float 5.5, expected int"),
-    ('Trainer.save_every = "3"', "Trainer.save_every: got str '3', expected int | None"),
-    ("Trainer.steps = True", "Trainer.steps: got bool True, expected int"),
-    ('Trainer.betas = (0.9, "x")', "Trainer.betas: got tuple (0.9, 'x'), expected tuple[float, float]"),
-])
+@pytest.mark.parametrize(
+    "binding, expected",
+    [
+        ('Trainer.steps = "ten"', "Trainer.steps: got str 'ten', expected int"),
+        ('Trainer.lr = "1e-3"', "Trainer.lr: got str '1e-3', expected float (write 1e-3 without quotes)"),
+        ("Trainer.steps = 5.5", "Trainer.steps: got float 5.5, expected int"),
+        ('Trainer.save_every = "3"', "Trainer.save_every: got str '3', expected int | None"),
+        ("Trainer.steps = True", "Trainer.steps: got bool True, expected int"),
+        ('Trainer.betas = (0.9, "x")', "Trainer.betas: got tuple (0.9, 'x'), expected tuple[float, float]"),
+    ],
+)
 def test_wrong_types_exit_2_before_anything_is_written(tmp_path, capsys, binding, expected):
     """Issue item 7: values that do not fit the parameter's annotation, in --gin_param or a file."""
     argv = ["--gin_file", "gin/sandbox/tiny.gin", "--gin_param", f'run.runs_dir = "{tmp_path / "runs"}"']
@@ -441,8 +500,14 @@ def test_wrong_type_exits_2_in_a_real_process_before_the_run_folder(cli, tmp_pat
 def test_every_shipped_config_passes_the_type_check():
     import gin
 
-    for config in ("sandbox/teacher.gin", "sandbox/tiny.gin", "smolvla/eval_pusht.gin", "sandbox/reflow.gin",
-                   "sandbox/tiny_reflow.gin", "smolvla/reflow.gin"):
+    for config in (
+        "sandbox/teacher.gin",
+        "sandbox/tiny.gin",
+        "smolvla/eval_pusht.gin",
+        "sandbox/reflow.gin",
+        "sandbox/tiny_reflow.gin",
+        "smolvla/reflow.gin",
+    ):
         gin.clear_config()
         teacher = ['reflow.teacher = "lerobot/smolvla_base"'] if "reflow" in config else []
         assert run_cli.load_config([config], teacher) is not None
@@ -483,8 +548,15 @@ def test_a_teacher_of_another_policy_type_is_refused_before_parsing(tiny_teacher
 
 def test_dry_run_fails_for_a_missing_teacher_folder(tmp_path, capsys):
     for teacher in (tmp_path / "nope", "./nope", "../no/such/teacher"):
-        argv = ["--gin_file", "gin/sandbox/tiny_reflow.gin", "--gin_param", f'reflow.teacher = "{teacher}"',
-                "--gin_param", f'run.runs_dir = "{tmp_path / "runs"}"', "--dry_run"]
+        argv = [
+            "--gin_file",
+            "gin/sandbox/tiny_reflow.gin",
+            "--gin_param",
+            f'reflow.teacher = "{teacher}"',
+            "--gin_param",
+            f'run.runs_dir = "{tmp_path / "runs"}"',
+            "--dry_run",
+        ]
         assert run_cli.main(argv) == run_cli.EXIT_JOB_FAILED, teacher
         assert f"Cannot find the teacher folder '{teacher}'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()

@@ -6,13 +6,12 @@ import pytest
 
 from reflow_exp import lerobot_check
 from reflow_exp.sandbox.task import REPORT_SEED_OFFSET, eval_seeds
-from tests.test_evaluate import SANDBOX_STATS, tiny_policy
 
 
 @pytest.fixture(scope="module")
-def exported_student(tiny_vlm, tmp_path_factory):
+def exported_student(tiny_vlm, tiny_policy, sandbox_stats, tmp_path_factory):
     """A tiny 1-step SmolVLA, exported as a reflow student is: a LeRobot folder with processors."""
-    policy = tiny_policy(tiny_vlm, SANDBOX_STATS, seed=2, num_steps=1, n_action_steps=9)  # seed 2: ragged lengths
+    policy = tiny_policy(tiny_vlm, sandbox_stats, seed=2, num_steps=1, n_action_steps=9)  # seed 2: ragged lengths
     return policy.save_pretrained(tmp_path_factory.mktemp("student") / "student")
 
 
@@ -57,8 +56,19 @@ def test_targets_roll_out_every_row_through_lerobot_and_apply_the_bar(exported_s
     """The student folder doubles as the teacher: student@k and teacher@k are then the same policy on
     the same seeds, so LeRobot's loop must give them identical outcomes (difference 0, no discordant)."""
     out = tmp_path / "targets.json"
-    argv = [str(exported_student), "--teacher", str(exported_student), "--split", "dev", "--episodes", "6",
-            "--n_envs", "3", "--out", str(out)]
+    argv = [
+        str(exported_student),
+        "--teacher",
+        str(exported_student),
+        "--split",
+        "dev",
+        "--episodes",
+        "6",
+        "--n_envs",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert lerobot_check.main(argv) == 0
     assert "Quality bar:" in capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -67,7 +77,10 @@ def test_targets_roll_out_every_row_through_lerobot_and_apply_the_bar(exported_s
     same = result["paired"]["student@1 vs teacher@1"]
     assert same["difference"] == 0 and same["first_only"] == same["second_only"] == 0
     assert result["rows"]["student@2"] == result["rows"]["teacher@2"]
-    assert "student@1 >= teacher@1 + 0.20" in result["quality_bar"] and not result["quality_bar"]["student@1 >= teacher@1 + 0.20"]
+    assert (
+        "student@1 >= teacher@1 + 0.20" in result["quality_bar"]
+        and not result["quality_bar"]["student@1 >= teacher@1 + 0.20"]
+    )
 
 
 def test_targets_refuse_step_overrides(exported_student):

@@ -19,11 +19,18 @@ ENV = os.environ | {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_T
 
 
 def run_module(*args: str, env=None, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", *args], cwd=REPO, env=env or ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", *args],
+        cwd=REPO,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- bad input ------------------------------------------------------------------------------------
+
 
 def test_unknown_task_lists_the_valid_v3_names(tmp_path):
     from reflow_exp.jobs import metaworld_source
@@ -56,6 +63,7 @@ def test_expert_below_threshold_fails_with_per_task_rates(recorded):
 
 # -- the env --------------------------------------------------------------------------------------
 
+
 def test_env_is_lerobots_wrapper_small_and_with_raw_state():
     import gymnasium as gym
     from lerobot.envs.metaworld import MetaworldEnv
@@ -85,6 +93,7 @@ def test_env_is_lerobots_wrapper_small_and_with_raw_state():
 
 
 # -- recording and the smoke pipeline -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
@@ -168,8 +177,14 @@ def test_mean_over_tasks_pools_episodes_by_task_and_seed():
     from reflow_exp.stats import wilson_interval
 
     def metrics(success, length, latency):
-        return {"episode_success": success, "episode_seeds": [5, 6], "episodes": 2, "mean_length": length,
-                "mean_return": 1.0, "latency_ms": latency}
+        return {
+            "episode_success": success,
+            "episode_seeds": [5, 6],
+            "episodes": 2,
+            "mean_length": length,
+            "mean_return": 1.0,
+            "latency_ms": latency,
+        }
 
     pooled = pool([metrics([1, 1], 40.0, 10.0), metrics([0, 0], 200.0, 30.0)], ["reach-v3", "push-v3"])
     assert pooled["success_rate"] == 0.5 and pooled["episodes"] == 4

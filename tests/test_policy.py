@@ -10,20 +10,6 @@ from reflow_exp.heads import ActionHead
 from reflow_exp.policy import Policy
 from reflow_exp.sandbox import tiny_smolvla_config
 
-B, CHUNK = 3, 16
-
-
-def make_batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "observation.image": torch.rand(B, 3, 64, 64, generator=g),
-        "observation.state": torch.randn(B, 2, generator=g),
-        "observation.language.tokens": torch.randint(6, 12, (B, 5), generator=g),
-        "observation.language.attention_mask": torch.ones(B, 5, dtype=torch.bool),
-        "action": torch.randn(B, CHUNK, 2, generator=g),
-        "action_is_pad": torch.arange(CHUNK).expand(B, CHUNK) >= torch.tensor([[CHUNK], [10], [4]]),
-    }
-
 
 @pytest.fixture(scope="module")
 def reference(tiny_vlm):
@@ -41,9 +27,10 @@ def reference(tiny_vlm):
     return lerobot_policy, ours
 
 
-def test_same_loss_and_actions_as_lerobot(reference):
+def test_same_loss_and_actions_as_lerobot(reference, make_batch):
     lerobot_policy, ours = reference
     batch = make_batch()
+    B, CHUNK = batch["action"].shape[:2]
     noise, time = torch.randn(B, CHUNK, 32), torch.rand(B)
     expected, _ = lerobot_policy.forward(dict(batch), noise=noise, time=time)
     got, _ = ours.loss(dict(batch), noise=noise, time=time)
@@ -76,7 +63,7 @@ def test_copied_head_is_independent(reference):
     assert not torch.equal(first, next(ours.head.parameters()))
 
 
-def test_fresh_head_is_initialised(reference):
+def test_fresh_head_is_initialised(reference, make_batch):
     _, ours = reference
     head = ActionHead(ours.config, ours.backbone)
     for name, p in head.named_parameters():
@@ -87,9 +74,10 @@ def test_fresh_head_is_initialised(reference):
     assert torch.isfinite(loss)
 
 
-def test_export_loads_in_lerobot_and_back(reference, tmp_path):
+def test_export_loads_in_lerobot_and_back(reference, make_batch, tmp_path):
     _, ours = reference
-    batch, noise = make_batch(1), torch.randn(B, CHUNK, 32)
+    batch = make_batch(1)
+    noise = torch.randn(*batch["action"].shape[:2], 32)
     expected = ours.predict_action_chunk(dict(batch), noise=noise)
     ours.save_pretrained(tmp_path / "policy")
 

@@ -7,17 +7,17 @@ import pytest
 import torch
 from lerobot.policies.factory import get_policy_class
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-
 from safetensors.torch import load_file
 
 from reflow_exp import coupling, flow, jobs, run
 from reflow_exp.backbone import VLM_PREFIX
+from reflow_exp.bench.models import VlmLoadCounter
 from reflow_exp.data import DataSource, load_dataset, make_dataloader, open_metadata
+from reflow_exp.evaluate import Evaluator
 from reflow_exp.heads import ActionHead
 from reflow_exp.offline import offline_metrics
 from reflow_exp.policy import Policy
 from reflow_exp.reflow import Reflow
-from tests.test_policy import B, CHUNK, make_batch
 
 EXPECTED_LOG = [
     "[Reflow] Loading teacher model from",
@@ -37,17 +37,26 @@ def run_job(tmp_path, *gin_params, gin_file="gin/sandbox/tiny.gin"):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny teacher, then a tiny reflow run from it (module-scoped: both take a while)."""
+def reflow_run(tmp_path_factory):
+    """A tiny teacher, then a tiny reflow run from it (module-scoped: both take a while): the runs
+    folder, and the reflow run's VLM loads as counted by bench's hook on transformers' SmolVLM class
+    (`VlmLoadCounter`, independent of the project's own `vlm_load_count`)."""
     tmp = tmp_path_factory.mktemp("reflow")
     run_job(tmp)
+    counter = VlmLoadCounter().install()
     run_job(tmp, f'reflow.teacher = "{tmp / "runs" / "tiny-teacher"}"', gin_file="gin/sandbox/tiny_reflow.gin")
-    return tmp / "runs"
+    return tmp / "runs", counter.count
 
 
-def test_reflow_loads_the_vlm_once_and_reports_params(runs):
+@pytest.fixture(scope="module")
+def runs(reflow_run):
+    return reflow_run[0]
+
+
+def test_reflow_loads_the_vlm_once_and_reports_params(reflow_run):
+    runs, independent_count = reflow_run
     summary = json.loads((runs / "tiny-reflow" / "summary.json").read_text())
-    assert summary["vlm_load_count"] == 1
+    assert independent_count == 1 and summary["vlm_load_count"] == 1
     params = summary["params"]
     assert params["total"] == params["backbone"] + params["student_head"]
     assert params["trainable"] == params["student_head"] == params["teacher_head"]
@@ -66,10 +75,18 @@ def test_reflow_reads_image_embeddings_from_its_cache(runs):
 def test_the_same_run_without_the_cache_trains_the_same_student(runs, tmp_path):
     """Same seed, encoder instead of cache: the same losses and offline errors (float tolerance)."""
     teacher = runs / "tiny-teacher"
-    run_job(tmp_path, f'reflow.teacher = "{teacher}"', 'run.name = "no-cache"', "reflow.image_embedding_cache = False",
-            f'sandbox_source.root = "{runs.parent / "sandbox"}"', gin_file="gin/sandbox/tiny_reflow.gin")
-    cached, plain = (json.loads((folder / "summary.json").read_text())
-                     for folder in (runs / "tiny-reflow", tmp_path / "runs" / "no-cache"))
+    run_job(
+        tmp_path,
+        f'reflow.teacher = "{teacher}"',
+        'run.name = "no-cache"',
+        "reflow.image_embedding_cache = False",
+        f'sandbox_source.root = "{runs.parent / "sandbox"}"',
+        gin_file="gin/sandbox/tiny_reflow.gin",
+    )
+    cached, plain = (
+        json.loads((folder / "summary.json").read_text())
+        for folder in (runs / "tiny-reflow", tmp_path / "runs" / "no-cache")
+    )
     assert "image_embedding_cache" not in plain
     assert plain["train"]["last_loss"] == pytest.approx(cached["train"]["last_loss"], rel=1e-4)
     for k, values in plain["offline"]["student"].items():
@@ -117,7 +134,14 @@ def test_rollouts_fill_summary_plot_and_videos(runs):
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["eval"]["teacher"]) == {"1", "10"} and set(summary["eval"]["student"]) == {"1"}
     student_1 = summary["eval"]["student"]["1"]
-    assert 0 <= student_1["success_rate"] <= 1 and student_1["episodes"] == 2 and student_1["latency_ms"] > 0
+    assert student_1["episodes"] == 2 and student_1["latency_ms"] > 0
+    # The saved student, rolled out again on the recorded protocol, has the job's episodes and rate.
+    again = Evaluator(**summary["eval_protocol"], n_envs=1, videos=0, latency_calls=0).run(
+        Policy.from_pretrained(folder / "student"), step_counts=(1,)
+    )[1]
+    recorded = json.loads((folder / jobs.EPISODES_FILE).read_text())["student"]["1"]
+    assert (again["episode_seeds"], again["episode_success"]) == (recorded["seeds"], recorded["success"])
+    assert again["success_rate"] == student_1["success_rate"] == sum(recorded["success"]) / 2
     assert all((folder / video).is_file() for video in student_1["videos"]) and student_1["videos"]
     assert (folder / "eval_plot.png").stat().st_size > 10_000
     assert "quality_bar" in summary
@@ -126,8 +150,13 @@ def test_rollouts_fill_summary_plot_and_videos(runs):
 def test_rollouts_carry_intervals_protocol_and_paired_tests(runs):
     folder = runs / "tiny-reflow"
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["eval_protocol"] == {"env_id": "reflow_exp/Sandbox-v0", "split": "dev", "seed": 0,
-                                        "layouts": "all", "episodes": 2}  # reflow.gin: the job rolls out on dev
+    assert summary["eval_protocol"] == {
+        "env_id": "reflow_exp/Sandbox-v0",
+        "split": "dev",
+        "seed": 0,
+        "layouts": "all",
+        "episodes": 2,
+    }  # reflow.gin: the job rolls out on dev
     episodes = json.loads((folder / jobs.EPISODES_FILE).read_text())
     for head, by_steps in summary["eval"].items():
         for k, m in by_steps.items():
@@ -184,17 +213,19 @@ def test_quality_bar_uses_the_paired_test():
     assert jobs.quality_bar({"teacher": {"10": {"success_rate": 0.9}}, "student": {}}) is None
 
 
-def test_exported_student_is_an_ordinary_lerobot_checkpoint(runs):
+def test_exported_student_is_an_ordinary_lerobot_checkpoint(runs, make_batch):
     summary = json.loads((runs / "tiny-reflow" / "summary.json").read_text())
     folder = summary["student_checkpoint"]
     config = json.loads((runs / "tiny-reflow" / "student" / "config.json").read_text())
     assert config["type"] == "smolvla" and config["num_steps"] == 1
     lerobot_student = get_policy_class("smolvla").from_pretrained(folder).eval()
     ours = Policy.from_pretrained(folder)
-    batch, noise = make_batch(5), torch.randn(B, CHUNK, 32)
+    batch = make_batch(5)
+    noise = torch.randn(*batch["action"].shape[:2], 32)
     assert isinstance(lerobot_student, SmolVLAPolicy)
     assert torch.allclose(
-        lerobot_student.predict_action_chunk(dict(batch), noise=noise), ours.predict_action_chunk(dict(batch), noise=noise),
+        lerobot_student.predict_action_chunk(dict(batch), noise=noise),
+        ours.predict_action_chunk(dict(batch), noise=noise),
         atol=1e-6,
     )
 
@@ -204,8 +235,12 @@ def test_student_can_teach_a_third_round(runs, tmp_path):
     (tmp_path / "runs").mkdir()
     student = runs / "tiny-reflow" / "student"
     run_job(
-        tmp_path, f'reflow.teacher = "{student}"', 'run.name = "round3"', "reflow.coupling = @CachedCoupling()",
-        f'sandbox_source.root = "{runs.parent / "sandbox"}"', gin_file="gin/sandbox/tiny_reflow.gin",
+        tmp_path,
+        f'reflow.teacher = "{student}"',
+        'run.name = "round3"',
+        "reflow.coupling = @CachedCoupling()",
+        f'sandbox_source.root = "{runs.parent / "sandbox"}"',
+        gin_file="gin/sandbox/tiny_reflow.gin",
     )
     assert json.loads((tmp_path / "runs" / "round3" / "summary.json").read_text())["vlm_load_count"] == 1
     assert (tmp_path / "runs" / "round3" / coupling.CachedCoupling.FILE).is_file()
@@ -213,11 +248,20 @@ def test_student_can_teach_a_third_round(runs, tmp_path):
 
 def test_legacy_flags_warn(runs, tmp_path):
     with pytest.warns(UserWarning, match="load_vlm_weights.*handles it automatically"):
-        assert run.main([
-            "--gin_file", "gin/sandbox/tiny_reflow.gin", "--dry_run",
-            "--gin_param", f'reflow.teacher = "{runs / "tiny-teacher"}"',
-            "--gin_param", "reflow.load_vlm_weights = False",
-        ]) == 0
+        assert (
+            run.main(
+                [
+                    "--gin_file",
+                    "gin/sandbox/tiny_reflow.gin",
+                    "--dry_run",
+                    "--gin_param",
+                    f'reflow.teacher = "{runs / "tiny-teacher"}"',
+                    "--gin_param",
+                    "reflow.load_vlm_weights = False",
+                ]
+            )
+            == 0
+        )
 
 
 def test_real_architecture_dry_run_numbers(capsys):
@@ -227,28 +271,40 @@ def test_real_architecture_dry_run_numbers(capsys):
     assert "[Reflow] Trainable parameters: 99,880,992 (22.19%)" in out
 
 
-def test_shared_and_plain_paths_give_the_same_loss(runs):
+def test_shared_and_plain_paths_give_the_same_loss(runs, make_batch):
     teacher = Policy.from_pretrained(runs / "tiny-teacher")
     student = ActionHead(teacher.config, teacher.backbone, teacher.head.lerobot.state_dict())
-    batch = teacher.preprocessor(_raw_batch())
+    batch = teacher.preprocessor(_raw_batch(make_batch(6)))
     losses = []
     for shared in (True, False):
-        model = Reflow(teacher.backbone, teacher.head, student, coupling.OnlineCoupling(teacher_steps=3),
-                       flow.uniform_time, shared_prefix=shared)
+        model = Reflow(
+            teacher.backbone,
+            teacher.head,
+            student,
+            coupling.OnlineCoupling(teacher_steps=3),
+            flow.uniform_time,
+            shared_prefix=shared,
+        )
         torch.manual_seed(0)
         losses.append(model.loss(batch)[0])
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("huber", [False, True])
-def test_teacher_pairs_supervise_every_chunk_step(runs, huber):
+def test_teacher_pairs_supervise_every_chunk_step(runs, huber, make_batch):
     """The dataset's action_is_pad (steps past the episode's end) does not mask the teacher's chunk:
     the loss and the offline errors are those of an unpadded batch, and padded steps carry gradient."""
     teacher = Policy.from_pretrained(runs / "tiny-teacher")
     student = ActionHead(teacher.config, teacher.backbone, teacher.head.lerobot.state_dict())
-    model = Reflow(teacher.backbone, teacher.head, student, coupling.OnlineCoupling(teacher_steps=3),
-                   flow.uniform_time, huber=huber)
-    padded = teacher.preprocessor(_raw_batch())
+    model = Reflow(
+        teacher.backbone,
+        teacher.head,
+        student,
+        coupling.OnlineCoupling(teacher_steps=3),
+        flow.uniform_time,
+        huber=huber,
+    )
+    padded = teacher.preprocessor(_raw_batch(make_batch(6)))
     assert padded["action_is_pad"].any()
     unpadded = {**padded, "action_is_pad": torch.zeros_like(padded["action_is_pad"])}
     losses = []
@@ -259,18 +315,18 @@ def test_teacher_pairs_supervise_every_chunk_step(runs, huber):
     metrics = [offline_metrics(model, [batch], reference_steps=3) for batch in (padded, unpadded)]
     assert metrics[0] == metrics[1]
     # a step past the episode's end contributes: its squared error is in the mask
-    mask = model.valid_mask(torch.zeros(B, CHUNK, teacher.config.max_action_dim))
+    mask = model.valid_mask(torch.zeros(*padded["action"].shape[:2], teacher.config.max_action_dim))
     assert mask[padded["action_is_pad"]].sum() == padded["action_is_pad"].sum() * model.action_dim
 
 
-def _raw_batch():
-    batch = make_batch(6)
+def _raw_batch(batch: dict) -> dict:
+    """A preprocessed batch back in the env-side form the policy's preprocessor takes."""
     return {
         "observation.image": batch["observation.image"],
         "observation.state": batch["observation.state"],
         "action": batch["action"],
         "action_is_pad": batch["action_is_pad"],
-        "task": ["go to the red goal"] * B,
+        "task": ["go to the red goal"] * len(batch["action"]),
     }
 
 

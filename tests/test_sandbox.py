@@ -11,6 +11,7 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from reflow_exp.files import MARKER, build_once
 from reflow_exp.sandbox import (
     ENV_ID,
     INSTRUCTIONS,
@@ -36,7 +37,6 @@ from reflow_exp.sandbox.task import (
     train_episode_seed,
     train_seeds,
 )
-from reflow_exp.sandbox.vlm import MARKER, build_once
 
 FPS = 10
 CHUNK = 16
@@ -68,6 +68,7 @@ def expert_policy(expert):
 
 # -- tiny VLM -----------------------------------------------------------------------------------
 
+
 def test_tiny_vlm_runs_through_transformers(sandbox):
     path = sandbox["vlm_path"]
     model = AutoModelForImageTextToText.from_pretrained(path)
@@ -94,7 +95,8 @@ def test_tiny_vlm_is_reused_and_rebuilt_per_arguments(tmp_path):
     make_tiny_vlm(path, seed=1)
     after = AutoModelForImageTextToText.from_pretrained(path).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # new seed, new weights
-    assert [p.name for p in tmp_path.iterdir()] == ["vlm"]  # no temporary folders left behind
+    # No temporary folders left behind; only build_once's (empty, hidden) lock file beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".vlm.lock", "vlm"]
 
 
 def test_build_once_never_overwrites_a_foreign_folder(tmp_path):
@@ -107,8 +109,9 @@ def test_build_once_never_overwrites_a_foreign_folder(tmp_path):
 
 def test_smolvla_trains_and_predicts_on_the_sandbox(sandbox):
     config = tiny_smolvla_config(sandbox["vlm_path"], device="cpu")
-    dataset = LeRobotDataset(sandbox["repo_id"], root=sandbox["dataset_root"],
-                             delta_timestamps={"action": [i / FPS for i in range(CHUNK)]})
+    dataset = LeRobotDataset(
+        sandbox["repo_id"], root=sandbox["dataset_root"], delta_timestamps={"action": [i / FPS for i in range(CHUNK)]}
+    )
     policy = SmolVLAPolicy(config)
     preprocess, postprocess = make_smolvla_pre_post_processors(config, dataset.meta.stats)
     batch = preprocess(next(iter(torch.utils.data.DataLoader(dataset, batch_size=4))))
@@ -133,6 +136,7 @@ def test_smolvla_trains_and_predicts_on_the_sandbox(sandbox):
 
 
 # -- task ---------------------------------------------------------------------------------------
+
 
 def test_env_is_registered_deterministic_and_well_shaped():
     env = gym.make(ENV_ID)
@@ -211,6 +215,7 @@ def test_layout_split_holds_out_combinations_not_slots():
 
 # -- expert -------------------------------------------------------------------------------------
 
+
 def test_expert_succeeds_and_takes_both_routes():
     env = SandboxEnv()
     successes, routes = 0, []
@@ -229,7 +234,7 @@ def test_expert_reads_the_goal_from_pixels():
     for seed in range(5):
         expert = ScriptedExpert(seed)
         expert.reset()
-        _, _, info = rollout(env, lambda obs, e: expert.act(obs, e.task), seed=seed)
+        _, _, info = rollout(env, lambda obs, e, expert=expert: expert.act(obs, e.task), seed=seed)
         assert info["is_success"], seed
 
 
@@ -246,6 +251,7 @@ def test_both_routes_succeed_from_the_same_observation():
 def test_averaging_the_routes_fails():
     """Why reflow must keep the modes apart: the straight line to the goal hits the bar, and the
     mean of the two experts' moves stalls below it."""
+
     def straight(obs, env):
         return (env.goal - obs["agent_pos"]).astype(np.float32)
 
@@ -271,17 +277,22 @@ def test_route_of_reads_the_side_of_the_bar():
 
 # -- dataset ------------------------------------------------------------------------------------
 
+
 def test_dataset_loads_with_lerobot_and_yields_action_chunks(sandbox):
     report = sandbox["expert"]
     assert report["episodes"] == 5 and report["success_rate"] >= 0.8
     assert sum(report["routes"].values()) == 5
 
-    dataset = LeRobotDataset(sandbox["repo_id"], root=sandbox["dataset_root"],
-                             delta_timestamps={"action": [i / FPS for i in range(CHUNK)]})
+    dataset = LeRobotDataset(
+        sandbox["repo_id"], root=sandbox["dataset_root"], delta_timestamps={"action": [i / FPS for i in range(CHUNK)]}
+    )
     assert dataset.num_episodes == 5 and dataset.num_frames == report["frames"]
     assert set(dataset.meta.stats) >= {"observation.image", "observation.state", "action"}
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True,
-                                                  generator=torch.Generator().manual_seed(0))))
+    batch = next(
+        iter(
+            torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+        )
+    )
     assert batch["observation.image"].shape == (8, 3, 64, 64)
     assert batch["observation.state"].shape == (8, 2)
     assert batch["action"].shape == (8, CHUNK, 2)
@@ -315,8 +326,10 @@ def test_action_noise_perturbs_the_states_but_not_the_labels(tmp_path):
     expert.reset()
     for i in np.flatnonzero(noisy_rows["episode_index"] == 0):
         frame = noisy[int(i)]
-        obs = {"pixels": (frame["observation.image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
-               "agent_pos": frame["observation.state"].numpy()}
+        obs = {
+            "pixels": (frame["observation.image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+            "agent_pos": frame["observation.state"].numpy(),
+        }
         np.testing.assert_allclose(expert.act(obs, frame["task"]), frame["action"].numpy(), atol=1e-5)
 
 

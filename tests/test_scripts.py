@@ -17,8 +17,9 @@ GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
 
 def sh(script: Path, *args: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 300):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(["bash", str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,13 @@ def gpu_check_cpu(tmp_path_factory):
 
 
 def test_gpu_check_without_a_gpu_refuses_at_once(tmp_path):
-    result = sh(GPU_CHECK, "--out", str(tmp_path / "out"), env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"},
-                timeout=60)
+    result = sh(
+        GPU_CHECK,
+        "--out",
+        str(tmp_path / "out"),
+        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"},
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "no CUDA GPU here" in result.stderr and "--device cpu" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -45,8 +51,11 @@ def test_gpu_check_cpu_mode_trains_teacher_and_reflow_in_bf16(gpu_check_cpu):
         assert "device cpu, 1 process; vlm_load_count 1; loss " in line and "steps/s" in line
         run = out / "runs" / name
         assert "Trainer.mixed_precision = 'bf16'" in (run / "operative_config.gin").read_text()
-        losses = [json.loads(r)["loss"] for r in (run / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(r)["context"].get("subset") == "train"]
+        losses = [
+            json.loads(r)["loss"]
+            for r in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(r)["context"].get("subset") == "train"
+        ]
         assert losses and all(0 < v < 100 for v in losses)
     assert any("gpu-reflow: student@1 success" in line for line in lines)  # rollouts on the device too
     assert "gpu_check: done in" in lines[-1]
@@ -56,12 +65,22 @@ def test_seed_script_runs_the_sandbox_reflow_with_the_seed_flags(gpu_check_cpu, 
     out, _ = gpu_check_cpu
     teacher, sandbox = out / "runs" / "gpu-teacher", out / "runs" / "sandbox"
     result = sh(
-        SEED_SCRIPT, f"--policy.teacher_model_path={teacher}", "--batch_size=8", "--steps=2", "--save_freq=2",
-        "--output_dir=outputs/seed-reflow", "--policy.use_reflow=true", "--policy.optimizer_lr=3e-4",
-        "--policy.freeze_vision_encoder=false", "--policy.train_expert_only=true",
-        f"--gin_param=sandbox_source.root = \"{sandbox}\"", "--gin_param=reflow.teacher_eval_steps = ()",
-        "--gin_param=reflow.student_eval_steps = ()", "--gin_param=Tracker.enabled = False",
-        env={"CUDA_VISIBLE_DEVICES": "", "GIN_FILE": str(REPO / "gin" / "sandbox" / "tiny_reflow.gin")}, cwd=tmp_path,
+        SEED_SCRIPT,
+        f"--policy.teacher_model_path={teacher}",
+        "--batch_size=8",
+        "--steps=2",
+        "--save_freq=2",
+        "--output_dir=outputs/seed-reflow",
+        "--policy.use_reflow=true",
+        "--policy.optimizer_lr=3e-4",
+        "--policy.freeze_vision_encoder=false",
+        "--policy.train_expert_only=true",
+        f'--gin_param=sandbox_source.root = "{sandbox}"',
+        "--gin_param=reflow.teacher_eval_steps = ()",
+        "--gin_param=reflow.student_eval_steps = ()",
+        "--gin_param=Tracker.enabled = False",
+        env={"CUDA_VISIBLE_DEVICES": "", "GIN_FILE": str(REPO / "gin" / "sandbox" / "tiny_reflow.gin")},
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "outputs" / "seed-reflow"  # --output_dir, relative to the caller's directory
@@ -83,12 +102,18 @@ def test_seed_script_runs_one_process_per_gpu():
     assert "torch.distributed.run" not in one.stdout and " -m reflow_exp.run --gin_file " in one.stdout
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--policy.teacher_model_path=t", "--policy.use_reflow=false"], "this script only runs reflow"),
-    (["--batch_size=8"], "the teacher is required"),
-    (["--policy.teacher_model_path=t", "--policy.freeze_vision_encoder=maybe"], "must be true or false, got 'maybe'"),
-    (["--policy.teacher_model_path=t", "--wandb.enable=true"], "unknown argument '--wandb.enable=true'"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--policy.teacher_model_path=t", "--policy.use_reflow=false"], "this script only runs reflow"),
+        (["--batch_size=8"], "the teacher is required"),
+        (
+            ["--policy.teacher_model_path=t", "--policy.freeze_vision_encoder=maybe"],
+            "must be true or false, got 'maybe'",
+        ),
+        (["--policy.teacher_model_path=t", "--wandb.enable=true"], "unknown argument '--wandb.enable=true'"),
+    ],
+)
 def test_seed_script_bad_flags(args, words):
     result = sh(SEED_SCRIPT, *args, "--print_command", timeout=30)
     assert result.returncode == 2 and words in result.stderr

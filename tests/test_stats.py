@@ -40,7 +40,7 @@ def test_mcnemar_exact_known_values():
     assert mcnemar_exact(3, 3) == 1.0  # the doubled tail exceeds 1: capped
     assert mcnemar_exact(4, 6) == mcnemar_exact(6, 4) == pytest.approx(2 * (1 + 10 + 45 + 120 + 210) / 1024)
     # Hundreds of discordant pairs stay exact (integers) and tiny but positive.
-    assert 0 < mcnemar_exact(0, 1000) == pytest.approx(2.0 ** -999)
+    assert 0 < mcnemar_exact(0, 1000) == pytest.approx(2.0**-999)
 
 
 def test_paired_comparison_counts_and_difference():

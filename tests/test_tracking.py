@@ -1,19 +1,10 @@
 """Tracker against a real Aim repo: what we log can be read back the way `aim up` reads it."""
 
-import gin
 import numpy as np
 import pytest
 import torch
 
 from reflow_exp.tracking import HASH_FILE, Tracker
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gin_config():
-    """Tracker/Trainer are configurables: bindings left by another test must not leak in."""
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _read_back(repo_path, run_hash):
@@ -119,8 +110,10 @@ def test_runs_starting_together_share_one_fresh_aim_repo(tmp_path):
         "Tracker(pathlib.Path(sys.argv[2]) / f'run{sys.argv[3]}').close()\n"
     )
     runs = tmp_path / "runs"
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(go), str(runs), str(i)], stderr=subprocess.PIPE,
-                              text=True) for i in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(go), str(runs), str(i)], stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
     time.sleep(8)  # every process has imported aim and waits on the start file
     go.touch()
     errors = [p.communicate(timeout=120)[1] for p in procs]

@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import gin
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,14 +25,6 @@ sys.path.insert(0, str(REPO))  # when run as a script
 from reflow_exp.rundir import RunDir, seed_everything  # noqa: E402
 from reflow_exp.tracking import Tracker  # noqa: E402
 from reflow_exp.trainer import Trainer  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gin_config():
-    """Tracker/Trainer are configurables: bindings left by another test must not leak in."""
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 class ToyRegression(nn.Module):
@@ -117,11 +107,22 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path):
     assert max(r["lr"] for r in records[1:]) <= 0.2
 
     ckpt = result["checkpoint"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["000010", "000020", "000030", "000040", "last"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "000010",
+        "000020",
+        "000030",
+        "000040",
+        "last",
+    ]
     assert (ckpt / "pretrained_model" / "model.safetensors").exists()
     state = ckpt / "training_state"
     assert set(load_file(state / "trainable_params.safetensors")) == {"head.weight", "head.bias"}
-    for name in ("optimizer_state.safetensors", "optimizer_param_groups.json", "scheduler_state.json", "rng_state.safetensors"):
+    for name in (
+        "optimizer_state.safetensors",
+        "optimizer_param_groups.json",
+        "scheduler_state.json",
+        "rng_state.safetensors",
+    ):
         assert (state / name).exists(), name
     assert json.loads((state / "training_step.json").read_text())["step"] == 40
     log = (run_dir / "log.txt").read_text()

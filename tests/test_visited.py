@@ -2,6 +2,8 @@
 frames with unique indices, the held-out set untouched, bad settings refused before any weights."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +13,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reflow_exp import jobs, run, visited
+from reflow_exp.files import free_port
 from reflow_exp.sandbox.task import (
-    EVAL_SEED_OFFSETS, HELDOUT_LAYOUTS, INSTRUCTIONS, MAX_STEP, SEED_STRIDE, TRAIN_SEED_OFFSET, VISITED_SEED_OFFSET,
-    layout_of, visited_seeds,
+    EVAL_SEED_OFFSETS,
+    HELDOUT_LAYOUTS,
+    INSTRUCTIONS,
+    MAX_STEP,
+    SEED_STRIDE,
+    TRAIN_SEED_OFFSET,
+    VISITED_SEED_OFFSET,
+    layout_of,
+    visited_seeds,
 )
 
 EPISODES = 2  # visited rollouts in the tests
@@ -23,11 +33,17 @@ def reflow_run(runs_dir, name, sandbox, teacher, *params):
     """A tiny reflow run (gin/sandbox/tiny_reflow.gin) in this process, with cached pairs, a shared
     image embedding folder and no rollouts at the end."""
     bindings = [
-        f'run.runs_dir = "{runs_dir}"', f'run.name = "{name}"', f'sandbox_source.root = "{sandbox}"',
-        f'reflow.teacher = "{teacher}"', "Tracker.enabled = False",
-        "reflow.coupling = @CachedCoupling()", "CachedCoupling.teacher_steps = 3",
+        f'run.runs_dir = "{runs_dir}"',
+        f'run.name = "{name}"',
+        f'sandbox_source.root = "{sandbox}"',
+        f'reflow.teacher = "{teacher}"',
+        "Tracker.enabled = False",
+        "reflow.coupling = @CachedCoupling()",
+        "CachedCoupling.teacher_steps = 3",
         f'ImageEmbeddingCache.folder = "{runs_dir / "shared"}"',
-        "reflow.teacher_eval_steps = ()", "reflow.student_eval_steps = ()", *params,
+        "reflow.teacher_eval_steps = ()",
+        "reflow.student_eval_steps = ()",
+        *params,
     ]
     argv = ["--gin_file", "gin/sandbox/tiny_reflow.gin"] + [x for b in bindings for x in ("--gin_param", b)]
     assert run.main(argv) == 0
@@ -40,8 +56,14 @@ def runs(tiny_teacher, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("visited") / "runs"
     sandbox = tiny_teacher.parent / "sandbox"
     base = reflow_run(runs_dir, "base", sandbox, tiny_teacher)
-    with_visited = reflow_run(runs_dir, "with-visited", sandbox, tiny_teacher, f"reflow.visited_episodes = {EPISODES}",
-                              "reflow.visited_teacher_steps = 2")
+    with_visited = reflow_run(
+        runs_dir,
+        "with-visited",
+        sandbox,
+        tiny_teacher,
+        f"reflow.visited_episodes = {EPISODES}",
+        "reflow.visited_teacher_steps = 2",
+    )
     return {"base": base, "visited": with_visited, "sandbox": sandbox, "teacher": tiny_teacher, "dir": runs_dir}
 
 
@@ -71,8 +93,10 @@ def test_training_frames_are_the_train_episodes_plus_the_visited_frames_with_uni
     assert len(pairs) == len(set(pairs)) == train_frames + visited_frames
     base_pairs = load_file(runs["base"] / "reflow_pairs.safetensors")["index"].tolist()
     assert set(base_pairs) < set(pairs)  # the dataset's frames keep their index; visited ones follow
-    assert min(set(pairs) - set(base_pairs)) == LeRobotDatasetMetadata(
-        "reflow_exp/sandbox", root=runs["sandbox"] / "data").total_frames
+    assert (
+        min(set(pairs) - set(base_pairs))
+        == LeRobotDatasetMetadata("reflow_exp/sandbox", root=runs["sandbox"] / "data").total_frames
+    )
 
 
 def test_caches_see_the_visited_frames_in_their_fingerprints(runs):
@@ -91,8 +115,11 @@ def test_held_out_set_is_unchanged(runs):
 
     def teacher_errors_at_start(folder):  # computed on the held-out batches before any training
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        return {r["context"]["steps"]: r["offline_error"] for r in rows
-                if r["step"] == 0 and "offline_error" in r and r["context"]["head"] == "teacher"}
+        return {
+            r["context"]["steps"]: r["offline_error"]
+            for r in rows
+            if r["step"] == 0 and "offline_error" in r and r["context"]["head"] == "teacher"
+        }
 
     errors = teacher_errors_at_start(runs["base"])
     assert errors and teacher_errors_at_start(runs["visited"]) == pytest.approx(errors, rel=1e-6)
@@ -102,8 +129,10 @@ def test_normalisation_stays_the_teachers(runs):
     """The visited frames never re-derive statistics: the student's processors hold the teacher's."""
     teacher = runs["teacher"] / "checkpoints" / "last" / "pretrained_model"
     recorded = json.loads((runs["visited"] / visited.FOLDER / "meta" / "stats.json").read_text())
-    for name in ("policy_preprocessor_step_5_normalizer_processor",
-                 "policy_postprocessor_step_0_unnormalizer_processor"):
+    for name in (
+        "policy_preprocessor_step_5_normalizer_processor",
+        "policy_postprocessor_step_0_unnormalizer_processor",
+    ):
         ours = load_file(runs["visited"] / "student" / f"{name}.safetensors")
         theirs = load_file(teacher / f"{name}.safetensors")
         assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
@@ -117,8 +146,16 @@ def test_a_second_run_reuses_the_recording_and_online_pairs_train_on_it(runs):
     folder = runs["visited"] / visited.FOLDER
     marker = folder / "reflow_exp_sandbox.json"
     before = marker.stat().st_mtime_ns, summary(runs["visited"])["visited"]
-    reflow_run(runs["dir"], "with-visited", runs["sandbox"], runs["teacher"], f"reflow.visited_episodes = {EPISODES}",
-               "reflow.visited_teacher_steps = 2", "reflow.coupling = @OnlineCoupling()", "Trainer.steps = 6")
+    reflow_run(
+        runs["dir"],
+        "with-visited",
+        runs["sandbox"],
+        runs["teacher"],
+        f"reflow.visited_episodes = {EPISODES}",
+        "reflow.visited_teacher_steps = 2",
+        "reflow.coupling = @OnlineCoupling()",
+        "Trainer.steps = 6",
+    )
     log = (runs["visited"] / "log.txt").read_text()
     assert f"[Reflow] Reusing the teacher's recorded rollouts in {folder}" in log
     assert (marker.stat().st_mtime_ns, summary(runs["visited"])["visited"]) == before
@@ -126,11 +163,14 @@ def test_a_second_run_reuses_the_recording_and_online_pairs_train_on_it(runs):
     assert summary(runs["visited"])["train"]["steps"] == 6
 
 
-@pytest.mark.parametrize("binding, message", [
-    ({"visited_episodes": -1}, "reflow.visited_episodes must be an integer >= 0"),
-    ({"visited_episodes": 1.5}, "reflow.visited_episodes must be an integer >= 0"),
-    ({"visited_episodes": 2, "visited_teacher_steps": 0}, "reflow.visited_teacher_steps must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        ({"visited_episodes": -1}, "reflow.visited_episodes must be an integer >= 0"),
+        ({"visited_episodes": 1.5}, "reflow.visited_episodes must be an integer >= 0"),
+        ({"visited_episodes": 2, "visited_teacher_steps": 0}, "reflow.visited_teacher_steps must be an integer >= 1"),
+    ],
+)
 def test_bad_settings_fail_before_any_weights_load(binding, message, tmp_path):
     def source():
         raise AssertionError("the data source was built before the settings were checked")
@@ -171,18 +211,31 @@ def test_visited_frames_are_the_teachers_executed_steps(runs):
     assert {dataset[0]["task"], dataset[len(dataset) - 1]["task"]} <= set(INSTRUCTIONS)
 
 
-def test_two_processes_record_once_and_train_on_the_same_frames(runs):
+def test_two_processes_record_once_and_train_on_the_same_frames(runs, cli):
     """torchrun with 2 gloo ranks: rank 0 records while rank 1 waits, then both read the recording;
     the merged pair file covers the same frames as the 1-process run's."""
-    from tests.test_distributed import launch, torchrun
-
-    params = [f'run.runs_dir = "{runs["dir"]}"', 'run.name = "two-ranks"',
-              f'sandbox_source.root = "{runs["sandbox"]}"',
-              f'reflow.teacher = "{runs["teacher"]}"', "Tracker.enabled = False", "reflow.coupling = @CachedCoupling()",
-              "CachedCoupling.teacher_steps = 3", "reflow.batch_size = 4", "reflow.teacher_eval_steps = ()",
-              "reflow.student_eval_steps = ()", f"reflow.visited_episodes = {EPISODES}",
-              "reflow.visited_teacher_steps = 2"]
-    result = launch(torchrun(), "gin/sandbox/tiny_reflow.gin", [x for p in params for x in ("--gin_param", p)])
+    params = [
+        f'run.runs_dir = "{runs["dir"]}"',
+        'run.name = "two-ranks"',
+        f'sandbox_source.root = "{runs["sandbox"]}"',
+        f'reflow.teacher = "{runs["teacher"]}"',
+        "Tracker.enabled = False",
+        "reflow.coupling = @CachedCoupling()",
+        "CachedCoupling.teacher_steps = 3",
+        "reflow.batch_size = 4",
+        "reflow.teacher_eval_steps = ()",
+        "reflow.student_eval_steps = ()",
+        f"reflow.visited_episodes = {EPISODES}",
+        "reflow.visited_teacher_steps = 2",
+    ]
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    result = cli("gin/sandbox/tiny_reflow.gin", *params, launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = runs["dir"] / "two-ranks"
     assert summary(folder)["visited"] == summary(runs["visited"])["visited"]  # same seeds, same teacher

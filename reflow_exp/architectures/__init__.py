@@ -1,5 +1,5 @@
-"""Architecture descriptions shipped with reflow_exp: configs without weights, for offline dry runs
-and parameter counts.
+"""SmolVLA configurations: the one builder (`make_smolvla_config`), and the architecture descriptions
+shipped with reflow_exp (configs without weights, for offline dry runs and parameter counts).
 
 `SmolVLM2-500M-Video-Instruct/` holds that model's exact `config.json` (SmolVLA's default VLM). Its
 tokenizer and processor files are the sandbox's tiny placeholders: LeRobot's SmolVLA constructor
@@ -26,6 +26,19 @@ PLACEHOLDER_FEATURES = {
     },
     "output_features": {"action": PolicyFeature(FeatureType.ACTION, (6,))},
 }
+
+
+def make_smolvla_config(vlm_model_name: str | Path, features: dict[str, PolicyFeature], **fields) -> SmolVLAConfig:
+    """SmolVLA's configuration on `vlm_model_name` for `features` (LeRobot PolicyFeatures: ACTION ones
+    become `output_features`, the others `input_features`); `fields` are other SmolVLAConfig fields
+    (SmolVLA's defaults otherwise, except `n_action_steps`: the whole chunk unless given)."""
+    fields.setdefault("n_action_steps", fields.get("chunk_size", SmolVLAConfig.chunk_size))
+    return SmolVLAConfig(
+        vlm_model_name=str(vlm_model_name),
+        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
+        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+        **fields,
+    )
 
 
 def resolve_vlm(name_or_path: str) -> str:

@@ -6,7 +6,6 @@ before it starts its clock.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -14,6 +13,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from reflow_exp.files import write_json_atomic
 
 DEFAULT_OUT = Path("runs/bench")
 DEFAULT_CACHE = DEFAULT_OUT / "cache"
@@ -32,8 +33,9 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> t
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, sync=None, budget_s: float | None = None
-              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def alternate(
+    fns: dict[str, Callable[[], object]], repeats: int, sync=None, budget_s: float | None = None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time every function once per repeat: ({name: wall seconds}, {name: CPU seconds}). The order
     rotates each repeat, so with two sides each goes first half of the time and slow drift in the
     machine's load hits both alike.
@@ -137,9 +139,7 @@ def write_result(out_dir: Path, name: str, result: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, result)
     return path
 
 

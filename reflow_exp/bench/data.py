@@ -27,8 +27,15 @@ CHUNK = 50  # SmolVLA's default chunk_size
 TARGETS = {"samples_per_s_ratio": (">=", 1.0), "rss_growth": ("<=", 1.10)}
 
 
-def run(episodes: list[int], cache: Path, batch: int = 32, workers: int = 2, batches: int = 100,
-        timeout_s: float = 1800, roots: dict[int, Path] | None = None) -> dict:
+def run(
+    episodes: list[int],
+    cache: Path,
+    batch: int = 32,
+    workers: int = 2,
+    batches: int = 100,
+    timeout_s: float = 1800,
+    roots: dict[int, Path] | None = None,
+) -> dict:
     """Record (or reuse) the datasets, measure both sides per episode count; the report.
     `roots`: existing dataset folders to use for some episode counts instead of recording."""
     roots = {n: Path((roots or {}).get(n) or record(n, cache)) for n in episodes}
@@ -47,18 +54,30 @@ def run(episodes: list[int], cache: Path, batch: int = 32, workers: int = 2, bat
         "rss_gb_lerobot": {n: results[f"lerobot_{n}"]["peak_rss_gb"] for n in episodes},
         "pss_gb": {side: {n: results[f"{side}_{n}"]["peak_pss_gb"] for n in episodes} for side in ("ours", "lerobot")},
         "datasets": {n: str(root) for n, root in roots.items()},
-        "batch": batch, "workers": workers, "batches": batches, "chunk": CHUNK,
-        "runs": results, "machine": machine, "load_average_end": common.load_average(),
+        "batch": batch,
+        "workers": workers,
+        "batches": batches,
+        "chunk": CHUNK,
+        "runs": results,
+        "machine": machine,
+        "load_average_end": common.load_average(),
     }
-    values = {"samples_per_s_ratio": common.ratio(report["samples_per_s_ours"], report["samples_per_s_lerobot"]),
-              "rss_growth": common.ratio(report[f"rss_gb_{large}"], report[f"rss_gb_{small}"])}
+    values = {
+        "samples_per_s_ratio": common.ratio(report["samples_per_s_ours"], report["samples_per_s_lerobot"]),
+        "rss_growth": common.ratio(report[f"rss_gb_{large}"], report[f"rss_gb_{small}"]),
+    }
     report |= values | {"met": common.check(TARGETS, values)}
     columns = ("samples_per_s", "peak_rss_gb", "peak_pss_gb", "init_s")
-    rows = [[f"{side} {n}", *(results[f"{side}_{n}"][k] for k in columns)]
-            for n in episodes for side in ("ours", "lerobot")]
-    common.print_table(f"data loading (batch {batch}, {workers} workers, {batches} batches)",
-                       ["side / episodes", "samples/s", "peak RSS GB", "peak PSS GB", "init s"], rows, TARGETS,
-                       report["met"])
+    rows = [
+        [f"{side} {n}", *(results[f"{side}_{n}"][k] for k in columns)] for n in episodes for side in ("ours", "lerobot")
+    ]
+    common.print_table(
+        f"data loading (batch {batch}, {workers} workers, {batches} batches)",
+        ["side / episodes", "samples/s", "peak RSS GB", "peak PSS GB", "init s"],
+        rows,
+        TARGETS,
+        report["met"],
+    )
     return report
 
 
@@ -96,12 +115,18 @@ def _loader(side: str, root: str, batch: int, workers: int):
 
     meta = LeRobotDatasetMetadata(REPO, root=root)
     dataset = LeRobotDataset(REPO, root=root, delta_timestamps=resolve_delta_timestamps(SmolVLAConfig(), meta))
-    sampler = EpisodeAwareSampler(dataset.meta.episodes["dataset_from_index"],
-                                  dataset.meta.episodes["dataset_to_index"], episode_indices_to_use=dataset.episodes,
-                                  shuffle=True, seed=0, absolute_to_relative_idx=dataset.absolute_to_relative_idx)
+    sampler = EpisodeAwareSampler(
+        dataset.meta.episodes["dataset_from_index"],
+        dataset.meta.episodes["dataset_to_index"],
+        episode_indices_to_use=dataset.episodes,
+        shuffle=True,
+        seed=0,
+        absolute_to_relative_idx=dataset.absolute_to_relative_idx,
+    )
     extra = {"prefetch_factor": 4, "persistent_workers": True, "multiprocessing_context": "spawn"} if workers else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                       drop_last=False, **extra)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False, **extra
+    )
 
 
 class _PeakRss:
@@ -139,6 +164,7 @@ class _PeakRss:
 
 def _measure(side: str, root: str, batch: int, workers: int, batches: int) -> dict:
     import lerobot.datasets.lerobot_dataset  # noqa: F401  imports are not part of the set-up time
+
     import reflow_exp.data  # noqa: F401
 
     memory = _PeakRss()
@@ -155,8 +181,13 @@ def _measure(side: str, root: str, batch: int, workers: int, batches: int) -> di
             iterator = iter(loader)
     elapsed = time.perf_counter() - start
     peak_rss, peak_pss = memory.stop()
-    return {"samples_per_s": seen / elapsed, "peak_rss_gb": peak_rss, "peak_pss_gb": peak_pss, "init_s": init_s,
-            "frames": len(loader.dataset)}
+    return {
+        "samples_per_s": seen / elapsed,
+        "peak_rss_gb": peak_rss,
+        "peak_pss_gb": peak_pss,
+        "init_s": init_s,
+        "frames": len(loader.dataset),
+    }
 
 
 if __name__ == "__main__":

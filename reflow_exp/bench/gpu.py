@@ -30,11 +30,13 @@ def run(size: str, repeats: int, cache: Path, plot: Path | None = None) -> dict:
         return {"bench": "gpu", "skipped": True, "reason": reason}
     start = time.perf_counter()
     result = {
-        "bench": "gpu", "skipped": False, "size": size, "gpu": torch.cuda.get_device_name(0),
+        "bench": "gpu",
+        "skipped": False,
+        "size": size,
+        "gpu": torch.cuda.get_device_name(0),
         "startup": startup.run(size, max(1, repeats // 2), cache, device="cuda"),
         "train_step": train_step.run(size, repeats, cache, batch=8, device="cuda", amp=torch.bfloat16),
-        "latency": latency.run(size, repeats, cache, throughput_batch=64, device="cuda", amp=torch.bfloat16,
-                               plot=plot),
+        "latency": latency.run(size, repeats, cache, throughput_batch=64, device="cuda", amp=torch.bfloat16, plot=plot),
     }
     result["wall_s"] = time.perf_counter() - start
     result["within_budget"] = result["wall_s"] <= BUDGET_S

@@ -12,7 +12,8 @@ Timed, alternating, medians (seconds):
 The headline is `end_to_end_ratio` (student@1 chunk / teacher@10 chunk) against the physical limit
 of a 1-step student, `limit_ratio` = (prefix + 1 step) / (prefix + 10 steps), one step being a tenth
 of teacher@10's expert time; the goal is within 5 % of it (`end_to_end_vs_limit`). `expert_ratio`
-(1 expert step against 10 of the same network, about 0.1 by arithmetic) is a sanity check only. Throughput: chunks per second at a larger batch (median of 2).
+(1 expert step against 10 of the same network, about 0.1 by arithmetic) is a sanity check only.
+Throughput: chunks per second at a larger batch (median of 2).
 CPU-time ratios (`*_cpu`) are reported next to the wall-time ones as a load-robust cross-check.
 """
 
@@ -29,13 +30,23 @@ TEACHER_STEPS = 10
 THROUGHPUT_REPEATS = 2
 
 
-def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = None, device: str = "cpu",
-        amp=None, plot: Path | None = None, budget_s: float | None = None, warmup: int = 1) -> dict:
+def run(
+    size: str,
+    repeats: int,
+    cache: Path,
+    throughput_batch: int | None = None,
+    device: str = "cpu",
+    amp=None,
+    plot: Path | None = None,
+    budget_s: float | None = None,
+    warmup: int = 1,
+) -> dict:
     """Latency split at batch 1 (alternating, `warmup` untimed rounds, no new repeat after `budget_s`),
     then LeRobot's own chunk at 1 and 10 steps once each, and throughput at `throughput_batch`."""
     import torch
 
     from reflow_exp.bench.models import get_size, load_ours, make_batch
+    from reflow_exp.torch_utils import autocast
 
     spec = get_size(size)
     machine = common.machine_info()
@@ -43,7 +54,7 @@ def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = Non
     student.eval()
     sync = torch.cuda.synchronize if device != "cpu" else None
     big = throughput_batch or spec.throughput_batch
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         fns = _latency_fns(teacher, student, make_batch(teacher.config, spec, 1, device=device))
         reference = {name: fns.pop(name) for name in [n for n in fns if n.startswith("lerobot")]}
         for _ in range(warmup):
@@ -61,17 +72,30 @@ def run(size: str, repeats: int, cache: Path, throughput_batch: int | None = Non
     e2e = med["chunk student@1"] / med[f"chunk {t10}"]
     throughput = {name.removeprefix("chunk "): big / common.median(t) for name, t in throughput_times.items()}
     result = {
-        "bench": "latency", "size": size, "device": device, "amp": str(amp), "repeats": len(times["prefix"]),
+        "bench": "latency",
+        "size": size,
+        "device": device,
+        "amp": str(amp),
+        "repeats": len(times["prefix"]),
         "warmup": warmup,
         "expert_ratio": med["expert student@1"] / med[f"expert {t10}"],
-        "end_to_end_ratio": e2e, "limit_ratio": limit, "end_to_end_vs_limit": abs(e2e / limit - 1),
+        "end_to_end_ratio": e2e,
+        "limit_ratio": limit,
+        "end_to_end_vs_limit": abs(e2e / limit - 1),
         "expert_ratio_cpu": med_cpu["expert student@1"] / med_cpu[f"expert {t10}"],
         "end_to_end_ratio_cpu": med_cpu["chunk student@1"] / med_cpu[f"chunk {t10}"],
-        "prefix_s": med["prefix"], "expert_step_s": step_s, "median_s": med, "median_cpu_s": med_cpu,
-        "times": times | lerobot, "cpu_times": cpu,
-        "throughput_batch": big, "throughput_chunks_per_s": throughput, "throughput_times": throughput_times,
+        "prefix_s": med["prefix"],
+        "expert_step_s": step_s,
+        "median_s": med,
+        "median_cpu_s": med_cpu,
+        "times": times | lerobot,
+        "cpu_times": cpu,
+        "throughput_batch": big,
+        "throughput_chunks_per_s": throughput,
+        "throughput_times": throughput_times,
         "throughput_ratio": throughput["student@1"] / throughput[t10],
-        "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
+        "machine": machine | {"load_average_end": common.load_average()},
+        "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
     result["sanity"] = common.check(SANITY, result)
@@ -86,6 +110,7 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
     import torch
 
     from reflow_exp import prefix
+
     head = teacher.head
     chunk, dim = teacher.config.chunk_size, teacher.config.max_action_dim
     noise = torch.randn(batch["action"].shape[0], chunk, dim, device=batch["action"].device)
@@ -94,8 +119,10 @@ def _latency_fns(teacher, student, batch: dict) -> dict:
     def whole(h, k):
         return prefix.sample(h, prefix.extend(h, prefix.encode(h, batch), batch), noise, k)
 
-    fns = {"prefix": lambda: prefix.extend(head, prefix.encode(head, batch), batch),
-           "vision": lambda: prefix.image_embeddings(head, batch)}
+    fns = {
+        "prefix": lambda: prefix.extend(head, prefix.encode(head, batch), batch),
+        "vision": lambda: prefix.image_embeddings(head, batch),
+    }
     for name, h, k in [("teacher", head, TEACHER_STEPS)] + [("student", student, k) for k in STUDENT_STEPS]:
         fns[f"expert {name}@{k}"] = lambda h=h, k=k: prefix.sample(h, ready, noise, k)
     fns[f"chunk teacher@{TEACHER_STEPS}"] = lambda: whole(head, TEACHER_STEPS)
@@ -117,14 +144,23 @@ def _print(result: dict) -> None:
         rows.append([f"LeRobot predict_action_chunk@{k}", "", "", med[f"lerobot@{k}"], med[f"lerobot@{k}"] / t10])
     common.print_table(
         f"latency ({result['size']}, batch 1, {result['device']}, median of {result['repeats']}; seconds)",
-        ["", "expert", "prefix + expert", "chunk (timed)", "chunk / teacher@10"], rows)
-    print(f"  end_to_end_ratio {result['end_to_end_ratio']:.3f} against limit_ratio {result['limit_ratio']:.3f}"
-          f" ({100 * result['end_to_end_vs_limit']:.1f} % off)   sanity: expert_ratio {result['expert_ratio']:.3f}")
-    print(f"  on CPU time: expert_ratio {result['expert_ratio_cpu']:.3f}   "
-          f"end_to_end_ratio {result['end_to_end_ratio_cpu']:.3f}")
+        ["", "expert", "prefix + expert", "chunk (timed)", "chunk / teacher@10"],
+        rows,
+    )
+    print(
+        f"  end_to_end_ratio {result['end_to_end_ratio']:.3f} against limit_ratio {result['limit_ratio']:.3f}"
+        f" ({100 * result['end_to_end_vs_limit']:.1f} % off)   sanity: expert_ratio {result['expert_ratio']:.3f}"
+    )
+    print(
+        f"  on CPU time: expert_ratio {result['expert_ratio_cpu']:.3f}   "
+        f"end_to_end_ratio {result['end_to_end_ratio_cpu']:.3f}"
+    )
     tp = result["throughput_chunks_per_s"]
-    print(f"  throughput at batch {result['throughput_batch']}: "
-          + ", ".join(f"{k} {v:.3f} chunks/s" for k, v in tp.items()) + f" (x{result['throughput_ratio']:.2f})")
+    print(
+        f"  throughput at batch {result['throughput_batch']}: "
+        + ", ".join(f"{k} {v:.3f} chunks/s" for k, v in tp.items())
+        + f" (x{result['throughput_ratio']:.2f})"
+    )
     common.print_table("targets", ["", "value"], [[k, result[k]] for k in TARGETS], TARGETS, result["met"])
     common.print_table("sanity checks", ["", "value"], [[k, result[k]] for k in SANITY], SANITY, result["sanity"])
 
@@ -143,28 +179,43 @@ def plot_latency(result: dict, path: Path) -> Path:
     ks = list(range(1, TEACHER_STEPS + 1))
     ax.plot(ks, [prefix_s + k * step_s for k in ks], "--", color="gray", label="prefix + k × (teacher@10 expert / 10)")
     ax.axhline(prefix_s, color="gray", linestyle=":", label="prefix alone (vision encoder + VLM)")
-    ax.plot(STUDENT_STEPS, [prefix_s + med[f"expert student@{k}"] for k in STUDENT_STEPS], "s", mfc="none",
-            color="tab:orange", markersize=9, label="student: prefix + expert@k (timed apart)")
+    ax.plot(
+        STUDENT_STEPS,
+        [prefix_s + med[f"expert student@{k}"] for k in STUDENT_STEPS],
+        "s",
+        mfc="none",
+        color="tab:orange",
+        markersize=9,
+        label="student: prefix + expert@k (timed apart)",
+    )
     ax.plot([1], [med["chunk student@1"]], "s", color="tab:orange", markersize=7, label="student@1, whole chunk")
-    ax.plot([TEACHER_STEPS], [med[f"chunk teacher@{TEACHER_STEPS}"]], "o", color="tab:blue", markersize=7,
-            label="teacher@10, whole chunk")
-    ax.plot([1, TEACHER_STEPS], [med["lerobot@1"], med[f"lerobot@{TEACHER_STEPS}"]], "x", color="black",
-            markersize=8, label="LeRobot predict_action_chunk")
+    ax.plot(
+        [TEACHER_STEPS],
+        [med[f"chunk teacher@{TEACHER_STEPS}"]],
+        "o",
+        color="tab:blue",
+        markersize=7,
+        label="teacher@10, whole chunk",
+    )
+    ax.plot(
+        [1, TEACHER_STEPS],
+        [med["lerobot@1"], med[f"lerobot@{TEACHER_STEPS}"]],
+        "x",
+        color="black",
+        markersize=8,
+        label="LeRobot predict_action_chunk",
+    )
     machine = result["machine"]
-    ax.set(xlabel="Euler steps", ylabel="seconds per action chunk (batch 1)", ylim=(0, None),
-           title=f"{result['size']} SmolVLA on {result['device']} ({machine['nproc']} cores, "
-                 f"load {machine['load_average'][0]:.1f}), median of {result['repeats']}")
+    ax.set(
+        xlabel="Euler steps",
+        ylabel="seconds per action chunk (batch 1)",
+        ylim=(0, None),
+        title=f"{result['size']} SmolVLA on {result['device']} ({machine['nproc']} cores, "
+        f"load {machine['load_average'][0]:.1f}), median of {result['repeats']}",
+    )
     ax.title.set_fontsize(9)
     ax.set_xticks([1, 2, 4, 10])
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _autocast(device: str, amp):
-    import contextlib
-
-    import torch
-
-    return torch.autocast(device_type=device, dtype=amp) if amp is not None else contextlib.nullcontext()

@@ -28,8 +28,9 @@ STAGES = {"teacher": "metaworld/teacher.gin", "reflow": "metaworld/reflow.gin", 
 # Issue 13's targets, on the mean over tasks.
 TARGETS = {
     "teacher@10 >= 0.6": lambda mean: mean["teacher"]["10"]["success_rate"] >= 0.6,
-    "student@1 >= 0.95 x teacher@10": lambda mean: (mean["student"]["1"]["success_rate"]
-                                                    >= 0.95 * mean["teacher"]["10"]["success_rate"] - 1e-9),
+    "student@1 >= 0.95 x teacher@10": lambda mean: (
+        mean["student"]["1"]["success_rate"] >= 0.95 * mean["teacher"]["10"]["success_rate"] - 1e-9
+    ),
     "student@1 >= teacher@1": lambda mean: mean["student"]["1"]["success_rate"] >= mean["teacher"]["1"]["success_rate"],
 }
 
@@ -46,8 +47,10 @@ def run(out: Path, gin_params: list[str]) -> dict:
     wiring = {
         "teacher": [],
         "reflow": [f'reflow.teacher = "{teacher}"'],
-        "eval": [f'evaluate_metaworld.policies = {{"teacher": ("{teacher}", [1, 2, 4, 10]), '
-                 f'"student": ("{reflow_run / "student"}", [1, 2, 4])}}'],
+        "eval": [
+            f'evaluate_metaworld.policies = {{"teacher": ("{teacher}", [1, 2, 4, 10]), '
+            f'"student": ("{reflow_run / "student"}", [1, 2, 4])}}'
+        ],
     }
     for stage, gin_file in STAGES.items():
         params = [f'run.runs_dir = "{runs_dir}"', *wiring[stage], *for_stage(stage, gin_params)]
@@ -55,9 +58,14 @@ def run(out: Path, gin_params: list[str]) -> dict:
     summary = json.loads((runs_dir / "metaworld-eval" / "summary.json").read_text())
     result = {key: summary[key] for key in ("tasks", "mean", "paired", "paired_by_task", "eval_protocol")}
     result["targets"] = {name: bool(test(summary["mean"])) for name, test in TARGETS.items()}
-    result |= {"stage_s": stage_s, "total_s": sum(stage_s.values()), "expert": expert,
-               "command": common.command_line(), "machine": machine_before,
-               "load_average_end": common.load_average()}
+    result |= {
+        "stage_s": stage_s,
+        "total_s": sum(stage_s.values()),
+        "expert": expert,
+        "command": common.command_line(),
+        "machine": machine_before,
+        "load_average_end": common.load_average(),
+    }
     print_summary(result)
     return result
 
@@ -78,7 +86,6 @@ def for_stage(stage: str, gin_params: list[str]) -> list[str]:
 def record(gin_params: list[str]) -> dict:
     """Record (or reuse) the demonstrations with data.gin's settings and `gin_params`, in this process."""
     import gin
-
     from reflow_exp import jobs
     from reflow_exp.run import GIN_DIR  # importing run also registers every configurable
 
@@ -108,10 +115,22 @@ def print_summary(result: dict) -> None:
     for task, heads in [*result["tasks"].items(), ("mean", result["mean"])]:
         for head, by_steps in heads.items():
             for k, m in by_steps.items():
-                rows.append([task, head, k, m["success_rate"], f"{m['ci_low']:.2f}-{m['ci_high']:.2f}",
-                             m["mean_length"], m.get("latency_ms", float("nan"))])
-    common.print_table("MetaWorld: success per task and mean", ["task", "head", "steps", "success", "95% CI",
-                                                                 "length", "latency ms"], rows)
+                rows.append(
+                    [
+                        task,
+                        head,
+                        k,
+                        m["success_rate"],
+                        f"{m['ci_low']:.2f}-{m['ci_high']:.2f}",
+                        m["mean_length"],
+                        m.get("latency_ms", float("nan")),
+                    ]
+                )
+    common.print_table(
+        "MetaWorld: success per task and mean",
+        ["task", "head", "steps", "success", "95% CI", "length", "latency ms"],
+        rows,
+    )
     for name, ok in result["targets"].items():
         print(f"  target {name}: {'OK' if ok else 'MISSED'}")
     print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["stage_s"].items()))

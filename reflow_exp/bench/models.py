@@ -34,9 +34,11 @@ from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_pro
 from transformers import AutoConfig, LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-from reflow_exp.architectures import SHIPPED
+from reflow_exp.architectures import SHIPPED, make_smolvla_config
 from reflow_exp.backbone import VLM_PREFIX
-from reflow_exp.sandbox.vlm import build_once, make_tiny_vlm
+from reflow_exp.files import build_once
+from reflow_exp.sandbox.vlm import make_tiny_vlm
+from reflow_exp.torch_utils import count_params
 
 REAL_VLM = SHIPPED["HuggingFaceTB/SmolVLM2-500M-Video-Instruct"]
 CHECKPOINT_VERSION = 1  # bump when the checkpoint recipe changes: cached teachers rebuild
@@ -57,12 +59,15 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size("tiny", image=64, chunk=16, state_dim=2, action_dim=2, lang_tokens=5, train_batch=4,
-                 throughput_batch=8),
-    "mid": Size("mid", image=256, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=4,
-                throughput_batch=8),
-    "real": Size("real", image=512, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=1,
-                 throughput_batch=2),
+    "tiny": Size(
+        "tiny", image=64, chunk=16, state_dim=2, action_dim=2, lang_tokens=5, train_batch=4, throughput_batch=8
+    ),
+    "mid": Size(
+        "mid", image=256, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=4, throughput_batch=8
+    ),
+    "real": Size(
+        "real", image=512, chunk=50, state_dim=6, action_dim=6, lang_tokens=16, train_batch=1, throughput_batch=2
+    ),
 }
 
 
@@ -87,14 +92,32 @@ def vlm_folder(size: Size, cache: Path) -> Path:
 def _write_mid_vlm(folder: Path) -> dict:
     """The mid SmolVLM's config, with the shipped placeholder tokenizer and processor."""
     real = AutoConfig.from_pretrained(REAL_VLM)
-    text = LlamaConfig(**{**real.text_config.to_dict(), "hidden_size": 512, "intermediate_size": 1536,
-                          "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-                          "head_dim": 64})
-    vision = SmolVLMVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                                 num_attention_heads=6, image_size=256, patch_size=16)
-    config = SmolVLMConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                           scale_factor=real.scale_factor, image_token_id=real.image_token_id,
-                           pad_token_id=real.pad_token_id)
+    text = LlamaConfig(
+        **{
+            **real.text_config.to_dict(),
+            "hidden_size": 512,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+        }
+    )
+    vision = SmolVLMVisionConfig(
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        image_size=256,
+        patch_size=16,
+    )
+    config = SmolVLMConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        scale_factor=real.scale_factor,
+        image_token_id=real.image_token_id,
+        pad_token_id=real.pad_token_id,
+    )
     config.save_pretrained(folder)
     for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REAL_VLM / name, folder / name)
@@ -104,22 +127,20 @@ def _write_mid_vlm(folder: Path) -> dict:
 def smolvla_config(size: Size, vlm: Path, **overrides) -> SmolVLAConfig:
     """SmolVLA's defaults on `vlm` for `size`'s camera, state, action and chunk."""
     num_layers = AutoConfig.from_pretrained(vlm).text_config.num_hidden_layers
-    return SmolVLAConfig(**{
-        "vlm_model_name": str(vlm),
+    features = {
+        "observation.image": PolicyFeature(FeatureType.VISUAL, (3, size.image, size.image)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (size.state_dim,)),
+        "action": PolicyFeature(FeatureType.ACTION, (size.action_dim,)),
+    }
+    fields = {
         "load_vlm_weights": False,
         "num_vlm_layers": min(16, num_layers),
         "chunk_size": size.chunk,
-        "n_action_steps": size.chunk,
         "resize_imgs_with_padding": (size.image, size.image),
         "device": "cpu",
         "push_to_hub": False,
-        "input_features": {
-            "observation.image": PolicyFeature(FeatureType.VISUAL, (3, size.image, size.image)),
-            "observation.state": PolicyFeature(FeatureType.STATE, (size.state_dim,)),
-        },
-        "output_features": {"action": PolicyFeature(FeatureType.ACTION, (size.action_dim,))},
-        **overrides,
-    })
+    }
+    return make_smolvla_config(vlm, features, **(fields | overrides))
 
 
 def teacher_checkpoint(size: Size, cache: Path = Path("runs/bench/cache")) -> Path:
@@ -127,9 +148,14 @@ def teacher_checkpoint(size: Size, cache: Path = Path("runs/bench/cache")) -> Pa
     (the real one is 1.8 GB); remade when the size or the VLM's config changes."""
     vlm = vlm_folder(size, cache)
     folder = Path(cache) / size.name / "teacher"
-    marker = {"kind": "bench_teacher", "version": CHECKPOINT_VERSION, "size": size.name,
-              "shape": [size.image, size.chunk, size.state_dim, size.action_dim],
-              "vlm": str(Path(vlm).resolve()), "vlm_config": json.loads((Path(vlm) / "config.json").read_text())}
+    marker = {
+        "kind": "bench_teacher",
+        "version": CHECKPOINT_VERSION,
+        "size": size.name,
+        "shape": [size.image, size.chunk, size.state_dim, size.action_dim],
+        "vlm": str(Path(vlm).resolve()),
+        "vlm_config": json.loads((Path(vlm) / "config.json").read_text()),
+    }
     build_once(folder, marker, lambda work: _write_teacher(work, smolvla_config(size, vlm)))
     return folder
 
@@ -146,7 +172,7 @@ def _write_teacher(folder: Path, config: SmolVLAConfig) -> dict:
     }
     for processor in make_smolvla_pre_post_processors(config, stats):
         processor.save_pretrained(folder)
-    return {"parameters": sum(p.numel() for p in policy.parameters())}
+    return {"parameters": count_params(policy)}
 
 
 # ----------------------------------------------------------------------------- batches
@@ -170,13 +196,13 @@ def make_batch(config: SmolVLAConfig, size: Size, batch: int, seed: int = 0, dev
 def load_ours(size: Size, cache: Path, device="cpu"):
     """Our teacher policy (backbone + frozen head) and a student head copied from it, as the reflow
     job builds them, on `device`."""
-    from reflow_exp.jobs import _student_head
+    from reflow_exp.jobs.builders import student_head
     from reflow_exp.policy import Policy
 
     teacher = Policy.from_pretrained(teacher_checkpoint(size, cache))
     teacher.backbone.to(device)
     teacher.head.to(device).requires_grad_(False)
-    return teacher, _student_head(teacher, student_steps=1, freeze_vision_encoder=None)
+    return teacher, student_head(teacher, student_steps=1, freeze_vision_encoder=None)
 
 
 def lerobot_policy(config: SmolVLAConfig, backbone, head_state: dict, trainable: bool) -> SmolVLAPolicy:
@@ -199,10 +225,6 @@ def lerobot_policy(config: SmolVLAConfig, backbone, head_state: dict, trainable:
             param.requires_grad_(not name.startswith(VLM_PREFIX))
         policy.model.state_proj.requires_grad_(config.train_state_proj)
     return policy
-
-
-def trainable_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------- counting VLM loads

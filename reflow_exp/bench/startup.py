@@ -1,7 +1,7 @@
 """Start-up: time and peak RSS until teacher and student are ready to train, each in a fresh process.
 
 - ours: `Policy.from_pretrained(teacher)` (the VLM read once from the checkpoint into one shared
-  backbone) + `jobs._student_head` (the student head copies the teacher head, borrows the backbone).
+  backbone) + `jobs.builders.student_head` (the student head copies the teacher head, borrows the backbone).
 - naive: two `SmolVLAPolicy.from_pretrained(teacher)` (LeRobot as is; the second load is the student,
   a copy of the teacher by way of its checkpoint) + LeRobot's processors, teacher frozen, student in
   training mode. Each `from_pretrained` first builds a randomly initialised SmolVLM.
@@ -28,8 +28,13 @@ from pathlib import Path
 
 from reflow_exp.bench import common
 
-TARGETS = {"time_ratio": ("<=", 0.55), "memory_ratio": ("<=", 0.65), "memory_ratio_no_random_init": ("<=", 0.55),
-           "load_count_ours": ("==", 1), "load_count_naive": ("==", 2)}
+TARGETS = {
+    "time_ratio": ("<=", 0.55),
+    "memory_ratio": ("<=", 0.65),
+    "memory_ratio_no_random_init": ("<=", 0.55),
+    "load_count_ours": ("==", 1),
+    "load_count_naive": ("==", 2),
+}
 RESULT_PREFIX = "BENCH_CHILD "
 SIDES = ("ours", "naive", "naive_no_init")
 
@@ -51,32 +56,60 @@ def run(size: str, repeats: int, cache: Path, device: str = "cpu", budget_s: flo
             runs[side].append(_spawn(side, checkpoint, device))
     med = {side: {key: common.median([x[key] for x in runs[side]]) for key in runs[side][0]} for side in SIDES}
     result = {
-        "bench": "startup", "size": size, "device": device, "repeats": len(runs["ours"]), "checkpoint": str(checkpoint),
+        "bench": "startup",
+        "size": size,
+        "device": device,
+        "repeats": len(runs["ours"]),
+        "checkpoint": str(checkpoint),
         "time_ratio": common.ratio(med["ours"]["load_s"], med["naive"]["load_s"]),
         "time_ratio_process": common.ratio(med["ours"]["process_s"], med["naive"]["process_s"]),
         "time_ratio_cpu": common.ratio(med["ours"]["load_cpu_s"], med["naive"]["load_cpu_s"]),
         "memory_ratio": common.ratio(med["ours"]["peak_rss_gb"], med["naive"]["peak_rss_gb"]),
         "memory_ratio_above_imports": common.ratio(
             med["ours"]["peak_rss_gb"] - med["ours"]["import_rss_gb"],
-            med["naive"]["peak_rss_gb"] - med["naive"]["import_rss_gb"]),
+            med["naive"]["peak_rss_gb"] - med["naive"]["import_rss_gb"],
+        ),
         "time_ratio_no_random_init": common.ratio(med["ours"]["load_s"], med["naive_no_init"]["load_s"]),
         "memory_ratio_no_random_init": common.ratio(med["ours"]["peak_rss_gb"], med["naive_no_init"]["peak_rss_gb"]),
         "memory_ratio_no_random_init_above_imports": common.ratio(
             med["ours"]["peak_rss_gb"] - med["ours"]["import_rss_gb"],
-            med["naive_no_init"]["peak_rss_gb"] - med["naive_no_init"]["import_rss_gb"]),
+            med["naive_no_init"]["peak_rss_gb"] - med["naive_no_init"]["import_rss_gb"],
+        ),
         "load_count_ours": int(med["ours"]["vlm_loads"]),
         "load_count_naive": int(med["naive"]["vlm_loads"]),
         "load_count_naive_no_init": int(med["naive_no_init"]["vlm_loads"]),
-        "median": med, "runs": runs, "machine": machine | {"load_average_end": common.load_average()},
+        "median": med,
+        "runs": runs,
+        "machine": machine | {"load_average_end": common.load_average()},
         "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
-    keys = ["load_s", "load_cpu_s", "vlm_random_init_s", "process_s", "import_s", "peak_rss_gb", "import_rss_gb",
-            "vlm_loads"]
-    rows = [[key, *(med[side][key] for side in SIDES), common.ratio(med["ours"][key], med["naive"][key]),
-             common.ratio(med["ours"][key], med["naive_no_init"][key])] for key in keys]
-    common.print_table(f"startup ({size}, {device}, median of {result['repeats']})",
-                       ["", *SIDES, "ours/naive", "ours/naive_no_init"], rows, TARGETS, result["met"])
+    keys = [
+        "load_s",
+        "load_cpu_s",
+        "vlm_random_init_s",
+        "process_s",
+        "import_s",
+        "peak_rss_gb",
+        "import_rss_gb",
+        "vlm_loads",
+    ]
+    rows = [
+        [
+            key,
+            *(med[side][key] for side in SIDES),
+            common.ratio(med["ours"][key], med["naive"][key]),
+            common.ratio(med["ours"][key], med["naive_no_init"][key]),
+        ]
+        for key in keys
+    ]
+    common.print_table(
+        f"startup ({size}, {device}, median of {result['repeats']})",
+        ["", *SIDES, "ours/naive", "ours/naive_no_init"],
+        rows,
+        TARGETS,
+        result["met"],
+    )
     return result
 
 
@@ -84,8 +117,12 @@ def _spawn(side: str, checkpoint: Path, device: str) -> dict:
     """One fresh child process; its measurements plus the wall time the parent saw."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "reflow_exp.bench.startup", side, str(checkpoint), device],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reflow_exp.bench.startup", side, str(checkpoint), device],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     process_s = time.perf_counter() - start
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
@@ -111,15 +148,16 @@ def child(side: str, checkpoint: str, device: str) -> dict:
 
     from reflow_exp.backbone import vlm_load_count
     from reflow_exp.bench.models import VlmLoadCounter
-    from reflow_exp.jobs import _student_head
+    from reflow_exp.jobs.builders import student_head
     from reflow_exp.policy import Policy
+    from reflow_exp.torch_utils import count_params
 
     t1, cpu1, import_rss = time.perf_counter(), time.process_time(), _rss_gb()
     counter = VlmLoadCounter().install()
     if side == "ours":
         teacher = Policy.from_pretrained(checkpoint)
         teacher.head.requires_grad_(False)
-        student = _student_head(teacher, student_steps=1, freeze_vision_encoder=None)
+        student = student_head(teacher, student_steps=1, freeze_vision_encoder=None)
         student.train()
         models = [teacher.backbone, teacher.head, student]
     elif side == "naive":
@@ -145,11 +183,14 @@ def child(side: str, checkpoint: str, device: str) -> dict:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
     result = {
-        "import_s": t1 - t0, "load_s": t2 - t1, "load_cpu_s": time.process_time() - cpu1, "import_rss_gb": import_rss,
+        "import_s": t1 - t0,
+        "load_s": t2 - t1,
+        "load_cpu_s": time.process_time() - cpu1,
+        "import_rss_gb": import_rss,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
         "vlm_loads": counter.count,
         "vlm_random_init_s": counter.init_s,
-        "trainable": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "trainable": count_params(student, trainable_only=True),
     }
     if side == "ours":
         result["vlm_load_count"] = vlm_load_count()
@@ -175,8 +216,9 @@ def _lerobot_without_random_init(checkpoint: str):
     state = load_file(str(Path(checkpoint) / "model.safetensors"))
     vlm = {k.removeprefix(VLM_PREFIX): v for k, v in state.items() if k.startswith(VLM_PREFIX)}
     policy.model.vlm_with_expert.vlm.load_state_dict(vlm, strict=True, assign=True)
-    rest = policy.load_state_dict({k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)},
-                                  strict=False, assign=True)
+    rest = policy.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith(VLM_PREFIX)}, strict=False, assign=True
+    )
     if rest.unexpected_keys or any(not k.startswith(VLM_PREFIX) for k in rest.missing_keys):
         raise RuntimeError(f"checkpoint and SmolVLAPolicy differ: {rest}")
     return policy

@@ -38,9 +38,18 @@ CACHE_FRAMES = 4  # frames in the bench's embedding cache (build time per frame 
 SIDES = ("ours", "naive", "naive_same_cache", "ours_no_cache", "ours_cached_pairs", "pair_generation")
 
 
-def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_steps: int = 10,
-        device: str = "cpu", amp=None, budget_s: float | None = None, warmup: int = 1,
-        pair_epochs: int = PAIR_EPOCHS) -> dict:
+def run(
+    size: str,
+    repeats: int,
+    cache: Path,
+    batch: int | None = None,
+    teacher_steps: int = 10,
+    device: str = "cpu",
+    amp=None,
+    budget_s: float | None = None,
+    warmup: int = 1,
+    pair_epochs: int = PAIR_EPOCHS,
+) -> dict:
     """Time `repeats` alternating steps of each side after `warmup` untimed ones (allocator, optimizer
     state, first-call overheads); no new repeat starts after `budget_s`."""
     import torch
@@ -58,10 +67,13 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as folder:
         models = _reflow_models(teacher, student, teacher_steps, frames, Path(folder))
         image_cache = models["ours"].image_cache
-        steps = {"ours": _ours_step(models["ours"], data, amp),
-                 "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp)}
-        steps["naive_same_cache"] = _with_cached_images(steps["naive"], [naive_teacher, naive_student], image_cache,
-                                                        data)
+        steps = {
+            "ours": _ours_step(models["ours"], data, amp),
+            "naive": _naive_step(naive_teacher, naive_student, data, teacher_steps, amp),
+        }
+        steps["naive_same_cache"] = _with_cached_images(
+            steps["naive"], [naive_teacher, naive_student], image_cache, data
+        )
         _check_same_cache(naive_teacher, image_cache, data)
         steps["ours_no_cache"] = _ours_step(models["ours_no_cache"], data, amp)
         steps["ours_cached_pairs"] = _ours_step(models["ours_cached_pairs"], data, amp)
@@ -74,8 +86,15 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
     amortised = med["ours_cached_pairs"] + med["pair_generation"] / pair_epochs
     amortised_cpu = med_cpu["ours_cached_pairs"] + med_cpu["pair_generation"] / pair_epochs
     result = {
-        "bench": "train_step", "size": size, "device": device, "amp": str(amp), "batch": batch,
-        "teacher_steps": teacher_steps, "repeats": len(times["ours"]), "warmup": warmup, "pair_epochs": pair_epochs,
+        "bench": "train_step",
+        "size": size,
+        "device": device,
+        "amp": str(amp),
+        "batch": batch,
+        "teacher_steps": teacher_steps,
+        "repeats": len(times["ours"]),
+        "warmup": warmup,
+        "pair_epochs": pair_epochs,
         "step_ratio": common.ratio(med["ours"], med["naive"]),
         "step_ratio_same_cache": common.ratio(med["ours"], med["naive_same_cache"]),
         "step_ratio_no_cache": common.ratio(med["ours_no_cache"], med["naive"]),
@@ -86,12 +105,18 @@ def run(size: str, repeats: int, cache: Path, batch: int | None = None, teacher_
         "step_ratio_same_cache_cpu": common.ratio(med_cpu["ours"], med_cpu["naive_same_cache"]),
         "step_ratio_no_cache_cpu": common.ratio(med_cpu["ours_no_cache"], med_cpu["naive"]),
         "step_ratio_cached_pairs_cpu": common.ratio(amortised_cpu, med_cpu["naive"]),
-        "ours_s": med["ours"], "naive_s": med["naive"], "cached_pairs_amortised_s": amortised,
-        "median_s": med, "median_cpu_s": med_cpu,
+        "ours_s": med["ours"],
+        "naive_s": med["naive"],
+        "cached_pairs_amortised_s": amortised,
+        "median_s": med,
+        "median_cpu_s": med_cpu,
         "cache_bytes_per_frame": image_cache.report["bytes_per_frame"],
-        "cache_build_s_per_frame": image_cache.report["build_s_per_frame"], "cache_frames": len(frames["index"]),
-        "times": times, "cpu_times": cpu,
-        "machine": machine | {"load_average_end": common.load_average()}, "command": common.command_line(),
+        "cache_build_s_per_frame": image_cache.report["build_s_per_frame"],
+        "cache_frames": len(frames["index"]),
+        "times": times,
+        "cpu_times": cpu,
+        "machine": machine | {"load_average_end": common.load_average()},
+        "command": common.command_line(),
     }
     result["met"] = common.check(TARGETS, result)
     _print(result)
@@ -104,20 +129,36 @@ def _print(result: dict) -> None:
     rows = [
         ["naive: LeRobot as is", naive, 1.0, ""],
         ["ours: shared prefix + image embedding cache", med["ours"], result["step_ratio"], "step_ratio"],
-        ["naive with the same cache", med["naive_same_cache"], naive and med["naive_same_cache"] / naive,
-         f"ours / this = {result['step_ratio_same_cache']:.3f} (step_ratio_same_cache)"],
-        ["ours without the cache (shared prefix alone)", med["ours_no_cache"], result["step_ratio_no_cache"],
-         "step_ratio_no_cache"],
+        [
+            "naive with the same cache",
+            med["naive_same_cache"],
+            naive and med["naive_same_cache"] / naive,
+            f"ours / this = {result['step_ratio_same_cache']:.3f} (step_ratio_same_cache)",
+        ],
+        [
+            "ours without the cache (shared prefix alone)",
+            med["ours_no_cache"],
+            result["step_ratio_no_cache"],
+            "step_ratio_no_cache",
+        ],
         ["ours with cached teacher pairs (no ODE)", med["ours_cached_pairs"], med["ours_cached_pairs"] / naive, ""],
-        [f"  + pair generation / {epochs} epochs", result["cached_pairs_amortised_s"],
-         result["step_ratio_cached_pairs"], "step_ratio_cached_pairs"],
+        [
+            f"  + pair generation / {epochs} epochs",
+            result["cached_pairs_amortised_s"],
+            result["step_ratio_cached_pairs"],
+            "step_ratio_cached_pairs",
+        ],
         ["ours, CPU time", result["median_cpu_s"]["ours"], result["step_ratio_cpu"], "step_ratio_cpu"],
     ]
-    title = (f"train_step ({result['size']}, batch {result['batch']}, {result['teacher_steps']} teacher steps, "
-             f"{result['device']}, median of {result['repeats']})")
+    title = (
+        f"train_step ({result['size']}, batch {result['batch']}, {result['teacher_steps']} teacher steps, "
+        f"{result['device']}, median of {result['repeats']})"
+    )
     common.print_table(title, ["", "seconds", "/ naive", ""], rows, TARGETS, result["met"])
-    print(f"  image embedding cache: {result['cache_bytes_per_frame'] / 1024:.1f} KiB per frame, built in "
-          f"{result['cache_build_s_per_frame']:.3f} s per frame ({result['cache_frames']} frames)")
+    print(
+        f"  image embedding cache: {result['cache_bytes_per_frame'] / 1024:.1f} KiB per frame, built in "
+        f"{result['cache_build_s_per_frame']:.3f} s per frame ({result['cache_frames']} frames)"
+    )
 
 
 def _reflow_models(teacher, student, teacher_steps: int, frames: dict, folder: Path) -> dict:
@@ -148,26 +189,29 @@ def _reflow_models(teacher, student, teacher_steps: int, frames: dict, folder: P
 def load_sides(spec, cache: Path, device: str):
     """Our teacher policy and student head on one backbone, and LeRobot's two policies on the same
     weights (same trainable parameter count, checked)."""
-    from reflow_exp.bench.models import lerobot_policy, load_ours, trainable_count
+    from reflow_exp.bench.models import lerobot_policy, load_ours
+    from reflow_exp.torch_utils import count_params
 
     teacher, student = load_ours(spec, cache, device)
     head_state = teacher.head.lerobot.state_dict()
     naive_teacher = lerobot_policy(teacher.config, teacher.backbone, head_state, trainable=False)
     naive_student = lerobot_policy(student.config, teacher.backbone, head_state, trainable=True)
-    if trainable_count(student) != trainable_count(naive_student):
-        raise RuntimeError(
-            f"sides train different parameters: {trainable_count(student)} vs {trainable_count(naive_student)}")
+    ours, theirs = count_params(student, trainable_only=True), count_params(naive_student, trainable_only=True)
+    if ours != theirs:
+        raise RuntimeError(f"sides train different parameters: {ours} vs {theirs}")
     return teacher, student, naive_teacher, naive_student
 
 
 def _ours_step(model, batch: dict, amp):
     import torch
 
+    from reflow_exp.torch_utils import autocast
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        with _autocast(batch, amp):
+        with autocast(batch["action"].device.type, amp):
             loss, _ = model.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,6 +223,8 @@ def _ours_step(model, batch: dict, amp):
 def _naive_step(teacher, student, batch: dict, teacher_steps: int, amp):
     import torch
 
+    from reflow_exp.torch_utils import autocast
+
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     teacher.config.num_steps = teacher_steps
@@ -187,7 +233,7 @@ def _naive_step(teacher, student, batch: dict, teacher_steps: int, amp):
 
     def step():
         noise = torch.randn(batch["action"].shape[0], chunk, dim, device=batch["action"].device)
-        with _autocast(batch, amp):
+        with autocast(batch["action"].device.type, amp):
             actions = teacher.predict_action_chunk(dict(batch), noise=noise)  # no_grad inside
             loss, _ = student.forward({**batch, "action": actions.float()}, noise=noise)
         optimizer.zero_grad(set_to_none=True)
@@ -219,12 +265,14 @@ def _check_same_cache(policy, image_cache, batch: dict) -> None:
     same-cache row would time something else)."""
     import torch
 
-    noise = torch.randn(batch["action"].shape[0], policy.config.chunk_size, policy.config.max_action_dim,
-                        device=batch["action"].device)
+    noise = torch.randn(
+        batch["action"].shape[0], policy.config.chunk_size, policy.config.max_action_dim, device=batch["action"].device
+    )
     got = []
     expected = policy.predict_action_chunk(dict(batch), noise=noise)
-    _with_cached_images(lambda: got.append(policy.predict_action_chunk(dict(batch), noise=noise)), [policy],
-                        image_cache, batch)()
+    _with_cached_images(
+        lambda: got.append(policy.predict_action_chunk(dict(batch), noise=noise)), [policy], image_cache, batch
+    )()
     if not torch.allclose(got[0], expected, rtol=1e-4, atol=1e-4):
         raise RuntimeError("LeRobot's chunk from the cached image embeddings differs from its own")
 
@@ -233,23 +281,14 @@ def _pair_generation(model, batch: dict, teacher_steps: int, amp):
     """One batch of `CachedCoupling`'s work: the (cached) shared prefix and the teacher's ODE."""
     import torch
 
+    from reflow_exp.torch_utils import autocast
+
     chunk, dim = model.student.config.chunk_size, model.student.config.max_action_dim
 
     @torch.no_grad()
     def generate():
         noise = torch.randn(batch["action"].shape[0], chunk, dim, device=batch["action"].device)
-        with _autocast(batch, amp):
+        with autocast(batch["action"].device.type, amp):
             model.teacher_actions(batch, noise, teacher_steps, model.encode(batch))
 
     return generate
-
-
-def _autocast(batch: dict, amp):
-    """bf16 autocast on the batch's device when `amp` is a dtype, else nothing."""
-    import contextlib
-
-    import torch
-
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=batch["action"].device.type, dtype=amp)

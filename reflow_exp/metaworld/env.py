@@ -53,15 +53,18 @@ class FastMetaworldEnv(MetaworldEnv):
         task = check_task(task)
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}; choose one of {sorted(STATES)}")
-        super().__init__(task, obs_type="pixels_agent_pos", observation_width=image_size,
-                         observation_height=image_size, **kwargs)
+        super().__init__(
+            task, obs_type="pixels_agent_pos", observation_width=image_size, observation_height=image_size, **kwargs
+        )
         self.image_size = image_size
         self.state = state
         self.raw_obs: np.ndarray | None = None  # (39,) float64, the last observation MetaWorld returned
-        self.observation_space = spaces.Dict({
-            "pixels": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
-            "agent_pos": spaces.Box(-1000.0, 1000.0, (STATES[state],), np.float64),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "pixels": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
+                "agent_pos": spaces.Box(-1000.0, 1000.0, (STATES[state],), np.float64),
+            }
+        )
 
     def _ensure_env(self) -> None:
         if self._env is not None:

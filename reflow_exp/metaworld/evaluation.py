@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 
 from reflow_exp.evaluate import Evaluator, as_chunk_policy
-from reflow_exp.jobs import paired_comparisons
+from reflow_exp.jobs.report import paired_comparisons
 from reflow_exp.stats import wilson_interval
 
 from .env import STATES
@@ -37,13 +37,22 @@ def evaluate_tasks(policies: dict, tasks, out_dir=None) -> dict:
     per_task = {}
     for task in tasks:
         evaluator = Evaluator(env_id="metaworld", env_kwargs=base.env_kwargs | {"task": task})
-        per_task[task] = {name: evaluator.run(policy, steps, out_dir=out_dir, tag=f"{task}_{name}")
-                          for name, (policy, steps) in policies.items() if steps}
-    pooled = {name: {k: pool([per_task[t][name][k] for t in tasks], tasks) for k in by_steps}
-              for name, by_steps in per_task[tasks[0]].items()}
-    return {"tasks": per_task, "mean": pooled, "paired": paired_comparisons(pooled),
-            "paired_by_task": {task: paired_comparisons(per_task[task]) for task in tasks},
-            "protocol": base.protocol | {"tasks": tasks, "env_kwargs": base.env_kwargs}}
+        per_task[task] = {
+            name: evaluator.run(policy, steps, out_dir=out_dir, tag=f"{task}_{name}")
+            for name, (policy, steps) in policies.items()
+            if steps
+        }
+    pooled = {
+        name: {k: pool([per_task[t][name][k] for t in tasks], tasks) for k in by_steps}
+        for name, by_steps in per_task[tasks[0]].items()
+    }
+    return {
+        "tasks": per_task,
+        "mean": pooled,
+        "paired": paired_comparisons(pooled),
+        "paired_by_task": {task: paired_comparisons(per_task[task]) for task in tasks},
+        "protocol": base.protocol | {"tasks": tasks, "env_kwargs": base.env_kwargs},
+    }
 
 
 def pool(results: list[dict], tasks: list[str]) -> dict:
@@ -53,7 +62,10 @@ def pool(results: list[dict], tasks: list[str]) -> dict:
     episodes = sum(r["episodes"] for r in results)
     low, high = wilson_interval(sum(success), len(success))
     metrics = {
-        "success_rate": sum(success) / len(success), "ci_low": low, "ci_high": high, "episodes": episodes,
+        "success_rate": sum(success) / len(success),
+        "ci_low": low,
+        "ci_high": high,
+        "episodes": episodes,
         "mean_length": sum(r["mean_length"] * r["episodes"] for r in results) / episodes,
         "mean_return": sum(r["mean_return"] * r["episodes"] for r in results) / episodes,
         "episode_seeds": [f"{t}:{s}" for t, r in zip(tasks, results) for s in r["episode_seeds"]],

@@ -17,8 +17,9 @@ import numpy as np
 from datasets.utils import logging as datasets_logging
 from tqdm import tqdm
 
+from reflow_exp.files import build_once
 from reflow_exp.sandbox.task import train_episode_seed
-from reflow_exp.sandbox.vlm import build_once, make_tiny_vlm
+from reflow_exp.sandbox.vlm import make_tiny_vlm
 
 from .env import STATES
 from .tasks import DEFAULT_TASKS, check_task
@@ -31,8 +32,11 @@ FPS = 80  # LeRobot's MetaworldEnv metadata
 def features(image_size: int, state: str, video: bool) -> dict:
     """LeRobotDataset features: the camera (video or image), observation.state, 4-D action."""
     return {
-        "observation.image": {"dtype": "video" if video else "image", "shape": (image_size, image_size, 3),
-                              "names": ["height", "width", "channels"]},
+        "observation.image": {
+            "dtype": "video" if video else "image",
+            "shape": (image_size, image_size, 3),
+            "names": ["height", "width", "channels"],
+        },
         "observation.state": {"dtype": "float32", "shape": (STATES[state],), "names": None},
         "action": {"dtype": "float32", "shape": (4,), "names": ["dx", "dy", "dz", "gripper"]},
     }
@@ -55,9 +59,16 @@ def check_arguments(tasks, episodes_per_task: int, min_expert_success: float, st
     return tasks
 
 
-def record_dataset(root: str | Path, tasks=DEFAULT_TASKS, episodes_per_task: int = 50, seed: int = 0,
-                   image_size: int = 64, state: str = "objects", video: bool = True,
-                   min_expert_success: float = 0.8) -> dict:
+def record_dataset(
+    root: str | Path,
+    tasks=DEFAULT_TASKS,
+    episodes_per_task: int = 50,
+    seed: int = 0,
+    image_size: int = 64,
+    state: str = "objects",
+    video: bool = True,
+    min_expert_success: float = 0.8,
+) -> dict:
     """Record `episodes_per_task` expert episodes of each task into a LeRobotDataset at `root`.
 
     Returns the report {"episodes" (kept), "frames", "discarded", "ms_per_step" (recording wall time
@@ -67,11 +78,20 @@ def record_dataset(root: str | Path, tasks=DEFAULT_TASKS, episodes_per_task: int
     rate). Idempotent: a dataset recorded at `root` with the same arguments is reused.
     """
     tasks = check_arguments(tasks, episodes_per_task, min_expert_success, state)
-    marker = {"kind": "metaworld_dataset", "version": DATASET_VERSION, "repo_id": REPO_ID, "tasks": tasks,
-              "episodes_per_task": episodes_per_task, "seed": seed, "image_size": image_size, "state": state,
-              "video": video}
-    report = build_once(root, marker, lambda work: _record(work, tasks, episodes_per_task, seed, image_size,
-                                                            state, video))
+    marker = {
+        "kind": "metaworld_dataset",
+        "version": DATASET_VERSION,
+        "repo_id": REPO_ID,
+        "tasks": tasks,
+        "episodes_per_task": episodes_per_task,
+        "seed": seed,
+        "image_size": image_size,
+        "state": state,
+        "video": video,
+    }
+    report = build_once(
+        root, marker, lambda work: _record(work, tasks, episodes_per_task, seed, image_size, state, video)
+    )
     check_expert(report, min_expert_success)
     return report
 
@@ -79,24 +99,25 @@ def record_dataset(root: str | Path, tasks=DEFAULT_TASKS, episodes_per_task: int
 def check_expert(report: dict, min_expert_success: float) -> None:
     low = {task: r["success_rate"] for task, r in report["tasks"].items() if r["success_rate"] < min_expert_success}
     if low:
-        rates = ", ".join(f"{task} {r['success_rate']:.2f} ({r['kept']}/{r['run']})"
-                          for task, r in report["tasks"].items())
+        rates = ", ".join(
+            f"{task} {r['success_rate']:.2f} ({r['kept']}/{r['run']})" for task, r in report["tasks"].items()
+        )
         raise RuntimeError(
             f"the scripted expert succeeded in fewer than min_expert_success={min_expert_success} of the episodes "
             f"of {sorted(low)}; per task: {rates}. Drop those tasks or lower min_expert_success"
         )
 
 
-def _record(root: Path, tasks: list[str], episodes: int, seed: int, image_size: int, state: str,
-            video: bool) -> dict:
+def _record(root: Path, tasks: list[str], episodes: int, seed: int, image_size: int, state: str, video: bool) -> dict:
     import gymnasium as gym
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.envs.metaworld import TASK_POLICY_MAPPING
 
     from . import ENV_ID
 
-    dataset = LeRobotDataset.create(REPO_ID, FPS, root=root, features=features(image_size, state, video),
-                                    use_videos=video)
+    dataset = LeRobotDataset.create(
+        REPO_ID, FPS, root=root, features=features(image_size, state, video), use_videos=video
+    )
     per_task, frames, steps, start = {}, 0, 0, time.perf_counter()
     bars_were_on = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # one bar per saved episode would bury ours
@@ -116,16 +137,25 @@ def _record(root: Path, tasks: list[str], episodes: int, seed: int, image_size: 
                 kept += 1
                 frames += len(episode)
             env.close()
-            per_task[task] = {"success_rate": kept / episodes, "kept": kept, "run": episodes,
-                              "mean_length": float(np.mean(lengths))}
+            per_task[task] = {
+                "success_rate": kept / episodes,
+                "kept": kept,
+                "run": episodes,
+                "mean_length": float(np.mean(lengths)),
+            }
         dataset.finalize()
     finally:
         if bars_were_on:
             datasets_logging.enable_progress_bar()
     kept = sum(r["kept"] for r in per_task.values())
     # ms_per_step: env, expert and dataset writing (encoding included), per env step run
-    return {"episodes": kept, "frames": frames, "discarded": len(tasks) * episodes - kept,
-            "ms_per_step": 1000 * (time.perf_counter() - start) / steps, "tasks": per_task}
+    return {
+        "episodes": kept,
+        "frames": frames,
+        "discarded": len(tasks) * episodes - kept,
+        "ms_per_step": 1000 * (time.perf_counter() - start) / steps,
+        "tasks": per_task,
+    }
 
 
 def _run_episode(env, expert, episode_seed: int) -> tuple[bool, list[dict]]:
@@ -135,21 +165,30 @@ def _run_episode(env, expert, episode_seed: int) -> tuple[bool, list[dict]]:
     episode = []
     for _ in range(env._max_episode_steps):
         action = np.clip(expert.get_action(env.raw_obs), -1.0, 1.0).astype(np.float32)  # (4,)
-        episode.append({
-            "observation.image": obs["pixels"],  # (64, 64, 3) uint8
-            "observation.state": obs["agent_pos"].astype(np.float32),  # (4,) or (21,)
-            "action": action,
-            "task": env.task_description,
-        })
+        episode.append(
+            {
+                "observation.image": obs["pixels"],  # (64, 64, 3) uint8
+                "observation.state": obs["agent_pos"].astype(np.float32),  # (4,) or (21,)
+                "action": action,
+                "task": env.task_description,
+            }
+        )
         obs, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             break
     return bool(info["is_success"]), episode
 
 
-def build_metaworld(root: str | Path, tasks=DEFAULT_TASKS, episodes_per_task: int = 50, seed: int = 0,
-                    image_size: int = 64, state: str = "objects", video: bool = True,
-                    min_expert_success: float = 0.8) -> dict:
+def build_metaworld(
+    root: str | Path,
+    tasks=DEFAULT_TASKS,
+    episodes_per_task: int = 50,
+    seed: int = 0,
+    image_size: int = 64,
+    state: str = "objects",
+    video: bool = True,
+    min_expert_success: float = 0.8,
+) -> dict:
     """Make (or reuse) the tiny VLM at root/"vlm" (its vocabulary: the tasks' descriptions) and the
     demonstrations at root/"data". Returns {"vlm_path", "dataset_root", "repo_id", "expert": report}.
     Arguments are checked before anything is built."""
@@ -157,8 +196,8 @@ def build_metaworld(root: str | Path, tasks=DEFAULT_TASKS, episodes_per_task: in
 
     tasks = check_arguments(tasks, episodes_per_task, min_expert_success, state)
     root = Path(root)
-    vlm_path = make_tiny_vlm(root / "vlm", seed=seed, image_size=image_size,
-                             instructions=[TASK_DESCRIPTIONS[t] for t in tasks])
-    report = record_dataset(root / "data", tasks, episodes_per_task, seed, image_size, state, video,
-                            min_expert_success)
+    vlm_path = make_tiny_vlm(
+        root / "vlm", seed=seed, image_size=image_size, instructions=[TASK_DESCRIPTIONS[t] for t in tasks]
+    )
+    report = record_dataset(root / "data", tasks, episodes_per_task, seed, image_size, state, video, min_expert_success)
     return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": REPO_ID, "expert": report}

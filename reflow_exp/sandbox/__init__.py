@@ -23,8 +23,15 @@ _LAZY = {
 }
 
 __all__ = [
-    "ENV_ID", "EVAL_SEED_OFFSET", "INSTRUCTIONS", "ROUTES", "TRAIN_SEED_OFFSET", "SandboxEnv",
-    "ScriptedExpert", "route_of", *_LAZY,
+    "ENV_ID",
+    "EVAL_SEED_OFFSET",
+    "INSTRUCTIONS",
+    "ROUTES",
+    "TRAIN_SEED_OFFSET",
+    "SandboxEnv",
+    "ScriptedExpert",
+    "route_of",
+    *_LAZY,
 ]
 
 

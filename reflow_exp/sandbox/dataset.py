@@ -20,10 +20,11 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from tqdm import tqdm
 
 from reflow_exp.data import video_backend
+from reflow_exp.files import build_once
 
 from .expert import ROUTES, ScriptedExpert, route_of
 from .task import HELDOUT_LAYOUTS, IMAGE_SIZE, MAX_STEP, SandboxEnv, train_seeds
-from .vlm import build_once, make_tiny_vlm
+from .vlm import make_tiny_vlm
 
 DATASET_VERSION = 3  # bump when the task, expert or features change: cached datasets re-record
 
@@ -50,13 +51,21 @@ def features(video: bool = False, cameras: int = 1) -> dict:
 def zoom(pixels: np.ndarray) -> np.ndarray:
     """The second camera: the centre half of the frame at twice the size, (H, W, 3) uint8."""
     h, w = pixels.shape[:2]
-    centre = pixels[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]
+    centre = pixels[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]
     return np.repeat(np.repeat(centre, 2, axis=0), 2, axis=1)
 
 
-def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episodes: int = 100,
-                   seed: int = 0, fps: int = 10, action_noise: float = 0.0, holdout_layouts: bool = False,
-                   video: bool = False, cameras: int = 1) -> dict:
+def record_dataset(
+    root: str | Path,
+    repo_id: str = "reflow_exp/sandbox",
+    episodes: int = 100,
+    seed: int = 0,
+    fps: int = 10,
+    action_noise: float = 0.0,
+    holdout_layouts: bool = False,
+    video: bool = False,
+    cameras: int = 1,
+) -> dict:
     """Record `episodes` expert episodes into a LeRobotDataset at `root`; return the report.
 
     `video`: cameras stored as MP4 (LeRobot's default codec, as on the hub) instead of images;
@@ -78,8 +87,15 @@ def record_dataset(root: str | Path, repo_id: str = "reflow_exp/sandbox", episod
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if not 0.0 <= action_noise < MAX_STEP:
         raise ValueError(f"action_noise must be in [0, {MAX_STEP}) (the longest step), got {action_noise}")
-    marker = {"kind": "sandbox_dataset", "version": DATASET_VERSION, "repo_id": repo_id,
-              "episodes": episodes, "seed": seed, "fps": fps, "action_noise": action_noise}
+    marker = {
+        "kind": "sandbox_dataset",
+        "version": DATASET_VERSION,
+        "repo_id": repo_id,
+        "episodes": episodes,
+        "seed": seed,
+        "fps": fps,
+        "action_noise": action_noise,
+    }
     if holdout_layouts:  # only then, so caches of the default data stay valid
         marker["holdout_layouts"] = [list(pair) for pair in sorted(HELDOUT_LAYOUTS)]  # as JSON stores it
     if video or cameras != 1:  # likewise
@@ -104,8 +120,13 @@ def _record(root: Path, repo_id: str, seeds: list[int], fps: int, action_noise: 
             kept += 1
             routes[route] += 1
             frames += len(steps)
-    return {"episodes": kept, "frames": frames, "success_rate": kept / len(seeds),
-            "routes": dict(routes), "discarded": len(seeds) - kept}
+    return {
+        "episodes": kept,
+        "frames": frames,
+        "success_rate": kept / len(seeds),
+        "routes": dict(routes),
+        "discarded": len(seeds) - kept,
+    }
 
 
 @contextlib.contextmanager
@@ -118,8 +139,9 @@ def episode_writer(root: Path, repo_id: str, fps: int, spec: dict):
         os.environ.setdefault("SVT_LOG", "1")
         av.logging.set_libav_level(av.logging.ERROR)
     backend = video_backend() if video else None  # LeRobot's own probe prints a traceback when it falls back
-    dataset = LeRobotDataset.create(repo_id, fps, root=root, features=spec, use_videos=video,
-                                    streaming_encoding=video, video_backend=backend)
+    dataset = LeRobotDataset.create(
+        repo_id, fps, root=root, features=spec, use_videos=video, streaming_encoding=video, video_backend=backend
+    )
 
     def add_episode(frames: list[dict]) -> None:
         for item in frames:
@@ -148,8 +170,9 @@ def frame(obs: dict, action: np.ndarray, task: str) -> dict:
     }
 
 
-def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, action_noise: float,
-                 noise: np.random.Generator) -> tuple[bool, str, list[dict]]:
+def _run_episode(
+    env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, action_noise: float, noise: np.random.Generator
+) -> tuple[bool, str, list[dict]]:
     """One expert episode; returns (success, route taken, its frames for `add_frame`)."""
     obs, info = env.reset(seed=episode_seed)
     expert.reset()
@@ -164,8 +187,15 @@ def _run_episode(env: SandboxEnv, expert: ScriptedExpert, episode_seed: int, act
     return info["is_success"], route_of(np.stack(path)), steps
 
 
-def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_noise: float = 0.0,
-                  holdout_layouts: bool = False, video: bool = False, cameras: int = 1) -> dict:
+def build_sandbox(
+    root: str | Path,
+    seed: int = 0,
+    episodes: int = 100,
+    action_noise: float = 0.0,
+    holdout_layouts: bool = False,
+    video: bool = False,
+    cameras: int = 1,
+) -> dict:
     """Make (or reuse) the tiny VLM at root/"vlm" and the expert dataset at root/"data"
     (`holdout_layouts`, `video`, `cameras`: see `record_dataset`).
 
@@ -174,7 +204,14 @@ def build_sandbox(root: str | Path, seed: int = 0, episodes: int = 100, action_n
     root = Path(root)
     repo_id = "reflow_exp/sandbox"
     vlm_path = make_tiny_vlm(root / "vlm", seed=seed)
-    report = record_dataset(root / "data", repo_id=repo_id, episodes=episodes, seed=seed, action_noise=action_noise,
-                            holdout_layouts=holdout_layouts, video=video, cameras=cameras)
-    return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id,
-            "expert": report}
+    report = record_dataset(
+        root / "data",
+        repo_id=repo_id,
+        episodes=episodes,
+        seed=seed,
+        action_noise=action_noise,
+        holdout_layouts=holdout_layouts,
+        video=video,
+        cameras=cameras,
+    )
+    return {"vlm_path": str(vlm_path), "dataset_root": str(root / "data"), "repo_id": repo_id, "expert": report}

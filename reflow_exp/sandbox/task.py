@@ -208,17 +208,20 @@ class SandboxEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, render_mode: str | None = "rgb_array", image_size: int = IMAGE_SIZE,
-                 render_size: int = RENDER_SIZE):
+    def __init__(
+        self, render_mode: str | None = "rgb_array", image_size: int = IMAGE_SIZE, render_size: int = RENDER_SIZE
+    ):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
         self.image_size = image_size
         self.render_size = render_size
-        self.observation_space = spaces.Dict({
-            "pixels": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
-            "agent_pos": spaces.Box(0.0, 1.0, (2,), np.float32),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "pixels": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
+                "agent_pos": spaces.Box(0.0, 1.0, (2,), np.float32),
+            }
+        )
         self.action_space = spaces.Box(-MAX_STEP, MAX_STEP, (2,), np.float32)
         self.agent = np.array(START, np.float64)
         self.goals: dict[str, np.ndarray] = {}

@@ -5,17 +5,10 @@ text model (hidden 64) and a 2-layer SigLIP-like vision encoder (64x64 images, p
 shuffle 2 -> 4 image tokens), seeded random weights, a word-level tokenizer covering the task's
 instructions, and the SmolVLM image/video processors. LeRobot's SmolVLA loads it like the real
 SmolVLM2 through `vlm_model_name=<folder>`.
-
-Also here: `build_once`, the write-once helper for cached sandbox folders (this one and the
-dataset): a folder is built in a temporary sibling and renamed into place with a marker file.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,9 +26,12 @@ from transformers import (
 )
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
+from reflow_exp.architectures import make_smolvla_config
+from reflow_exp.files import build_once
+from reflow_exp.torch_utils import count_params
+
 from .task import IMAGE_SIZE, INSTRUCTIONS
 
-MARKER = "reflow_exp_sandbox.json"
 VLM_VERSION = 2  # bump when the architecture or vocabulary below changes: cached folders rebuild
 
 # Sizes of the tiny SmolVLM.
@@ -61,51 +57,8 @@ IMAGE_TOKENS = {
 PAD, UNK = "<pad>", "<unk>"
 
 
-# -- cached, atomic folders ---------------------------------------------------------------------
-
-def build_once(dest: str | Path, marker: dict, build: Callable[[Path], dict]) -> dict:
-    """Make folder `dest` with `build(work_dir) -> report` unless it already holds `marker`.
-
-    The marker file (MARKER) stores {"args": marker, "report": report}; the stored report is
-    returned when the args match. `build` creates `work_dir`, a fresh path in a temporary sibling
-    of `dest`, which is then renamed into place, so `dest` is either complete or absent. A
-    non-empty `dest` without our marker is never overwritten.
-    """
-    dest = Path(dest)
-    marker = json.loads(json.dumps(marker))  # compare as stored (tuples become lists)
-    stored = _read_marker(dest)
-    if stored is not None and stored["args"] == marker:
-        return stored["report"]
-    if dest.exists() and stored is None and (not dest.is_dir() or any(dest.iterdir())):
-        raise FileExistsError(f"{dest} exists and was not made by reflow_exp.sandbox; choose another path")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))  # same filesystem
-    try:
-        work = scratch / dest.name  # not created yet: some writers insist on making it themselves
-        report = build(work)
-        (work / MARKER).write_text(json.dumps({"args": marker, "report": report}, indent=2))
-        _replace(work, dest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return report
-
-
-def _read_marker(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MARKER).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
-
-
-def _replace(work: Path, dest: Path) -> None:
-    """Move `work` to `dest`; an older sandbox folder at `dest` is moved aside first."""
-    if dest.exists():
-        old = work.parent / "old"
-        dest.rename(old)  # removed with the scratch folder
-    work.rename(dest)
-
-
 # -- the tiny SmolVLM ---------------------------------------------------------------------------
+
 
 def vocabulary(instructions=INSTRUCTIONS) -> list[str]:
     """Pad, unk, the image special tokens, punctuation, then every word of `instructions`."""
@@ -122,8 +75,13 @@ def make_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE,
     if image_size % (PATCH_SIZE * SCALE_FACTOR):
         raise ValueError(f"image_size must be a multiple of {PATCH_SIZE * SCALE_FACTOR}, got {image_size}")
     path = Path(path)
-    marker = {"kind": "tiny_smolvlm", "version": VLM_VERSION, "seed": seed, "image_size": image_size,
-              "vocabulary": vocabulary(instructions)}
+    marker = {
+        "kind": "tiny_smolvlm",
+        "version": VLM_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "vocabulary": vocabulary(instructions),
+    }
     build_once(path, marker, lambda tmp: _write_vlm(tmp, seed, image_size, marker["vocabulary"]))
     return path
 
@@ -133,7 +91,7 @@ def _write_vlm(folder: Path, seed: int, image_size: int, vocab: list[str]) -> di
     model = _model(tokenizer, seed, image_size)
     model.save_pretrained(folder)
     _processor(tokenizer, image_size).save_pretrained(folder)
-    return {"parameters": sum(p.numel() for p in model.parameters())}
+    return {"parameters": count_params(model)}
 
 
 def _tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
@@ -191,25 +149,28 @@ def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> SmolVLMPr
 
 # -- SmolVLA on the tiny SmolVLM ---------------------------------------------------------------
 
+
 def tiny_smolvla_config(vlm_path: str | Path, **overrides) -> SmolVLAConfig:
     """SmolVLA config for the sandbox on the tiny SmolVLM at `vlm_path`.
 
     Features: observation.image (3, 64, 64) VISUAL, observation.state (2,) STATE, action (2,)
     ACTION; chunks of 16 actions, all executed. `overrides` are SmolVLAConfig fields.
     """
+    inputs = overrides.pop(
+        "input_features",
+        {
+            "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE)),
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
+        },
+    )
+    outputs = overrides.pop("output_features", {"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))})
+    features = inputs | outputs
     defaults = dict(
-        vlm_model_name=str(vlm_path),
         load_vlm_weights=True,
         num_vlm_layers=TEXT_LAYERS,
         resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE),
         chunk_size=CHUNK_SIZE,
-        n_action_steps=CHUNK_SIZE,
         tokenizer_max_length=16,
         push_to_hub=False,
-        input_features={
-            "observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE)),
-            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,)),
-        },
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))},
     )
-    return SmolVLAConfig(**(defaults | overrides))
+    return make_smolvla_config(vlm_path, features, **(defaults | overrides))

@@ -1,0 +1,292 @@
+"""The reflow job: 2-rectified flow, distilling a teacher into a student sampled in 1-2 steps.
+
+(Not `jobs/reflow.py`: that module name would be shadowed by the `reflow` job it exports.)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from lerobot.configs.policies import PreTrainedConfig
+
+import gin
+from reflow_exp import coupling as coupling_module
+from reflow_exp import distributed, flow, visited
+from reflow_exp.architectures import architecture_config
+from reflow_exp.backbone import Backbone, vlm_load_count
+from reflow_exp.data import (
+    check_features,
+    dataset_digest,
+    default_workers,
+    load_dataset,
+    make_dataloader,
+    open_metadata,
+    policy_features,
+    split_episodes,
+)
+from reflow_exp.embedding_cache import ImageEmbeddingCache
+from reflow_exp.files import file_digest
+from reflow_exp.heads import ActionHead
+from reflow_exp.jobs.builders import student_head
+from reflow_exp.jobs.evaluate import evaluate_rollouts
+from reflow_exp.jobs.teacher import data_split
+from reflow_exp.offline import offline_metrics
+from reflow_exp.policy import Policy, resolve_policy_folder
+from reflow_exp.reflow import Reflow
+from reflow_exp.rundir import RunDir
+from reflow_exp.torch_utils import count_params
+from reflow_exp.trainer import Trainer
+
+for _sampler, _name in [
+    (flow.uniform_time, "uniform"),
+    (flow.beta_time, "beta"),
+    (flow.u_shaped_time, "u_shaped"),
+    (flow.logit_normal_time, "logit_normal"),
+]:
+    gin.external_configurable(_sampler, _name)
+gin.external_configurable(coupling_module.OnlineCoupling)
+gin.external_configurable(coupling_module.CachedCoupling)
+
+_HANDLED = {
+    "load_vlm_weights": "the VLM weights are read once from the teacher checkpoint",
+    "train_expert_only": "only the student head is trained; the backbone and the teacher head are frozen",
+}
+
+
+@gin.configurable
+def reflow(
+    run: RunDir,
+    teacher: str = gin.REQUIRED,
+    source=gin.REQUIRED,
+    coupling=None,
+    student_steps: int = 1,
+    time_sampler=flow.u_shaped_time,
+    huber: bool = False,
+    shared_prefix: bool = True,
+    image_embedding_cache: bool | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    holdout_episodes: int = 10,
+    offline_batches: int = 4,
+    teacher_eval_steps: tuple[int, ...] = (1, 2, 4, 10),
+    student_eval_steps: tuple[int, ...] = (1, 2, 4),
+    freeze_vision_encoder: bool | None = None,
+    load_vlm_weights: bool | None = None,
+    train_expert_only: bool | None = None,
+    visited_episodes: int = 0,
+    visited_teacher_steps: int = 10,
+    dry_run: bool = False,
+) -> None:
+    """2-rectified flow: distil the teacher at `teacher` (a LeRobot SmolVLA folder, a run folder
+    of ours, or a hub id) into a student sampled with `student_steps` steps.
+
+    The backbone is loaded once from the teacher and shared; the student head starts as a copy of
+    the teacher head and is the only trainable part. `freeze_vision_encoder` is written into the
+    student's config (the whole backbone stays frozen here either way). At the end, teacher and
+    student are rolled out with the gin-configured `Evaluator` at their `*_eval_steps` (no rollouts
+    when both are empty). The dataset must feed the teacher's features (after the source's
+    rename_map); that is checked before any weight is loaded. `num_workers`: see `train_teacher`.
+
+    `image_embedding_cache`: the frozen vision encoder's output computed once per training frame and
+    camera (`embedding_cache.ImageEmbeddingCache`, a file in the run folder) and fed to the shared
+    prefix. None (default): on when valid (shared prefix, no image augmentation, every teacher
+    camera in the data), else off with a message; True: required (an error when not valid); False: off.
+
+    `visited_episodes` > 0: also train on the states the teacher itself visits, from that many of
+    its rollouts at `visited_teacher_steps` steps, recorded once into `<run>/visited/` (`visited.py`).
+    """
+    if image_embedding_cache and not shared_prefix:
+        raise ValueError(
+            "reflow.image_embedding_cache=True needs reflow.shared_prefix=True (the plain path is "
+            "LeRobot's own forward, which runs the vision encoder); drop one of the two settings"
+        )
+    for name, value in (
+        ("student_steps", student_steps),
+        ("batch_size", batch_size),
+        ("offline_batches", offline_batches),
+    ):
+        if int(value) != value or value < 1:
+            raise ValueError(f"reflow.{name} must be an integer >= 1, got {value!r}")
+    for flag, value in (("load_vlm_weights", load_vlm_weights), ("train_expert_only", train_expert_only)):
+        if value is not None:
+            warnings.warn(f"reflow.{flag}={value} is ignored: reflow handles it automatically ({_HANDLED[flag]})")
+    visited.check_settings(visited_episodes, visited_teacher_steps, getattr(run, "seed", 0))
+    coupling = coupling or coupling_module.OnlineCoupling()
+    trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
+    if dry_run:
+        return _reflow_dry_run(teacher, student_steps, freeze_vision_encoder)
+
+    loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
+    teacher_path = resolve_policy_folder(teacher)
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
+    check_features(
+        PreTrainedConfig.from_pretrained(teacher_path),
+        policy_features(meta, data.rename_map),
+        f"{source.__name__}.rename_map",
+    )
+    print(f"[Reflow] Loading teacher model from {teacher}")
+    teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
+    teacher_policy.head.requires_grad_(False)
+    print("[Reflow] ✓ Teacher loaded and frozen")
+    print("[Reflow] Creating student model (copying weights from teacher)")
+    student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
+    print("[Reflow] ✓ Student initialized from teacher")
+    image_cache = None
+    if shared_prefix and image_embedding_cache is not False:
+        image_cache = ImageEmbeddingCache(required=bool(image_embedding_cache))
+    model = Reflow(
+        teacher_policy.backbone,
+        teacher_policy.head,
+        student,
+        coupling,
+        time_sampler,
+        huber,
+        shared_prefix,
+        teacher_policy.preprocessor,
+        teacher_policy.postprocessor,
+        image_cache,
+    )
+    params = _report_params(model)
+    loads = vlm_load_count() - loads_before
+    print(f"[Reflow] VLM load count: {loads}")
+    run.update_summary({"vlm_load_count": loads, "params": params})
+    run.log_metrics(0, {"vlm_load_count": loads, **params}, subset="setup")
+    run.save_operative_config()
+
+    train_eps, holdout_eps = split_episodes(meta.total_episodes, holdout_episodes)
+    split = data_split(meta, train_eps, holdout_eps)
+    split["teacher_saw_holdout"] = teacher_saw(teacher_path, split)
+    run.update_summary({"data_split": split})
+    config = teacher_policy.config
+    cameras = list(config.image_features)
+    with distributed.main_first():
+        train_set = load_dataset(data, meta, config.chunk_size, train_eps, cameras)
+        holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps, cameras)
+    num_workers = default_workers(num_workers)
+    preprocess = teacher_policy.preprocessor
+    data_key = {"data": dataset_digest(meta), "episodes": train_eps}
+    teacher_digest = file_digest(teacher_path / "model.safetensors")
+    if visited_episodes:  # the teacher's own rollouts join the training frames (and the caches' keys)
+        train_set, data_key["visited"] = visited.add_frames(
+            run,
+            teacher_policy,
+            teacher_digest,
+            data,
+            meta,
+            train_set,
+            visited_episodes,
+            visited_teacher_steps,
+            config.chunk_size,
+            cameras,
+        )
+    fingerprint = {"teacher": teacher_digest, **data_key}
+    if image_cache is not None:
+        # Rank 0 builds the file over every training frame; the other ranks then only open it.
+        with distributed.main_first():
+            frames = make_dataloader(train_set, batch_size, run.seed, num_workers, shuffle=False)
+            if image_cache.prepare(model.teacher, frames, preprocess, run.path, data_key):
+                run.update_summary({"image_embedding_cache": image_cache.report})
+    # Each process makes the pairs of its own share of the frames (a cached coupling merges them).
+    pair_loader = make_dataloader(distributed.shard(train_set), batch_size, run.seed, num_workers, shuffle=False)
+    coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
+    holdout_loader = make_dataloader(holdout_set, batch_size, run.seed, shuffle=False)
+    holdout = [preprocess(batch) for batch, _ in zip(holdout_loader, range(offline_batches))]
+
+    def evaluate(step: int) -> dict:
+        if not run.is_main:  # rank 0 measures and logs; the others go on to the next step
+            return {}
+        metrics = offline_metrics(model, holdout, reference_steps=coupling.teacher_steps, seed=run.seed)
+        _log_offline(run, step, metrics)
+        return metrics
+
+    evaluate(0)
+    result = trainer.fit(
+        model,
+        make_dataloader(train_set, batch_size, run.seed, num_workers),
+        run,
+        preprocess=preprocess,
+        context={"head": "student"},
+        evaluate=evaluate,
+    )
+    if not run.is_main:  # rank 0 alone saves the student and runs the rollouts
+        return
+    offline = evaluate(result["steps"])
+    student_dir = model.student_policy().save_pretrained(run.path / "student")
+    print(f"[Reflow] Student saved to {student_dir} (num_steps={student_steps})")
+    run.update_summary({"train": result, "offline": offline, "student_checkpoint": str(student_dir)})
+    policies = {
+        "teacher": (model.teacher_policy(), teacher_eval_steps),
+        "student": (model.student_policy(), student_eval_steps),
+    }
+    evaluate_rollouts(run, result["steps"], policies)
+    run.save_operative_config()
+
+
+def teacher_saw(teacher_path: Path, split: dict) -> bool | None:
+    """Whether the teacher trained on any of `split`'s held-out episodes, from the `data_split` of
+    the run folder that holds `teacher_path` (a teacher run or an earlier reflow run); None when
+    unknown (no summary, or another dataset). True also warns: offline metrics then flatter it."""
+    summary = next(
+        (
+            folder / "summary.json"
+            for folder in (teacher_path, *list(teacher_path.parents)[:3])
+            if (folder / "summary.json").is_file()
+        ),
+        None,
+    )
+    if summary is None:
+        return None
+    theirs = json.loads(summary.read_text()).get("data_split")
+    if not theirs or theirs.get("dataset") != split["dataset"]:
+        return None
+    saw = not set(split["holdout_episodes"]) <= set(theirs["holdout_episodes"])
+    if saw:
+        warnings.warn(
+            f"the teacher ({summary.parent}) trained on some of reflow's held-out episodes "
+            f"{split['holdout_episodes']} (it held out {theirs['holdout_episodes']}): offline metrics would use "
+            "frames it saw. Give train_teacher.holdout_episodes and reflow.holdout_episodes the same value "
+            "(gin/sandbox/data.gin binds both to HOLDOUT_EPISODES)"
+        )
+    return saw
+
+
+def _report_params(model: Reflow) -> dict[str, int]:
+    """Print the start-up parameter lines of the student policy; return summary.json's counts."""
+    student = model.student_policy()
+    total, trainable = count_params(student), count_params(student, trainable_only=True)
+    print(f"[Reflow] Total parameters: {total:,}")
+    print(f"[Reflow] Trainable parameters: {trainable:,} ({100 * trainable / total:.2f}%)")
+    return {
+        "total": total,
+        "trainable": trainable,
+        "backbone": count_params(model.backbone),
+        "teacher_head": count_params(model.teacher),
+        "student_head": count_params(model.student),
+    }
+
+
+def _reflow_dry_run(teacher: str, student_steps: int, freeze_vision_encoder: bool | None) -> None:
+    """The start-up report on the meta device: the teacher's architecture, no weights read or allocated."""
+    config = architecture_config(teacher)
+    print(f"[Reflow] Dry run: teacher architecture from {config.vlm_model_name} (no weights loaded)")
+    backbone = Backbone.on_meta(config.vlm_model_name, config.num_vlm_layers)
+    with torch.device("meta"):
+        teacher_policy = Policy(backbone, ActionHead(config, backbone))
+    student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
+    _report_params(Reflow(backbone, teacher_policy.head, student, coupling=None))
+
+
+def _log_offline(run: RunDir, step: int, metrics: dict) -> None:
+    for head in ("teacher", "student"):
+        for steps, values in metrics[head].items():
+            run.log_metrics(step, {"offline_error": values["error"]}, subset="eval", head=head, steps=int(steps))
+        run.log_metrics(step, {"straightness": metrics["straightness"][head]}, subset="eval", head=head)
+    errors = ", ".join(
+        f"{head}@{k} {values['error']:.4f}" for head in ("student", "teacher") for k, values in metrics[head].items()
+    )
+    print(f"[Reflow] step {step}: error against the teacher's reference solution: {errors}")
