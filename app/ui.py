@@ -52,6 +52,21 @@ CSS = """
 """
 
 
+def _series_plot(title: str, y_title: str, color_title: str, height: int = 280, **options) -> gr.LinePlot:
+    """An empty step/value line plot with one line per series (`views.points_frame` fills it)."""
+    return gr.LinePlot(
+        points_frame([]),
+        x="step",
+        y="value",
+        color="series",
+        title=title,
+        y_title=y_title,
+        color_title=color_title,
+        height=height,
+        **options,
+    )
+
+
 def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 
@@ -191,39 +206,16 @@ def build_blocks(dashboard: Dashboard) -> gr.Blocks:
                                 gr.Markdown("**Training**")
                                 train_stats = gr.HTML(elem_id="train-stats")
                         with gr.Row():
-                            loss_plot = gr.LinePlot(
-                                points_frame([]),
-                                x="step",
-                                y="value",
-                                color="series",
-                                title="Training loss",
-                                y_title="loss",
-                                color_title="head",
-                                height=280,
-                                elem_id="loss-plot",
-                            )
-                            by_t_plot = gr.LinePlot(
-                                points_frame([]),
-                                x="step",
-                                y="value",
-                                color="series",
-                                title="Training loss by t (t=1 noise, t=0 action)",
-                                y_title="loss",
-                                color_title="bin",
-                                height=280,
+                            loss_plot = _series_plot("Training loss", "loss", "head", elem_id="loss-plot")
+                            by_t_plot = _series_plot(
+                                "Training loss by t (t=1 noise, t=0 action)",
+                                "loss",
+                                "bin",
                                 visible=False,
                                 elem_id="loss-by-t-plot",
                             )
-                        offline_plot = gr.LinePlot(
-                            points_frame([]),
-                            x="step",
-                            y="value",
-                            color="series",
-                            title="Offline action error (held-out frames)",
-                            y_title="error",
-                            color_title="head @ steps",
-                            height=260,
-                            visible=False,
+                        offline_plot = _series_plot(
+                            "Offline action error (held-out frames)", "error", "head @ steps", height=260, visible=False
                         )
                     with gr.Tab("Log", id="log"):
                         log_box = gr.Textbox(

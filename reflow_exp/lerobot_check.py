@@ -162,9 +162,11 @@ def targets(
         policy, pre, post = load_lerobot_policy(folders[head], device, steps)
         outcomes[(head, steps)] = lerobot_rollouts(policy, pre, post, seeds, n_envs)[0]
         print(f"LeRobot select_action  {head}@{steps}: success {sum(outcomes[head, steps]) / len(seeds):.3f}")
-    rows = {f"{head}@{steps}": rate(o) for (head, steps), o in outcomes.items()}
+    summary = {head: {} for head in folders}  # {head: {steps: rate}}, as summary.json's `eval`
+    for (head, steps), successes in outcomes.items():
+        summary[head][str(steps)] = rate(successes)
+    rows = {f"{head}@{steps}": r for head, by_steps in summary.items() for steps, r in by_steps.items()}
     paired = {f"{a}@{i} vs {b}@{j}": paired_comparison(outcomes[a, i], outcomes[b, j]) for a, i, b, j in PAIRS}
-    summary = {head: {str(steps): rows[f"{head}@{steps}"] for h, steps in TARGET_ROWS if h == head} for head in folders}
     return {
         "protocol": {
             "student": student,

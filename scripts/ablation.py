@@ -166,18 +166,8 @@ def main() -> int:
         choices=sorted(VARIANTS),
         help="run these variants (and their bases)",
     )
-    parser.add_argument(
-        "--extra",
-        action="append",
-        default=[],
-        metavar="NAME=BINDING;BINDING",
-        help="a further variant, e.g. 'combined=Trainer.steps = 3000;reflow.huber = True'",
-    )
     args = parser.parse_args()
-    for extra in args.extra:
-        name, _, bindings = extra.partition("=")
-        VARIANTS[name] = [b.strip() for b in bindings.split(";") if b.strip()]
-    names = [n for n in (args.only or VARIANTS) if n != "baseline"] + [e.partition("=")[0] for e in args.extra]
+    names = [n for n in (args.only or VARIANTS) if n != "baseline"]
     names = list(dict.fromkeys(["baseline", *(reference(n) for n in names), *names]))
     ROOT.mkdir(parents=True, exist_ok=True)
     episodes = f"Evaluator.episodes = {args.episodes}"

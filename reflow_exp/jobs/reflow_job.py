@@ -113,7 +113,8 @@ def reflow(
     for flag, value in (("load_vlm_weights", load_vlm_weights), ("train_expert_only", train_expert_only)):
         if value is not None:
             warnings.warn(f"reflow.{flag}={value} is ignored: reflow handles it automatically ({_HANDLED[flag]})")
-    visited.check_settings(visited_episodes, visited_teacher_steps, getattr(run, "seed", 0))
+    seed = run.seed if run is not None else 0  # a dry run gets no run folder
+    visited.check_settings(visited_episodes, visited_teacher_steps, seed)
     coupling = coupling or coupling_module.OnlineCoupling()
     trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
     if dry_run:
