@@ -8,6 +8,7 @@ the number of frames and decoding runs in DataLoader workers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import os
@@ -316,6 +317,21 @@ class ChunkedFrames(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:  # spawned workers: decoders do not pickle
         return {**self.__dict__, "_cache": None, "_cache_pid": None}
+
+    def without_cameras(self) -> ChunkedFrames:
+        """The same items without their camera frames: nothing is decoded."""
+        frames = copy.copy(self)
+        frames.images, frames.video_keys = None, []
+        return frames
+
+
+def without_cameras(dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+    """`dataset` (ChunkedFrames, a ConcatDataset of them or a wrapper with `without_cameras`) minus its
+    camera frames: for training from cached image embeddings, where decoding them is wasted work
+    (a video frame costs milliseconds, a batch of them more than a cached reflow step at real size)."""
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return torch.utils.data.ConcatDataset([without_cameras(part) for part in dataset.datasets])
+    return dataset.without_cameras()
 
 
 def default_workers(num_workers: int | None = None) -> int:

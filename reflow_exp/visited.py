@@ -29,7 +29,7 @@ from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from tqdm import tqdm
 
 from reflow_exp import distributed
-from reflow_exp.data import DataSource, dataset_digest, load_dataset
+from reflow_exp.data import DataSource, dataset_digest, load_dataset, without_cameras
 from reflow_exp.evaluate import Evaluator, as_chunk_policy, make_vector_env, rollout, train_modes_kept
 from reflow_exp.files import build_once
 from reflow_exp.sandbox import ENV_ID as SANDBOX_ENV_ID
@@ -198,3 +198,6 @@ class Offset(torch.utils.data.Dataset):
     def __getitem__(self, row: int) -> dict:
         item = self.dataset[row]
         return item | {"index": item["index"] + self.index, "episode_index": item["episode_index"] + self.episode_index}
+
+    def without_cameras(self) -> Offset:
+        return Offset(without_cameras(self.dataset), self.index, self.episode_index)

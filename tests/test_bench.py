@@ -132,5 +132,7 @@ def test_data_measures_both_loaders(dirs):
     assert result["samples_per_s_ours"] > 0 and result["samples_per_s_lerobot"] > 0
     assert result["rss_gb_4"] > 0 and result["rss_growth"] == 1.0
     assert result["runs"]["ours_4"]["frames"] == result["runs"]["lerobot_4"]["frames"] > 0
+    assert result["runs"]["ours_no_cameras_4"]["frames"] == result["runs"]["ours_4"]["frames"]
+    assert result["no_cameras_speedup"] > 0
     assert set(result["met"]) == {"samples_per_s_ratio", "rss_growth"}
     assert result["command"].startswith("python -m reflow_exp.bench data")

@@ -23,9 +23,11 @@ from reflow_exp.data import (
     open_metadata,
     policy_features,
     split_episodes,
+    without_cameras,
 )
 from reflow_exp.sandbox import record_dataset
 from reflow_exp.sandbox.dataset import CAMERA_KEYS
+from reflow_exp.visited import Offset
 
 CHUNK = 16
 REPO = "reflow_exp/sandbox"
@@ -125,6 +127,26 @@ def test_folder_without_info_json(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(FileNotFoundError, match=r"missing .*meta/info.json.*LeRobotDataset.create"):
         open_metadata(source(tmp_path))
+
+
+def test_without_cameras_the_items_keep_everything_else_and_decode_nothing(recorded, tmp_path):
+    """For training from cached image embeddings: the same items minus the cameras, also through the
+    teacher-visited frames' ConcatDataset + Offset; with the video files gone they still load."""
+
+    def frames_and_visited(root):
+        frames = load_dataset(source(root), open_metadata(source(root)), CHUNK)
+        return torch.utils.data.ConcatDataset([frames, Offset(frames, len(frames), 5)]), len(frames)
+
+    reference, n = frames_and_visited(recorded["video"])
+    shutil.copytree(recorded["video"], tmp_path / "video")
+    combined, _ = frames_and_visited(tmp_path / "video")
+    bare = without_cameras(combined)
+    shutil.rmtree(tmp_path / "video" / "videos")
+    with pytest.raises(RuntimeError, match="Cannot decode"):  # the original decodes, and the files are gone
+        combined[0]
+    for row in (0, n - 1, n + 3):
+        expected = {key: value for key, value in reference[row].items() if key not in CAMERA_KEYS}
+        assert_same_item(expected, bare[row], row)
 
 
 def _copy(recorded, tmp_path):

@@ -8,7 +8,9 @@ uses `lerobot-train`'s defaults for the rest (EpisodeAwareSampler, spawned persi
 prefetch 4), ours `reflow_exp.data.make_dataloader`.
 
 Goals: samples/s of ours >= LeRobot's (at the largest dataset); our peak RSS at the largest
-dataset within 10% of the smallest.
+dataset within 10% of the smallest. A third side, `ours_no_cameras`, is our loader as reflow uses it
+once the image embedding cache stands in for the camera frames (`data.without_cameras`): what
+skipping the decoding buys (`no_cameras_speedup`, no goal).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from reflow_exp.bench import common
 
 REPO = "reflow_exp/sandbox"
 CHUNK = 50  # SmolVLA's default chunk_size
+SIDES = ("ours", "ours_no_cameras", "lerobot")
 TARGETS = {"samples_per_s_ratio": (">=", 1.0), "rss_growth": ("<=", 1.10)}
 
 
@@ -42,13 +45,14 @@ def run(
     machine = common.machine_info()
     results = {}
     for n, root in roots.items():
-        for side in ("ours", "lerobot"):
+        for side in SIDES:
             results[f"{side}_{n}"] = _child(side, root, batch, workers, batches, timeout_s)
             print(f"  {side:8s} {n:5d} episodes: {results[f'{side}_{n}']}")
     small, large = min(episodes), max(episodes)
     report = {
         "samples_per_s_ours": results[f"ours_{large}"]["samples_per_s"],
         "samples_per_s_lerobot": results[f"lerobot_{large}"]["samples_per_s"],
+        "samples_per_s_no_cameras": results[f"ours_no_cameras_{large}"]["samples_per_s"],
         f"rss_gb_{small}": results[f"ours_{small}"]["peak_rss_gb"],
         f"rss_gb_{large}": results[f"ours_{large}"]["peak_rss_gb"],
         "rss_gb_lerobot": {n: results[f"lerobot_{n}"]["peak_rss_gb"] for n in episodes},
@@ -66,11 +70,10 @@ def run(
         "samples_per_s_ratio": common.ratio(report["samples_per_s_ours"], report["samples_per_s_lerobot"]),
         "rss_growth": common.ratio(report[f"rss_gb_{large}"], report[f"rss_gb_{small}"]),
     }
+    report["no_cameras_speedup"] = common.ratio(report["samples_per_s_no_cameras"], report["samples_per_s_ours"])
     report |= values | {"met": common.check(TARGETS, values)}
     columns = ("samples_per_s", "peak_rss_gb", "peak_pss_gb", "init_s")
-    rows = [
-        [f"{side} {n}", *(results[f"{side}_{n}"][k] for k in columns)] for n in episodes for side in ("ours", "lerobot")
-    ]
+    rows = [[f"{side} {n}", *(results[f"{side}_{n}"][k] for k in columns)] for n in episodes for side in SIDES]
     common.print_table(
         f"data loading (batch {batch}, {workers} workers, {batches} batches)",
         ["side / episodes", "samples/s", "peak RSS GB", "peak PSS GB", "init s"],
@@ -103,11 +106,13 @@ def _loader(side: str, root: str, batch: int, workers: int):
     import torch
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
-    if side == "ours":
-        from reflow_exp.data import DataSource, load_dataset, make_dataloader, open_metadata
+    if side in ("ours", "ours_no_cameras"):
+        from reflow_exp.data import DataSource, load_dataset, make_dataloader, open_metadata, without_cameras
 
         source = DataSource("unused", REPO, root)
-        return make_dataloader(load_dataset(source, open_metadata(source), CHUNK), batch, seed=0, num_workers=workers)
+        frames = load_dataset(source, open_metadata(source), CHUNK)
+        frames = without_cameras(frames) if side == "ours_no_cameras" else frames
+        return make_dataloader(frames, batch, seed=0, num_workers=workers)
     from lerobot.datasets import EpisodeAwareSampler
     from lerobot.datasets.factory import resolve_delta_timestamps
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
