@@ -47,7 +47,7 @@ def run(
     for n, root in roots.items():
         for side in SIDES:
             results[f"{side}_{n}"] = _child(side, root, batch, workers, batches, timeout_s)
-            print(f"  {side:8s} {n:5d} episodes: {results[f'{side}_{n}']}")
+            print(f"  {side:15s} {n:5d} episodes: {results[f'{side}_{n}']}")
     small, large = min(episodes), max(episodes)
     report = {
         "samples_per_s_ours": results[f"ours_{large}"]["samples_per_s"],
