@@ -271,19 +271,19 @@ def test_real_architecture_dry_run_numbers(capsys):
     assert "[Reflow] Trainable parameters: 99,880,992 (22.19%)" in out
 
 
-def _tiny_reflow(runs, pairs=None, **options) -> tuple[Policy, Reflow]:
-    """The tiny teacher and a Reflow of it into a copy of its head (uniform t, 3-step pairs by default)."""
-    teacher = Policy.from_pretrained(runs / "tiny-teacher")
+def _tiny_reflow(teacher: Policy, pairs=None, **options) -> Reflow:
+    """A Reflow of the tiny teacher into a copy of its head (uniform t, 3-step pairs by default)."""
     student = ActionHead(teacher.config, teacher.backbone, teacher.head.lerobot.state_dict())
     pairs = pairs or coupling.OnlineCoupling(teacher_steps=3)
-    return teacher, Reflow(teacher.backbone, teacher.head, student, pairs, flow.uniform_time, **options)
+    return Reflow(teacher.backbone, teacher.head, student, pairs, flow.uniform_time, **options)
 
 
 def test_shared_and_plain_paths_give_the_same_loss(runs, make_batch):
+    teacher = Policy.from_pretrained(runs / "tiny-teacher")
+    batch = teacher.preprocessor(_raw_batch(make_batch(6)))
     losses = []
     for shared in (True, False):
-        teacher, model = _tiny_reflow(runs, shared_prefix=shared)
-        batch = teacher.preprocessor(_raw_batch(make_batch(6)))
+        model = _tiny_reflow(teacher, shared_prefix=shared)
         torch.manual_seed(0)
         losses.append(model.loss(batch)[0])
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
@@ -293,7 +293,8 @@ def test_shared_and_plain_paths_give_the_same_loss(runs, make_batch):
 def test_teacher_pairs_supervise_every_chunk_step(runs, huber, make_batch):
     """The dataset's action_is_pad (steps past the episode's end) does not mask the teacher's chunk:
     the loss and the offline errors are those of an unpadded batch, and padded steps carry gradient."""
-    teacher, model = _tiny_reflow(runs, huber=huber)
+    teacher = Policy.from_pretrained(runs / "tiny-teacher")
+    model = _tiny_reflow(teacher, huber=huber)
     padded = teacher.preprocessor(_raw_batch(make_batch(6)))
     assert padded["action_is_pad"].any()
     unpadded = {**padded, "action_is_pad": torch.zeros_like(padded["action_is_pad"])}
@@ -322,7 +323,8 @@ def _raw_batch(batch: dict) -> dict:
 
 def test_cached_pairs_are_teacher_solutions_reused_until_the_fingerprint_changes(runs, tmp_path):
     cached = coupling.CachedCoupling(pairs_per_sample=2, teacher_steps=3)
-    teacher, model = _tiny_reflow(runs, pairs=cached)
+    teacher = Policy.from_pretrained(runs / "tiny-teacher")
+    model = _tiny_reflow(teacher, pairs=cached)
     source = DataSource("unused", "reflow_exp/sandbox", str(runs.parent / "sandbox" / "data"))
     meta = open_metadata(source)
     loader = make_dataloader(load_dataset(source, meta, teacher.config.chunk_size, [0]), 8, seed=0, shuffle=False)
