@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
@@ -17,8 +18,10 @@ from app.aim_server import AimServer
 from app.forms import GIN_DIR, LaunchError, list_gin_files, run_folder
 from app.runner import Runner
 from app.runs import (
+    CONSOLE_FILE,
     EVAL_COLUMNS,
     LAUNCH_FILE,
+    LOG_FILE,
     curve_points,
     eval_rows,
     find_media,
@@ -72,7 +75,6 @@ class Dashboard:
         self.list_gpus = list_gpus
         self.runner = runner or Runner(self.runs_dir, gin_dir=self.gin_dir, list_gpus=list_gpus)
         self.aim = aim or AimServer(self.runs_dir)
-        self._followers: dict[str, object] = {}  # session → token of its current log stream
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -127,13 +129,9 @@ class Dashboard:
             return message_html("error", str(e))
         return message_html("info", text)
 
-    def follow_log(self, name, request: gr.Request = None):
-        """Yield the run's log (accumulated text) as it grows, until the run ends or this session
-        selects another run."""
-        session = getattr(request, "session_hash", None) or ""
-        token = object()
-        if session:
-            self._followers[session] = token
+    def follow_log(self, name: str) -> Iterator[str]:
+        """Yield the run's log (accumulated text) as it grows, until the run ends: the ``/follow_log``
+        API endpoint for scripts (the page itself shows the log through ``page``)."""
         run_dir = self.run_dir(name)
         if run_dir is None:
             yield "" if not name else f"No run named {name!r}."
@@ -151,8 +149,6 @@ class Dashboard:
                 if text != last:
                     yield text
                 return
-            if session and self._followers.get(session) is not token:
-                return  # another run was selected in this session
             time.sleep(LOG_POLL_S)
 
     def aim_link(self):
@@ -181,7 +177,7 @@ class Dashboard:
 
         Returns (header, vlm badge, stop button, params, train stats, loss plot, by-t plot,
         offline plot, eval table, eval note, plot choice, plot, video choice, video, config,
-        operative config, summary, fingerprints).
+        operative config, summary, log, fingerprints).
         """
         old = dict(fingerprints or {})
         if old.get("run") != name:
@@ -198,6 +194,7 @@ class Dashboard:
             if info
             else None,
             "summary": _stamp(run_dir / "summary.json") if run_dir else None,
+            "log": tuple(_stamp(run_dir / f) for f in (LOG_FILE, CONSOLE_FILE)) if run_dir else None,
             "metrics": _stamp(run_dir / "metrics.jsonl") if run_dir else None,
             "media": tuple((str(p), _stamp(p)) for p in media_png + media_mp4),
             "eval_note": (bool(eval_rows(summary)), bool(media_png or media_mp4)),
@@ -224,6 +221,7 @@ class Dashboard:
             *self._plots(rows, part),
             *self._evaluation(summary, media_png, media_mp4, run_dir, part),
             *self._configs(run_dir, summary, part),
+            part("log", lambda: read_log(run_dir, LOG_MAX_CHARS) if run_dir else ""),
             new,
         ]
         return tuple(out)

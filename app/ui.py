@@ -3,10 +3,13 @@
 Left column: the launch form (gin file, extra gin files, overrides, run name, device). Main area:
 the runs table, then the selected run's page: name, status and VLM-load badges, Stop, and tabs
 Overview (parameters, training stats, loss curves) / Log / Evaluation (table, plot, rollout videos)
-/ Config. A ``gr.Timer`` refreshes the table and the page in the browser (only what changed); the
-log streams through a generator (``concurrency_limit=None``). The handlers are also API
-endpoints (``/launch``, ``/follow_log``, ``/run_page``, ``/runs``, ``/stop``, ``/aim``,
-``/devices``), so the dashboard can be scripted and tested with ``gradio_client``.
+/ Config. A ``gr.Timer`` refreshes the table and the page, log included, in the browser (only
+what changed). No page event streams: Gradio runs the listeners of one trigger in order and
+defers a listener until its previous call ends, so a log stream on ``run.change`` kept showing
+the first run while it trained and held back the events after it. The handlers are also API
+endpoints (``/launch``, ``/follow_log`` (streams a log until the run ends), ``/run_page``,
+``/runs``, ``/stop``, ``/aim``, ``/devices``), so the dashboard can be scripted and tested with
+``gradio_client``.
 """
 
 from __future__ import annotations
@@ -226,7 +229,7 @@ def build_blocks(dashboard: Dashboard) -> gr.Blocks:
                             buttons=["copy"],
                             elem_id="run-log",
                             interactive=False,
-                            placeholder="The run's log.txt streams here.",
+                            placeholder="The run's log.txt shows here.",
                         )
                     with gr.Tab("Evaluation", id="evaluation"):
                         eval_note = gr.HTML('<div class="empty-note">No evaluation results in this run yet.</div>')
@@ -283,15 +286,13 @@ def build_blocks(dashboard: Dashboard) -> gr.Blocks:
             config,
             operative,
             summary_json,
+            log_box,
             fingerprints,
         ]
 
         # ---- events
         demo.load(
             dashboard.on_load, None, [gin_file, extra_gins, device, runs_df, run, table_key], api_visibility="private"
-        )
-        run.change(
-            dashboard.follow_log, run, log_box, api_name="follow_log", concurrency_limit=None, show_progress="hidden"
         )
         run.change(
             dashboard.page_fresh, run, page_outputs, api_name="run_page", concurrency_limit=None, show_progress="hidden"
@@ -319,6 +320,7 @@ def build_blocks(dashboard: Dashboard) -> gr.Blocks:
         gpu_refresh.click(lambda: gr.update(choices=dashboard.device_choices()), None, device, api_name="devices")
         aim_button.click(dashboard.aim_link, None, aim_html, api_name="aim", show_progress="minimal")
         gr.api(dashboard.runs_table_rows, api_name="runs")
+        gr.api(dashboard.follow_log, api_name="follow_log", concurrency_limit=None)
     demo.dashboard = dashboard  # for main()/tests: demo.dashboard.aim.stop()
     return demo
 

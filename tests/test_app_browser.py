@@ -84,15 +84,19 @@ def runs_row(page, name: str, status: str = ""):
 def test_launch_watch_and_stop(app, page, sandbox_root):
     ARTIFACTS.mkdir(exist_ok=True)
 
-    # Two runs at once: a tiny one, and a long one to stop (the second waits for the first's
-    # sandbox build through build_once's file lock).
-    launch(page, sandbox_root, "ui-tiny")
-    assert page.get_by_role("tab", name="Log").get_attribute("aria-selected") == "true"
+    # A long run, then a tiny one while the long one still trains: the page follows each run as it
+    # is launched (the log switches at once, it does not wait for the first run to end).
     launch(page, sandbox_root, "ui-stop", "Trainer.steps = 100000")
-
-    # The page follows the run just launched: its log lines stream in while it trains.
+    assert page.get_by_role("tab", name="Log").get_attribute("aria-selected") == "true"
     wait_log(page, "Job train_teacher", 180)
     wait_log(page, "step 0/100000", 180)
+    launch(page, sandbox_root, "ui-tiny")
+    wait_log(page, "ui-tiny", 30)
+    assert runs_row(page, "ui-stop", "running").count() == 1
+
+    # Back to the long run (click its row) and stop it.
+    runs_row(page, "ui-stop").locator("[role=gridcell]").first.click()
+    wait_log(page, "ui-stop", 30)
     page.wait_for_function("() => !document.querySelector('#stop').disabled", timeout=30_000)
     page.locator("#stop").click()
     page.locator("#stop-msg").get_by_text("Stopping ui-stop").wait_for(timeout=30_000)
@@ -100,6 +104,7 @@ def test_launch_watch_and_stop(app, page, sandbox_root):
     page.locator("#run-header .status-stopped").wait_for(timeout=30_000)
     wait_log(page, "Interrupted", 30)
     assert page.locator("#stop").is_disabled()
+    assert page.locator("#stop-msg").get_by_text("Stopping ui-stop").is_visible()  # not wiped by the page's refresh
 
     # The tiny run (click its row): its log to the end, the VLM load badge turns green.
     runs_row(page, "ui-tiny").locator("[role=gridcell]").first.click()
