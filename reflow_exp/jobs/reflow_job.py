@@ -194,8 +194,8 @@ def reflow(
             frames = make_dataloader(train_set, batch_size, run.seed, num_workers, shuffle=False)
             if image_cache.prepare(model.teacher, frames, preprocess, run.path, data_key):
                 run.update_summary({"image_embedding_cache": image_cache.report})
-    if image_cache is not None and image_cache.active:  # the cache stands in for the camera frames
-        train_set = without_cameras(train_set)
+        if image_cache.active:  # the cache stands in for the camera frames
+            train_set = without_cameras(train_set)
     # Each process makes the pairs of its own share of the frames (a cached coupling merges them).
     pair_loader = make_dataloader(distributed.shard(train_set), batch_size, run.seed, num_workers, shuffle=False)
     coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
