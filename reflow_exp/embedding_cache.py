@@ -225,26 +225,30 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         writer, row = None, 0
-        for raw in tqdm(loader, desc="image embeddings", unit="batch"):
-            batch = preprocess(raw)
-            embedded = prefix.image_embeddings(head, batch)
-            cameras = [key for key in head.config.image_features if key in batch]
-            if writer is None:
-                shapes = {
-                    "index": (frames,),
-                    **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)},
-                }
-                writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
-                print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
-            writer.write("index", row, raw["index"].to(torch.int64))
-            for camera, embedding in zip(cameras, embedded.embeddings):
-                if not torch.isfinite(embedding).all():
-                    raise ValueError(f"non-finite image embeddings for {camera} at frames {raw['index'].tolist()}")
-                writer.write(camera, row, embedding.float().cpu())
-            row += len(raw["index"])
-        if writer is None or row != frames:
-            raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
-        writer.close()
+        try:
+            for raw in tqdm(loader, desc="image embeddings", unit="batch"):
+                batch = preprocess(raw)
+                embedded = prefix.image_embeddings(head, batch)
+                cameras = [key for key in head.config.image_features if key in batch]
+                if writer is None:
+                    shapes = {
+                        "index": (frames,),
+                        **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)},
+                    }
+                    metadata = {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE}
+                    writer = _Writer(tmp, shapes, metadata)
+                    print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
+                writer.write("index", row, raw["index"].to(torch.int64))
+                for camera, embedding in zip(cameras, embedded.embeddings):
+                    if not torch.isfinite(embedding).all():
+                        raise ValueError(f"non-finite image embeddings for {camera} at frames {raw['index'].tolist()}")
+                    writer.write(camera, row, embedding.float().cpu())
+                row += len(raw["index"])
+            if writer is None or row != frames:
+                raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
+        finally:  # at once, not when collected: on a full disk its blocks are what frees space
+            if writer is not None:
+                writer.close()
 
 
 class _Writer:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import os
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gin
-from reflow_exp import distributed, jobs, rundir, tracking, trainer  # noqa: F401  register the configurables
+from reflow_exp import disk, distributed, jobs, rundir, tracking, trainer  # noqa: F401  register the configurables
 from reflow_exp.gin_config import GIN_DIR, Config, ConfigError, load_config  # noqa: F401  GIN_DIR for callers
 
 EXIT_CONFIG_ERROR = 2
@@ -83,7 +84,11 @@ def _open_and_run(settings: rundir.RunSettings, config: Config) -> int:
         print(f"Job {_name(settings.job)} in {run.path} on {distributed.describe()}")
         run.save_operative_config()
         code, message = _run_job(settings, run)
-        run.save_operative_config()
+        with contextlib.suppress(OSError):  # a full disk: the job's error already says so
+            run.save_operative_config()
+        hung = run.close_tracker()  # before the exit record: it can fail the run
+        if hung and code == 0:
+            code, message = EXIT_JOB_FAILED, hung
         run.record_exit(_STATUS.get(code, "failed"), code, message)
     return code
 
@@ -105,6 +110,10 @@ def _run_job(settings: rundir.RunSettings, run: rundir.RunDir) -> tuple[int, str
         return EXIT_JOB_FAILED, _reason(e)
     except Exception as e:
         traceback.print_exc()  # into log.txt too: the tee is still installed
+        if disk.is_disk_full(e):
+            tracking.storage_blocked()
+            print(f"error: {disk.disk_full_message(run.path)}", file=sys.stderr)
+            return EXIT_JOB_FAILED, disk.disk_full_message(run.path)
         return EXIT_JOB_FAILED, f"{type(e).__name__}: {_reason(e)}"
     return 0, ""
 
@@ -175,5 +184,15 @@ def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``; when an Aim run hung in its close (a full disk), skip the interpreter's
+    exit cleanup, where Aim would block again, forever."""
+    if tracking.close_hung():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

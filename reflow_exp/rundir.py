@@ -25,6 +25,8 @@ strict JSON.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -41,7 +43,7 @@ import gin
 from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
 from reflow_exp.distributed import DEFAULT_TIMEOUT_S
 from reflow_exp.files import deep_merge, json_safe, read_json, write_atomic
-from reflow_exp.tracking import Tracker
+from reflow_exp.tracking import Tracker, TrackerCloseError
 
 CONFIG_FILE = "config.gin"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
@@ -202,7 +204,11 @@ class RunDir:
         return self.summary
 
     def record_exit(self, status: str, exit_code: int, message: str = "") -> None:
-        """Write status.json for this session's end (``status``: finished, failed, interrupted)."""
+        """Write status.json for this session's end (``status``: finished, failed, interrupted).
+
+        On a full disk the atomic write (a new temp file) fails; the record is then written over
+        the "running" one in place, into the blocks that file already holds, so the dashboard
+        does not show a dead run as running."""
         record = {
             "status": status,
             "exit_code": int(exit_code),
@@ -211,7 +217,24 @@ class RunDir:
             "started": self._started,
             "ended": time.time(),
         }
-        write_atomic(self.path / STATUS_FILE, json.dumps(record, indent=2) + "\n")
+        text = json.dumps(record, indent=2) + "\n"
+        try:
+            write_atomic(self.path / STATUS_FILE, text)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            with open(self.path / STATUS_FILE, "r+", encoding="utf-8") as f:
+                f.write(json.dumps(record, separators=(",", ":")) + "\n")
+                f.truncate()
+
+    def close_tracker(self) -> str | None:
+        """Close the Aim run (bounded: see ``Tracker.close``); returns the error when it hung."""
+        try:
+            self.tracker.close()
+        except TrackerCloseError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return str(e)
+        return None
 
     def save_operative_config(self) -> str:
         """Write operative_config.gin (values of every configurable called so far) and log it."""
@@ -236,7 +259,7 @@ class RunDir:
         """Close the tracker, restore stdout/stderr, close log.txt. Safe to call twice."""
         try:
             if self.tracker is not None:
-                self.tracker.close()
+                self.close_tracker()
         finally:
             if isinstance(sys.stdout, _Tee) and sys.stdout.log is self._log:
                 sys.stdout.flush_pending()
@@ -244,7 +267,8 @@ class RunDir:
             if isinstance(sys.stderr, _Tee) and sys.stderr.log is self._log:
                 sys.stderr.flush_pending()
                 sys.stderr = self._stderr
-            self._log.close()
+            with contextlib.suppress(OSError):  # a full disk: what it could not take is lost
+                self._log.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
@@ -316,8 +340,21 @@ class _Tee:
             self._pending += text
             if "\n" in self._pending:
                 *lines, self._pending = self._pending.split("\n")
-                self.log.write("".join(line.rsplit("\r", 1)[-1] + "\n" for line in lines))
+                self._write_log("".join(line.rsplit("\r", 1)[-1] + "\n" for line in lines))
         return len(text)
+
+    def _write_log(self, text: str) -> None:
+        """Append to log.txt; when that fails (a full disk) the log is closed and the console
+        keeps everything: an error message must never fail because the log cannot take it."""
+        try:
+            self.log.write(text)
+        except OSError as e:
+            self._give_up(e)
+
+    def _give_up(self, error: OSError) -> None:
+        with contextlib.suppress(OSError):
+            self.log.close()
+        self.stream.write(f"(log.txt is no longer written: {error})\n")
 
     def writelines(self, lines) -> None:
         for line in lines:
@@ -328,12 +365,15 @@ class _Tee:
         tail = self._pending.rsplit("\r", 1)[-1]
         self._pending = ""
         if tail.strip() and not self.log.closed:
-            self.log.write(tail + "\n")
+            self._write_log(tail + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
         if not self.log.closed:
-            self.log.flush()
+            try:
+                self.log.flush()
+            except OSError as e:
+                self._give_up(e)
 
     def isatty(self) -> bool:
         return self.stream.isatty()

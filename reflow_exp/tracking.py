@@ -9,14 +9,21 @@ Aim facts this module works around (see PITFALLS.md):
 - the SDK's terminal capture and system tracking wrap stdout/start threads: both off, our own
   tee in ``RunDir`` keeps the log;
 - at interpreter exit Aim's cleanup starts a thread, which Python 3.12 refuses: we close
-  explicitly and run Aim's remaining cleanup inline at exit instead.
+  explicitly and run Aim's remaining cleanup inline at exit instead;
+- on a full disk Aim's close fails or blocks forever in RocksDB's flush (ignoring Ctrl-C), and so
+  does Aim's finalizer of each storage object when it is garbage collected: ``close`` runs in a
+  daemon thread and gives up after ``close_timeout_s``; an Aim run that did not close is kept
+  referenced (never collected), and the process must end with ``os._exit`` (``close_hung()``),
+  because Aim's exit cleanup would block the same way.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import numbers
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,29 @@ import gin
 from reflow_exp.files import deep_merge, json_safe
 
 HASH_FILE = "aim_run_hash.txt"
+CLOSE_TIMEOUT_S = 30.0
+
+_unclosed: list = []  # Aim runs that did not close: collecting one would block in its finalizer
+_storage_blocked = threading.Event()
+
+
+class TrackerCloseError(RuntimeError):
+    """Aim's run did not close: it failed or timed out (a full disk blocks its RocksDB flush)."""
+
+
+def storage_blocked() -> None:
+    """Say the disk is full. From now on, every Aim storage object the garbage collector frees
+    runs a finalizer that blocks its thread forever in RocksDB's flush (Aim's ``RocksAutoClean``,
+    a ``weakref.finalize``), and Aim's exit cleanup does the same. So: no automatic garbage
+    collection for the rest of the process, which must end with ``os._exit`` (``close_hung``)."""
+    gc.disable()
+    _storage_blocked.set()
+
+
+def close_hung() -> bool:
+    """Whether Aim's storage may block this process's exit (``storage_blocked`` was called, or an
+    Aim run did not close): end the process with ``os._exit`` after flushing its output."""
+    return bool(_unclosed) or _storage_blocked.is_set()
 
 
 @gin.configurable
@@ -37,6 +67,8 @@ class Tracker:
         experiment: Aim experiment name (groups runs in the UI).
         run_name: Aim run name; None → the run folder's name.
         enabled: False makes every method a no-op (and never imports aim).
+        close_timeout_s: how long ``close`` waits for Aim to finish writing; a full disk blocks it
+            forever otherwise.
     """
 
     def __init__(
@@ -46,7 +78,11 @@ class Tracker:
         experiment: str = "reflow_exp",
         run_name: str | None = None,
         enabled: bool = True,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
     ):
+        if not close_timeout_s > 0:
+            raise ValueError(f"Tracker.close_timeout_s must be > 0 seconds, got {close_timeout_s!r}")
+        self.close_timeout_s = float(close_timeout_s)
         self.run_dir = Path(run_dir)
         self.repo = Path(repo) if repo is not None else self.run_dir.parent
         self.enabled = enabled
@@ -122,10 +158,37 @@ class Tracker:
         )
 
     def close(self) -> None:
-        """Finalise the Aim run (safe to call twice)."""
-        if self._run is not None:
-            run, self._run = self._run, None
-            run.close()
+        """Finalise the Aim run (safe to call twice), waiting at most ``close_timeout_s``.
+
+        Aim's close runs in a daemon thread, which also drops the last reference to the run: on a
+        full disk both block in RocksDB's flush (the close, and the finalizer of each storage object
+        freed), in C++, where neither a timeout nor Ctrl-C reaches them.
+
+        Raises:
+            TrackerCloseError: Aim failed or did not finish in time; ``close_hung()`` is now True.
+        """
+        if self._run is None:
+            return
+        owned, self._run = [self._run], None  # the thread takes the only reference
+        if _storage_blocked.is_set():
+            _unclosed.append(owned[0])  # never freed: its storage's finalizers would block
+        errors: list[BaseException] = []
+
+        def close() -> None:
+            try:
+                owned.pop().close()
+            except BaseException as e:  # reported in the caller's thread
+                errors.append(e)
+
+        closer = threading.Thread(target=close, name="aim-close", daemon=True)
+        closer.start()
+        closer.join(self.close_timeout_s)
+        if closer.is_alive() or errors:
+            _unclosed.append(errors)  # their tracebacks hold Aim storage objects
+            why = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer in {self.close_timeout_s:g} s"
+            raise TrackerCloseError(
+                f"the Aim run in {self.repo} did not close ({why}); is its disk full? Its last values may be lost"
+            )
 
 
 def _scalar(name: str, value: Any) -> float:

@@ -4,6 +4,8 @@ stops with a finite ``last``; a run folder has one owner; damaged files are dete
 regenerated or skipped; config mistakes exit 2 before anything is written; a run's status comes
 from its exit record."""
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ from reflow_exp.files import free_port
 from reflow_exp.rundir import RunDir
 from reflow_exp.tracking import Tracker
 
+REPO = Path(__file__).resolve().parent.parent
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -560,3 +563,66 @@ def test_dry_run_fails_for_a_missing_teacher_folder(tmp_path, capsys):
         assert run_cli.main(argv) == run_cli.EXIT_JOB_FAILED, teacher
         assert f"Cannot find the teacher folder '{teacher}'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# -- issue 26 ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, megabytes: int):
+    """A filesystem of `megabytes` mounted at `folder`: tmpfs, else a loop-mounted ext4 image;
+    skips the test when this machine allows neither (mounting needs root)."""
+    folder.mkdir(parents=True)
+    tmpfs = ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)]
+    if subprocess.run(tmpfs, capture_output=True).returncode != 0:
+        image = folder.parent / f"{folder.name}.img"
+        with open(image, "wb") as f:
+            f.truncate(megabytes << 20)
+        made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True).returncode == 0
+        if not made or subprocess.run(["mount", "-o", "loop", str(image), str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot mount a small filesystem here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_fails_the_run_within_a_minute_naming_the_disk(cli, tiny_teacher, tmp_path):
+    """Issue 26 item 1: the runs folder on a 24 MB tmpfs fills up while the reflow job builds its
+    image embeddings; the process exits (no hang in Aim's RocksDB flush), status.json says failed
+    and names the full filesystem, and the run lock is released."""
+    with _small_disk(tmp_path / "disk", 24) as disk:
+        console = tmp_path / "console.txt"
+        argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny_reflow.gin"]
+        for binding in (
+            f'run.runs_dir = "{disk}"',
+            f'sandbox_source.root = "{tmp_path / "sandbox"}"',  # outside: only the run fills the disk
+            "sandbox_source.episodes = 150",
+            f'reflow.teacher = "{tiny_teacher}"',
+        ):
+            argv += ["--gin_param", binding]
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(console, "w") as out:
+            proc = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            _wait_for(lambda: "No space left on device" in console.read_text(), 240, "a full disk", proc, console)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the run did not exit within 60 s of the full disk: {console.read_text()[-2000:]}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == run_cli.EXIT_JOB_FAILED, console.read_text()[-2000:]
+        status = json.loads((disk / "tiny-reflow" / "status.json").read_text())
+        assert status["status"] == "failed" and status["exit_code"] == 1, status
+        assert "the disk is full" in status["message"] and f"mounted at {disk}" in status["message"], status
+        assert runs.run_status(disk / "tiny-reflow").status == "failed"
+        lock = os.open(disk / "tiny-reflow" / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the process is gone
+        finally:
+            os.close(lock)
