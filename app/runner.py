@@ -33,7 +33,7 @@ from app.forms import (
     resolve_gin_file,
     run_folder,
 )
-from app.processes import pid_alive, process_start_time
+from app.processes import launcher_alive, pid_alive, process_start_time
 from app.runs import EXIT_FILE, LAUNCH_FILE, RunInfo, is_run_dir, read_json, run_status, write_json_atomic
 from reflow_exp.files import free_port
 
@@ -249,23 +249,29 @@ class Runner:
             raise LaunchError(f"Run {name!r} was not started from the dashboard; stop it where it runs (Ctrl-C).")
         if not info.alive:
             return f"Run {name} is not running ({info.status})."
+        if not launcher_alive(launch, run_dir):  # e.g. a CLI run, or a record naming another process
+            raise LaunchError(
+                f"Run {name!r} was not started by a dashboard (its {LAUNCH_FILE} names no live launcher of "
+                f"{run_dir}); stop it where it runs (Ctrl-C)."
+            )
         launch["stop_requested"] = time.time()
         write_json_atomic(run_dir / LAUNCH_FILE, launch)
-        pid, pgid, start = launch["pid"], launch.get("pgid", launch["pid"]), launch.get("proc_start")
-        _signal_group(pgid, signal.SIGINT)
-        threading.Thread(target=self._escalate, args=(name, pid, pgid, start), daemon=True, name=f"stop-{name}").start()
+        _signal_group(int(launch["pid"]), signal.SIGINT)  # the launcher leads its own process group
+        threading.Thread(target=self._escalate, args=(name, run_dir, launch), daemon=True, name=f"stop-{name}").start()
         grace_int, grace_term = self.stop_grace
         return (
             f"Stopping {name}: sent SIGINT (the run closes its log and Aim run); SIGTERM follows after "
             f"{grace_int:.0f} s and SIGKILL {grace_term:.0f} s later if it is still running."
         )
 
-    def _escalate(self, name: str, pid: int, pgid: int, start: int | None) -> None:
+    def _escalate(self, name: str, run_dir: Path, launch: dict) -> None:
+        """SIGTERM, then SIGKILL, to the launcher's group while it is still this run's launcher."""
+        pid, start = int(launch["pid"]), launch["proc_start"]
         for sig, wait in ((signal.SIGTERM, self.stop_grace[0]), (signal.SIGKILL, self.stop_grace[1])):
-            if _wait_dead(pid, start, wait):
+            if _wait_dead(pid, start, wait) or not launcher_alive(launch, run_dir):
                 return
             log.warning("run %s still alive; sending %s", name, sig.name)
-            _signal_group(pgid, sig)
+            _signal_group(pid, sig)
         _wait_dead(pid, start, 10)
 
     def running(self) -> list[str]:
@@ -284,9 +290,11 @@ def _relative_to_repo(path: Path, repo_root: Path) -> str:
         return str(path)
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the process group that launcher ``pid`` leads (and nothing when it leads none)."""
     try:
-        os.killpg(int(pgid), sig)
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 

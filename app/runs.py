@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.processes import pid_alive, record_owner_alive
+from app.processes import launcher_alive, record_owner_alive
 from reflow_exp.files import read_json, write_json_atomic  # noqa: F401  re-exported for the app
 
 LAUNCH_FILE = "dashboard.json"
@@ -318,7 +318,12 @@ def run_status(run_dir: Path) -> RunInfo:
     rows = read_metrics(run_dir)
     step, loss = train_progress(rows)
     status, detail, exit_code = _status(
-        launch, read_json(run_dir / EXIT_FILE), read_json(run_dir / STATUS_FILE), summary
+        launch,
+        read_json(run_dir / EXIT_FILE),
+        read_json(run_dir / STATUS_FILE),
+        summary,
+        launcher_alive(launch, run_dir),
+        run_dir,
     )
     started = launch.get("started")
     if started is None:
@@ -339,20 +344,23 @@ def run_status(run_dir: Path) -> RunInfo:
     )
 
 
-def _status(launch: dict, exit_info: dict, record: dict, summary: dict) -> tuple[str, str, int | None]:
+def _status(
+    launch: dict, exit_info: dict, record: dict, summary: dict, launched_alive: bool, run_dir: Path
+) -> tuple[str, str, int | None]:
     """(status, detail, exit code) from the dashboard's launch and exit files and the run's own
     ``status.json``, in this order:
 
-    1. a live process: the launcher of a dashboard run, or the pid that holds ``status.json``'s
-       "running" record (a run started from the command line);
+    1. a live process: the launcher of a dashboard run (``launched_alive``: see
+       ``processes.launcher_alive``), or the pid that holds ``status.json``'s "running" record (a run
+       started from the command line);
     2. the newest exit record of the last session: the run's ``status.json`` (it has the reason)
        unless it is older than the dashboard's launch, else the launcher's exit code;
     3. no exit record: the process died without a word (SIGKILL, OOM).
     """
     stop_requested = bool(launch.get("stop_requested"))
-    if launch and not exit_info and pid_alive(launch.get("pid"), launch.get("proc_start")):
+    if launch and not exit_info and launched_alive:
         return ("stopping" if stop_requested else "running"), "", None
-    if record.get("status") == "running" and record_owner_alive(record):
+    if record.get("status") == "running" and record_owner_alive(record, run_dir):
         return "running", "" if launch else "started outside the dashboard", None
 
     final = None

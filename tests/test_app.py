@@ -3,6 +3,7 @@ is tests/test_forms.py), then the running app through ``gradio_client`` (launch 
 config, follow its log to the end, read back the VLM load count and the parameter table; bad form
 input gets a clear message and starts nothing)."""
 
+import fcntl
 import json
 import os
 import signal
@@ -185,11 +186,32 @@ def _launched(run_dir: Path, pid: int, **extra) -> None:
     runs.write_json_atomic(run_dir / runs.LAUNCH_FILE, record)
 
 
+def _live_launcher(run_dir: Path) -> subprocess.Popen:
+    """A real launcher of `run_dir` (what a dashboard starts), its child sleeping; kill it after."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = [PY, "-m", "app.launcher", str(run_dir), "--", PY, "-c", "import time; time.sleep(120)"]
+    proc = subprocess.Popen(argv, cwd=REPO, start_new_session=True)
+    _launched(run_dir, proc.pid)
+    return proc
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_run_status(tmp_path):
     dead = subprocess.Popen([PY, "-c", "pass"])
     dead.wait()
 
-    _launched(tmp_path / "alive", os.getpid())
+    alive = _live_launcher(tmp_path / "alive")
+    try:
+        _check_run_status(tmp_path, dead)
+    finally:
+        _kill_group(alive)
+
+
+def _check_run_status(tmp_path: Path, dead: subprocess.Popen) -> None:
     _launched(tmp_path / "done", dead.pid)
     runs.write_json_atomic(tmp_path / "done" / runs.EXIT_FILE, {"exit_code": 0, "ended": 1})
     _launched(tmp_path / "crashed", dead.pid)
@@ -212,6 +234,8 @@ def test_run_status(tmp_path):
         runs.write_json_atomic(tmp_path / name / "summary.json", summary)
         if record:
             runs.write_json_atomic(tmp_path / name / runs.STATUS_FILE, record)
+    lock = os.open(tmp_path / "cli-running" / ".lock", os.O_RDWR | os.O_CREAT)  # as a running CLI run holds it
+    fcntl.flock(lock, fcntl.LOCK_EX)
     (tmp_path / "sandbox" / "data").mkdir(parents=True)  # a data cache, not a run
     (tmp_path / ".aim").mkdir()
 
@@ -233,6 +257,7 @@ def test_run_status(tmp_path):
     assert found["alive"].device == "GPU 0" and found["cli-done"].device == "—"
     assert found["crashed"].detail == "exit code 1"
     assert found["alive"].alive and not found["done"].alive
+    os.close(lock)
 
 
 # -- the launcher wrapper and the runner (no torch: plain python children) -------------------
@@ -310,9 +335,12 @@ def test_runner_plan_refuses_a_running_name_and_non_runs(tmp_path):
     (runner.runs_dir / "sandbox" / "data").mkdir(parents=True)
     with pytest.raises(LaunchError, match="not a run folder"):
         runner.plan("sandbox/tiny.gin", [], "", "cpu", "sandbox")
-    _launched(runner.runs_dir / "busy", os.getpid())
-    with pytest.raises(LaunchError, match="already running"):
-        runner.plan("sandbox/tiny.gin", [], "", "cpu", "busy")
+    busy = _live_launcher(runner.runs_dir / "busy")
+    try:
+        with pytest.raises(LaunchError, match="already running"):
+            runner.plan("sandbox/tiny.gin", [], "", "cpu", "busy")
+    finally:
+        _kill_group(busy)
     plan = runner.plan("sandbox/tiny.gin", ["sandbox/data.gin"], "Trainer.steps = 2", "cpu", "")
     assert plan.gin_files == ["gin/sandbox/tiny.gin", "gin/sandbox/data.gin"] and not plan.resume
     assert plan.command[-4:] == [

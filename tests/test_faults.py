@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from app import runs
 from app.forms import LaunchError
+from app.processes import process_start_time
 from app.runner import Runner
 from reflow_exp import run as run_cli
 from reflow_exp.checkpoint import latest_checkpoint
@@ -626,3 +627,71 @@ def test_a_full_disk_fails_the_run_within_a_minute_naming_the_disk(cli, tiny_tea
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the process is gone
         finally:
             os.close(lock)
+
+
+SLEEPER = "import time\ntry:\n    time.sleep(300)\nexcept KeyboardInterrupt:\n    raise SystemExit(130)"
+
+
+def test_stop_signals_only_a_launcher_of_that_run_folder(dashboard):
+    """Issue 26 item 3: a copied run folder is not running and its Stop signals nothing; a
+    dashboard.json written by hand naming another process (with or without its start time) is
+    refused; the real run still stops."""
+    from gradio_client import Client
+
+    from app.runner import LaunchPlan
+
+    url, board = dashboard
+    client = Client(url, verbose=False)
+    original = board.runs_dir / "original"
+    board.runner.start(LaunchPlan("original", original, [], [], "", [sys.executable, "-c", SLEEPER], resume=False))
+    launcher = runs.read_json(original / runs.LAUNCH_FILE)["pid"]
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _wait_for(lambda: runs.run_status(original).status == "running", 20, "the original run")
+        shutil.copytree(original, board.runs_dir / "copy")
+        assert runs.run_status(board.runs_dir / "copy").status != "running"
+        forged = {"pid": victim.pid, "pgid": victim.pid}
+        for name, record in (
+            ("no-start-time", forged),
+            ("with-start-time", forged | {"proc_start": process_start_time(victim.pid)}),
+        ):
+            (board.runs_dir / name).mkdir()
+            runs.write_json_atomic(board.runs_dir / name / runs.LAUNCH_FILE, record)
+            assert runs.run_status(board.runs_dir / name).status != "running"
+        for name in ("copy", "no-start-time", "with-start-time"):
+            message = client.predict(name, api_name="/stop")
+            assert "Stopping" not in message, message
+        time.sleep(0.5)
+        assert victim.poll() is None, "an unrelated process was signalled"
+        assert runs.run_status(original).status == "running", "the original was signalled through its copy"
+
+        assert "Stopping" in client.predict("original", api_name="/stop")
+        _wait_for(lambda: runs.run_status(original).status == "stopped", 30, "the original to stop")
+    finally:
+        victim.kill()
+        victim.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher, signal.SIGKILL)
+
+
+def test_a_copied_cli_run_folder_is_not_running(cli, tiny_teacher, tmp_path):
+    """Issue 26 item 3: status.json's "running" record counts only while a process holds the run
+    folder's lock, so a copy of a running command-line run is not shown as running."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
+    run_dir = runs_dir / "long"
+    proc = cli(
+        "gin/sandbox/tiny.gin",
+        *_bindings(runs_dir, 'run.name = "long"', "Trainer.steps = 100000", "Tracker.enabled = False"),
+        wait=False,
+    )
+    try:
+        _wait_for(lambda: (run_dir / "checkpoints" / "last").exists(), 240, "a checkpoint", proc, run_dir / "log.txt")
+        assert runs.run_status(run_dir).status == "running"
+        shutil.copytree(run_dir, runs_dir / "copy", symlinks=True)
+        assert json.loads((runs_dir / "copy" / "status.json").read_text())["status"] == "running"
+        assert runs.run_status(runs_dir / "copy").status == "failed"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
