@@ -105,7 +105,7 @@ def _run_job(settings: rundir.RunSettings, run: rundir.RunDir) -> tuple[int, str
     except KeyboardInterrupt:
         print("Interrupted; the run resumes from its last checkpoint if started again.", file=sys.stderr)
         return EXIT_INTERRUPTED, "interrupted"
-    except trainer.TrainingDiverged as e:  # a known end: the message says it all, no traceback
+    except (trainer.TrainingDiverged, trainer.ResumeRefused) as e:  # known ends: the message says it all
         print(f"error: {_reason(e)}", file=sys.stderr)
         return EXIT_JOB_FAILED, _reason(e)
     except Exception as e:

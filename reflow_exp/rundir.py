@@ -310,6 +310,9 @@ class WorkerRun:
     def record_exit(self, status: str, exit_code: int, message: str = "") -> None:
         pass
 
+    def close_tracker(self) -> str | None:
+        return None
+
     def close(self) -> None:
         if sys.stdout is self._devnull:
             sys.stdout = self._stdout

@@ -13,7 +13,7 @@ With N processes (torchrun / accelerate launch; see ``reflow_exp.distributed``) 
 wrapped in DDP, each process reads its own shard of every epoch (the dataloader's batch size is
 per process: global batch = batch × N), logged metrics are means over all processes, and only
 rank 0 logs and writes checkpoints. Resume with the same N: the data position is counted in
-per-process batches.
+per-process batches: a resume with another N is refused (``ResumeRefused``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ TRAINING_STEP_FILE = "training_step.json"  # LeRobot's name; we add epoch/batch/
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradient or the parameters became NaN or infinite; the message says where."""
+
+
+class ResumeRefused(RuntimeError):
+    """The run folder's checkpoint cannot be continued as configured; the message says why and how."""
 
 
 @gin.configurable
@@ -172,6 +176,7 @@ class Trainer:
         ckpt = latest_checkpoint(run.checkpoints_dir)
         if ckpt is not None:
             state = _load_training_state(ckpt / TRAINING_STATE_DIR, model, optimizer, scheduler)
+            _check_process_count(ckpt, state.get("processes"), accelerator.num_processes)
             print(f"Resuming training from {ckpt} (step {state['step']} of {self.steps})")
         batches = _Batches(dataloader, accelerator, run.seed, state["epoch"], state["batch_in_epoch"])
 
@@ -273,6 +278,7 @@ class Trainer:
             save_scheduler_state(scheduler, state_dir)
             save_rng_state(state_dir)
             fields = {k: state.get(k) for k in ("step", "epoch", "batch_in_epoch", "first_loss", "last_loss")}
+            fields["processes"] = accelerator.num_processes  # the data position counts per-process batches
             (state_dir / TRAINING_STEP_FILE).write_text(json.dumps(fields, indent=2) + "\n")
             (ckpt / "operative_config.gin").write_text(gin.operative_config_str())
 
@@ -368,6 +374,20 @@ class _Batches:
                 if self.index == 0:
                     raise ValueError("the dataloader yielded no batches; check the dataset and batch size") from None
                 self._iter, self.epoch, self.index = None, self.epoch + 1, 0
+
+
+def _check_process_count(ckpt: Path, saved: int | None, current: int) -> None:
+    """Refuse to resume with another number of processes: the position in the data is counted in
+    per-process batches and the global batch is the batch size times the processes, so the run
+    would silently skip or repeat data and change its batch. (Checkpoints from before the count
+    was recorded are not checked.)"""
+    if saved is None or int(saved) == current:
+        return
+    raise ResumeRefused(
+        f"checkpoint {ckpt} was trained with {saved} process(es), this run has {current}; a run resumes only "
+        f"with the same number (its data position and global batch depend on it). Start it with {saved} "
+        f"process(es) (torchrun --nproc_per_node {saved}, or python -m reflow_exp.run for 1), or choose a new run.name."
+    )
 
 
 def _load_training_state(state_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:

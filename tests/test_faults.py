@@ -695,3 +695,34 @@ def test_a_copied_cli_run_folder_is_not_running(cli, tiny_teacher, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(60)
+
+
+def test_a_resume_with_another_process_count_is_refused(cli, teacher_copy):
+    """Issue 26 item 2: a run trained with 1 process, resumed with `torchrun --nproc_per_node 2`,
+    exits 1 naming both counts (its data position counts per-process batches); nothing trains."""
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    before = (teacher_copy / "metrics.jsonl").read_text()
+    result = cli(
+        "gin/sandbox/tiny.gin",
+        *_bindings(teacher_copy.parent, "Trainer.steps = 8", "Tracker.enabled = False"),
+        launcher=torchrun,
+    )
+    assert result.returncode != 0, result.stdout[-2000:]
+    expected = "was trained with 1 process(es), this run has 2; a run resumes only with the same number"
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert "reflow_exp/trainer.py" not in result.stderr  # no traceback of ours (torchrun prints its own)
+    status = json.loads((teacher_copy / "status.json").read_text())
+    assert status["status"] == "failed" and expected in status["message"]
+    assert (teacher_copy / "metrics.jsonl").read_text() == before  # not a step trained
+    assert (
+        json.loads((teacher_copy / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())[
+            "processes"
+        ]
+        == 1
+    )
