@@ -99,7 +99,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], k
     return final
 
 
-def latest_checkpoint(ckpt_root: Path, clean: bool = False) -> Path | None:
+def latest_checkpoint(ckpt_root: Path, clean: bool = False, check_values: bool = False) -> Path | None:
     """The newest complete, undamaged checkpoint under ``ckpt_root``, or None if there is none.
 
     Follows ``last`` when it points at an existing folder, else takes the highest-numbered one
@@ -111,6 +111,8 @@ def latest_checkpoint(ckpt_root: Path, clean: bool = False) -> Path | None:
         clean: also delete ``.tmp-*`` leftovers of crashed saves. Only the process that owns
             the run may do this (the trainer does, when it resumes): another process (e.g. a
             dashboard) could otherwise delete a save that is in progress.
+        check_values: also read the training state's tensors and skip a checkpoint holding NaN/inf
+            values (``values_problem``): what a resume loads must be finite, whatever the headers say.
     """
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
@@ -128,6 +130,8 @@ def latest_checkpoint(ckpt_root: Path, clean: bool = False) -> Path | None:
         candidates = [newest] + [c for c in candidates if int(c.name) < int(newest.name)]
     for ckpt in candidates:
         problem = checkpoint_problem(ckpt)
+        if problem is None and check_values:
+            problem = values_problem(ckpt)
         if problem is None:
             return ckpt
         print(f"Warning: checkpoint {ckpt} is damaged ({problem}); falling back to the one before it", file=sys.stderr)
@@ -141,6 +145,23 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         problem = file_problem(path)
         if problem:
             return f"{path.relative_to(ckpt)}: {problem}"
+    return None
+
+
+def values_problem(ckpt: Path) -> str | None:
+    """The first tensor of the training state (``training_state/*.safetensors``: trainable
+    parameters, optimizer moments) holding a NaN/inf value, as ``"<file>: NaN/inf in <tensor>"``;
+    None when all are finite. Reads the tensors, unlike ``checkpoint_problem``: a value flipped on
+    disk keeps every size and header intact."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted((Path(ckpt) / "training_state").glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open has keys(), no __iter__)
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return f"{path.relative_to(ckpt)}: NaN/inf values in tensor {name!r}"
     return None
 
 

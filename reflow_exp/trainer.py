@@ -173,7 +173,7 @@ class Trainer:
         if accelerator.is_main_process:  # only rank 0 may delete a crashed save's leftovers
             latest_checkpoint(run.checkpoints_dir, clean=True)
         accelerator.wait_for_everyone()
-        ckpt = latest_checkpoint(run.checkpoints_dir)
+        ckpt = latest_checkpoint(run.checkpoints_dir, check_values=True)  # NaN in a file: the one before
         if ckpt is not None:
             state = _load_training_state(ckpt / TRAINING_STATE_DIR, model, optimizer, scheduler)
             _check_process_count(ckpt, state.get("processes"), accelerator.num_processes)
@@ -241,7 +241,7 @@ class Trainer:
         """Raise ``TrainingDiverged`` if ``value`` is NaN/inf: the step, the cause, what to try."""
         if math.isfinite(value):
             return
-        kept = latest_checkpoint(run.checkpoints_dir)
+        kept = latest_checkpoint(run.checkpoints_dir, check_values=True)
         kept_text = f"checkpoint {kept.name} (the last finite one) is kept" if kept else "no checkpoint was saved"
         raise TrainingDiverged(
             f"{what} is {value} at step {step}; training stopped and {kept_text}. Lower Trainer.lr "

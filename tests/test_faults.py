@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -726,3 +727,34 @@ def test_a_resume_with_another_process_count_is_refused(cli, teacher_copy):
         ]
         == 1
     )
+
+
+def _set_one_value_to_nan(path: Path) -> str:
+    """Overwrite the first value of the first float32 tensor of a safetensors file with NaN, in
+    place: size and header unchanged. Returns the tensor's name."""
+    with open(path, "r+b") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        name, info = next((k, v) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+        f.seek(8 + header_len + info["data_offsets"][0])
+        f.write(struct.pack("<f", float("nan")))
+    return name
+
+
+def test_a_checkpoint_with_nan_inside_falls_back_to_the_one_before(cli, teacher_copy):
+    """Issue 26 item 5: one NaN in checkpoints/000006/training_state/trainable_params.safetensors
+    (same size, headers intact): the resume warns naming the file and continues from 000003."""
+    checkpoints = teacher_copy / "checkpoints"
+    damaged = checkpoints / "000006" / "training_state" / "trainable_params.safetensors"
+    size = damaged.stat().st_size
+    tensor = _set_one_value_to_nan(damaged)
+    assert damaged.stat().st_size == size and latest_checkpoint(checkpoints) == checkpoints / "000006"
+    result = cli("gin/sandbox/tiny.gin", *_bindings(teacher_copy.parent, "Tracker.enabled = False"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        f"Warning: checkpoint {checkpoints / '000006'} is damaged (training_state/trainable_params.safetensors: "
+        f"NaN/inf values in tensor {tensor!r}); falling back to the one before it"
+    ) in result.stderr, result.stderr[-2000:]
+    assert f"Resuming training from {checkpoints / '000003'} (step 3 of 6)" in result.stdout
+    for name, value in load_file(damaged).items():  # saved again from step 3
+        assert torch.isfinite(value).all(), name
