@@ -33,6 +33,14 @@ class LaunchError(ValueError):
     """Bad input from the launch form; the message says what is wrong and what to do."""
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """``repr(text)`` cut to ``limit`` characters with the full length: an error message quotes a
+    form field, but a 1 MB field must not come back whole."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
 # -- gin files -------------------------------------------------------------------------------
 
 
@@ -58,17 +66,19 @@ def resolve_gin_file(name: str, gin_dir: Path = GIN_DIR) -> Path:
     text = (name or "").strip()
     if not text:
         raise LaunchError("Choose a gin file.")
+    if "\x00" in text:  # the OS refuses such a path with a ValueError, not a missing file
+        raise LaunchError(f"Gin file {shown(text)} holds a NUL byte: pick one of the listed files.")
     gin_dir = Path(gin_dir).resolve()
     if os.path.isabs(text) or text.startswith("~"):
         raise LaunchError(f"Gin file {text!r} is outside gin/: pick one of the listed files (paths relative to gin/).")
     relative = text[len("gin/") :] if text.startswith("gin/") else text
     path = (gin_dir / relative).resolve()
     if not path.is_relative_to(gin_dir):
-        raise LaunchError(f"Gin file {text!r} is outside gin/: pick one of the listed files.")
+        raise LaunchError(f"Gin file {shown(text)} is outside gin/: pick one of the listed files.")
     if path.suffix != ".gin":
-        raise LaunchError(f"{text!r} is not a .gin file.")
+        raise LaunchError(f"{shown(text)} is not a .gin file.")
     if not path.is_file():
-        raise LaunchError(f"Unknown gin file {text!r}: no such file in gin/. Pick one of the listed files.")
+        raise LaunchError(f"Unknown gin file {shown(text)}: no such file in gin/. Pick one of the listed files.")
     return path
 
 
@@ -93,7 +103,7 @@ def parse_overrides(text: str | None) -> list[str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        where = f"Override line {number} ({line!r})"
+        where = f"Override line {number} ({shown(line)})"
         if "=" not in line:
             raise LaunchError(f"{where}: expected `configurable.parameter = value`, e.g. `Trainer.steps = 100`.")
         try:
@@ -186,7 +196,7 @@ def check_run_name(name: str) -> str:
     text = (name or "").strip()
     if not RUN_NAME_RE.match(text):
         raise LaunchError(
-            f"Run name {text!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            f"Run name {shown(text)} is not allowed: use letters, digits, '.', '_' or '-' "
             "(up to 100, starting with a letter or digit)."
         )
     return text

@@ -49,11 +49,13 @@ STATUSES = ("running", "stopping", "finished", "failed", "stopped", "unknown")
 
 
 _metrics_cache: dict[Path, tuple[tuple[int, int], list[dict]]] = {}
+METRICS_TAIL_BYTES = 4 << 20  # the page shows the last 4 MiB of metrics.jsonl (~20k rows)
+SUMMARY_MAX_BYTES = 1 << 20  # a real summary.json is a few KiB
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` (cached by size and mtime; a half-written last line is
-    skipped until it is complete)."""
+def read_metrics(run_dir: Path, max_bytes: int = METRICS_TAIL_BYTES) -> list[dict]:
+    """The rows of ``metrics.jsonl``, its last ``max_bytes`` only, so a huge file cannot stall the
+    page (cached by size and mtime; a half-written last line is skipped until it is complete)."""
     path = Path(run_dir) / METRICS_FILE
     try:
         stat = path.stat()
@@ -64,8 +66,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if cached and cached[0] == key:
         return cached[1]
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        if stat.st_size > max_bytes:
+            f.seek(stat.st_size - max_bytes)
+            f.readline()  # a partial line
+        for line in f.read(max_bytes).decode("utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
@@ -76,8 +81,33 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def read_summary(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / SUMMARY_FILE)
+def read_summary(run_dir: Path, max_bytes: int = SUMMARY_MAX_BYTES) -> dict:
+    """``summary.json`` with its known parts of the expected types (a part of another type is left
+    out, never shown as an error page); {} when the file is missing, broken or over ``max_bytes``."""
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        if path.stat().st_size > max_bytes:
+            return {}
+    except OSError:
+        return {}
+    return well_typed_summary(read_json(path))
+
+
+SUMMARY_DICTS = ("params", "train", "eval", "offline", "run")  # parts that must be JSON objects
+
+
+def well_typed_summary(summary: dict) -> dict:
+    """``summary`` without parts of the wrong type: the dicts above, ``eval.<head>.<steps>`` and
+    ``offline.<head>.<steps>`` objects (the rows of the evaluation table)."""
+    clean = {k: v for k, v in summary.items() if k not in SUMMARY_DICTS or isinstance(v, dict)}
+    for part in ("eval", "offline"):
+        if part in clean:
+            clean[part] = {
+                head: by_steps if head == "straightness" else {k: m for k, m in by_steps.items() if isinstance(m, dict)}
+                for head, by_steps in clean[part].items()
+                if isinstance(by_steps, dict)
+            }
+    return clean
 
 
 def read_log(run_dir: Path, max_chars: int = 200_000) -> str:
@@ -332,7 +362,7 @@ def run_status(run_dir: Path) -> RunInfo:
         name=run_dir.name,
         path=run_dir,
         status=status,
-        device=device_label(launch.get("cuda_visible_devices")) if launch else "—",
+        device=device_label(launch.get("cuda_visible_devices")) if launch else summary_device(summary),
         started=started,
         step=step,
         total_steps=total_steps(run_dir),
@@ -342,6 +372,23 @@ def run_status(run_dir: Path) -> RunInfo:
         detail=detail,
         launch=launch,
     )
+
+
+def summary_device(summary: dict) -> str:
+    """The Device column of a run started from the command line (no ``dashboard.json``), from the
+    ``run`` record ``reflow_exp.run`` writes into summary.json; ``—`` when absent or malformed."""
+    from app.gpus import device_label
+
+    record = summary.get("run")
+    if not isinstance(record, dict) or record.get("device") not in ("cpu", "cuda"):
+        return "—"
+    processes = record.get("processes")
+    n = processes if isinstance(processes, int) and not isinstance(processes, bool) else 1
+    visible = record.get("cuda_visible_devices")
+    label = (
+        "CPU" if record["device"] == "cpu" else device_label(visible) if isinstance(visible, str) and visible else "GPU"
+    )
+    return label if n <= 1 or "processes" in label else f"{label} · {n} processes"
 
 
 def _status(

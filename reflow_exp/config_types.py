@@ -6,6 +6,10 @@ narrow: only the plain types a gin literal can have (bool, int, float, str/Path,
 lists, dicts and unions of them) are checked; references (``@x``), macros (``%X``) and any other
 annotation pass unchecked. Like Python's numeric tower, an int is accepted where a float is
 expected; a bool is never taken for a number.
+
+Ranges: a parameter annotated ``Annotated[int, AtLeast(1)]`` also refuses smaller literals
+(``Trainer.steps = -5``), checked at the same point, so a value out of range exits 2 before the
+run folder exists, like a wrong type. The function's own check stays for calls from Python.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,32 @@ def annotation(fn: Callable, param: str) -> Any:
     except Exception:  # an annotation that names something not importable here: check nothing
         return None
     return hints.get(param)
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """Metadata for ``Annotated[int, AtLeast(1)]``: the smallest value the parameter accepts."""
+
+    bound: float
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < self.bound:
+            return f"got {value!r}, must be >= {self.bound:g}"
+        return None
+
+
+def range_problem(fn: Callable, param: str, value: Any) -> str | None:
+    """Why ``value`` is out of the range ``fn``'s parameter declares with ``AtLeast``, or None."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        hint = typing.get_type_hints(target, include_extras=True).get(param)
+    except Exception:
+        return None
+    for meta in getattr(hint, "__metadata__", ()):
+        problem = meta.problem(value) if isinstance(meta, AtLeast) else None
+        if problem:
+            return problem
+    return None
 
 
 def type_problem(value: Any, expected: Any, is_marker: Callable[[Any], bool]) -> str | None:

@@ -148,6 +148,19 @@ def describe() -> str:
     return f"cuda ({name}, {bf16}), {processes}, CUDA_VISIBLE_DEVICES={visible}"
 
 
+def device_record() -> dict:
+    """What summary.json records about where the run ran (the dashboard's Device column reads it
+    for runs started from the command line): ``{"device": "cpu"|"cuda", "cuda_visible_devices",
+    "processes", "description"}``."""
+    cuda = torch.cuda.is_available()
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if cuda else "",
+        "processes": launched_world_size(),
+        "description": describe(),
+    }
+
+
 def check_mixed_precision(mixed_precision: str) -> None:
     """Refuse a mixed precision this machine's device cannot run, with the fix (no CUDA context made
     beyond the query).

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import gin
 from reflow_exp import prefix
 from reflow_exp.data import rows_by_index
-from reflow_exp.files import atomic_path
+from reflow_exp.files import atomic_path, remove_stale_temp_files
 from reflow_exp.heads import ActionHead
 
 RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v1"
@@ -79,6 +79,8 @@ class ImageEmbeddingCache:
             print(f"[Reflow] Image embedding cache off: {reason}")
             return False
         self.path = Path(self.folder or run_path) / self.FILE
+        for stale in remove_stale_temp_files(self.path.parent) if self.path.parent.is_dir() else []:
+            print(f"[Reflow] Removed {stale}, left by a process that died while writing it")
         key = fingerprint(head, data_fingerprint)
         first = {k: v[:1] for k, v in batch.items() if isinstance(v, Tensor)}  # the first frame
         fresh = prefix.image_embeddings(head, first)  # computed now: a spot check of the stored one

@@ -38,6 +38,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files (``.<name>.tmp-<pid>``, see ``atomic_path``) in ``folder`` whose
+    process is dead: a SIGKILLed writer leaves its temp file behind, which may be large (an image
+    embedding cache). A live process's temp file is kept (it may be writing). Returns the removed."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and path.is_file() and not _pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text` (UTF-8) atomically and durably."""
     with atomic_path(path) as tmp:

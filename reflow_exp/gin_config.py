@@ -207,7 +207,7 @@ def _missing_required(bindings: list[config_parser.BindingStatement]) -> list[st
 
 
 def _wrong_types(bindings: list[config_parser.BindingStatement]) -> list[str]:
-    """Messages for literal values that do not fit the bound parameter's annotation."""
+    """Messages for literal values that do not fit the bound parameter's annotation (type, range)."""
     problems = []
     for stmt in bindings:
         fn = _configurable(stmt.selector) if stmt.arg_name else None
@@ -215,6 +215,7 @@ def _wrong_types(bindings: list[config_parser.BindingStatement]) -> list[str]:
             continue
         expected = config_types.annotation(fn, stmt.arg_name)
         problem = config_types.type_problem(stmt.value, expected, lambda value: isinstance(value, (Ref, Macro)))
+        problem = problem or config_types.range_problem(fn, stmt.arg_name, stmt.value)
         if problem:
             problems.append(f"{_where(stmt.location)}: {stmt.selector}.{stmt.arg_name}: {problem}")
     return problems

@@ -83,6 +83,7 @@ def _open_and_run(settings: rundir.RunSettings, config: Config) -> int:
     with run:
         print(f"Job {_name(settings.job)} in {run.path} on {distributed.describe()}")
         run.save_operative_config()
+        run.update_summary({"run": distributed.device_record()})
         code, message = _run_job(settings, run)
         with contextlib.suppress(OSError):  # a full disk: the job's error already says so
             run.save_operative_config()

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import random
@@ -42,7 +43,7 @@ from typing import Any, TextIO
 import gin
 from reflow_exp.checkpoint import checkpoint_step, latest_checkpoint
 from reflow_exp.distributed import DEFAULT_TIMEOUT_S
-from reflow_exp.files import deep_merge, json_safe, read_json, write_atomic
+from reflow_exp.files import deep_merge, json_safe, read_json, remove_stale_temp_files, write_atomic
 from reflow_exp.tracking import Tracker, TrackerCloseError
 
 CONFIG_FILE = "config.gin"
@@ -97,8 +98,9 @@ def run_settings(
     if not callable(job):
         raise TypeError(f"run.job must be a job reference like `@train_teacher`, got {job!r}")
     name = name or time.strftime("%Y%m%d-%H%M%S")
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"run.name must be a plain folder name, got {name!r}")
+    if not name or "/" in name or "\x00" in name or name in (".", "..") or len(name) > 255:
+        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}… ({len(name):,} characters)"
+        raise ValueError(f"run.name must be a plain folder name of up to 255 characters, got {shown}")
     if not dist_timeout_s > 0:
         raise ValueError(f"run.dist_timeout_s must be > 0 seconds, got {dist_timeout_s!r}")
     return RunSettings(
@@ -153,7 +155,10 @@ class RunDir:
         self._stdout, self._stderr = sys.stdout, sys.stderr
         sys.stdout = _Tee(self._stdout, self._log)
         sys.stderr = _Tee(self._stderr, self._log)
+        self._log_handlers = _redirect_logging({self._stdout: sys.stdout, self._stderr: sys.stderr})
         try:
+            for stale in remove_stale_temp_files(self.path):
+                print(f"Removed {stale.name}, left by a process that died while writing it")
             self.resume_from = latest_checkpoint(self.checkpoints_dir) if resuming else None
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             if self.resume_from is not None:
@@ -261,6 +266,9 @@ class RunDir:
             if self.tracker is not None:
                 self.close_tracker()
         finally:
+            for handler, stream in self._log_handlers:
+                handler.setStream(stream)
+            self._log_handlers = []
             if isinstance(sys.stdout, _Tee) and sys.stdout.log is self._log:
                 sys.stdout.flush_pending()
                 sys.stdout = self._stdout
@@ -323,6 +331,24 @@ class WorkerRun:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _redirect_logging(streams: dict) -> list[tuple[logging.StreamHandler, Any]]:
+    """Point every logging handler that writes to the console (a stream in ``streams``, e.g. the
+    stderr a library's ``basicConfig`` captured before the run) at its tee, so warnings sent through
+    ``logging`` reach log.txt too. Returns (handler, old stream) pairs to restore."""
+    loggers = [
+        logging.getLogger(),
+        *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger)),
+    ]
+    redirected = []
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if type(handler) is logging.StreamHandler and any(stream is s for s in streams):
+                tee = next(t for s, t in streams.items() if s is stream)
+                redirected.append((handler, handler.setStream(tee)))
+    return redirected
 
 
 class _Tee:

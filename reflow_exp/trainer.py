@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from accelerate import Accelerator
@@ -37,6 +37,7 @@ from tqdm import tqdm
 import gin
 from reflow_exp import distributed
 from reflow_exp.checkpoint import latest_checkpoint, save_checkpoint
+from reflow_exp.config_types import AtLeast
 from reflow_exp.rundir import RunDir
 
 PRETRAINED_MODEL_DIR = "pretrained_model"
@@ -79,16 +80,16 @@ class Trainer:
 
     def __init__(
         self,
-        steps: int = 2000,
+        steps: Annotated[int, AtLeast(1)] = 2000,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 1e-10,
         grad_clip_norm: float | None = 10.0,
-        warmup_steps: int = 100,
+        warmup_steps: Annotated[int, AtLeast(0)] = 100,
         decay_steps: int | None = None,
         decay_lr: float = 2.5e-6,
-        log_every: int = 10,
+        log_every: Annotated[int, AtLeast(1)] = 10,
         save_every: int | None = 500,
         keep_last_checkpoints: int | None = None,
         eval_every: int | None = None,

@@ -758,3 +758,99 @@ def test_a_checkpoint_with_nan_inside_falls_back_to_the_one_before(cli, teacher_
     assert f"Resuming training from {checkpoints / '000003'} (step 3 of 6)" in result.stdout
     for name, value in load_file(damaged).items():  # saved again from step 3
         assert torch.isfinite(value).all(), name
+
+
+# -- issue 26 item 9: smaller faults -----------------------------------------------------------
+
+
+def test_out_of_range_values_exit_2_before_the_run_folder(cli, tmp_path, capsys):
+    """`train_teacher.batch_size = 0` and `Trainer.steps = -5` exit 2 like wrong types, naming the
+    binding and the bound, before the run folder exists (they failed in the job, after it)."""
+    runs_dir = tmp_path / "runs"
+    result = cli("gin/sandbox/tiny.gin", f'run.runs_dir = "{runs_dir}"', "train_teacher.batch_size = 0")
+    assert result.returncode == run_cli.EXIT_CONFIG_ERROR, result.stderr[-2000:]
+    assert "train_teacher.batch_size: got 0, must be >= 1" in result.stderr and "Traceback" not in result.stderr
+    argv = ["--gin_file", "gin/sandbox/tiny.gin", "--gin_param", f'run.runs_dir = "{runs_dir}"']
+    assert run_cli.main([*argv, "--gin_param", "Trainer.steps = -5"]) == run_cli.EXIT_CONFIG_ERROR
+    assert "Trainer.steps: got -5, must be >= 1" in capsys.readouterr().err
+    assert not runs_dir.exists()
+
+
+def test_the_dashboard_survives_odd_inputs_and_huge_files(dashboard):
+    """A NUL byte in the gin-file field and a 1 MB run name get short errors; a summary.json with
+    parts of the wrong type shows a run page; 50 MB summary.json / metrics.jsonl are read within
+    limits (the summary skipped, the metrics' tail)."""
+    from gradio_client import Client
+
+    url, board = dashboard
+    client = Client(url, verbose=False)
+    message, _ = client.predict("sandbox/tiny\x00.gin", [], "", "cpu", "nul", api_name="/launch")
+    assert "msg-error" in message and "NUL byte" in message, message
+    message, _ = client.predict("sandbox/tiny.gin", [], "", "cpu", "x" * (1 << 20), api_name="/launch")
+    assert "msg-error" in message and "1,048,576 characters" in message and len(message) < 2000, message[:300]
+
+    odd = board.runs_dir / "odd-summary"
+    odd.mkdir()
+    (odd / "config.gin").write_text("")
+    runs.write_json_atomic(odd / "summary.json", {"eval": "x", "params": 3, "offline": {"teacher": 5}, "train": []})
+    page = client.predict("odd-summary", api_name="/run_page")
+    assert "odd-summary" in str(page[0])
+
+    huge = board.runs_dir / "huge"
+    huge.mkdir()
+    (huge / "config.gin").write_text("")
+    (huge / "summary.json").write_text('{"pad": "' + "x" * (50 << 20) + '"}')
+    row = json.dumps({"step": 1, "time": 0, "context": {"subset": "train"}, "loss": 0.5}) + "\n"
+    last = json.dumps({"step": 999999, "time": 0, "context": {"subset": "train"}, "loss": 0.25}) + "\n"
+    with open(huge / "metrics.jsonl", "w") as f:
+        f.write(row * ((50 << 20) // len(row)) + last)
+    start = time.monotonic()
+    info = runs.run_status(huge)
+    assert time.monotonic() - start < 5
+    assert info.step == 999999 and info.last_loss == 0.25 and runs.read_summary(huge) == {}
+    start = time.monotonic()
+    client.predict("huge", api_name="/run_page")
+    assert time.monotonic() - start < 10
+
+
+def test_stale_temp_files_of_dead_processes_are_removed_at_start(tmp_path):
+    """A SIGKILLed writer's `.<file>.tmp-<pid>` (e.g. a half-built image embedding cache) is deleted
+    when the run folder is opened again; a live process's temp file is kept."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer.kill()
+    writer.wait()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = run_dir / f".image_embeddings.safetensors.tmp-{writer.pid}"
+    stale.write_bytes(b"\0" * 4096)
+    live = run_dir / f".summary.json.tmp-{os.getpid()}"
+    live.write_text("{}")
+    with RunDir(run_dir, tracker=Tracker(run_dir, enabled=False)):
+        pass
+    assert not stale.exists() and live.exists()
+    assert f"Removed {stale.name}" in (run_dir / "log.txt").read_text()
+
+
+def test_logging_warnings_reach_log_txt(tmp_path):
+    """A library that set up logging before the run (its handler holds the console's stderr)
+    still gets its warnings into log.txt."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        with RunDir(tmp_path / "run", tracker=Tracker(tmp_path / "run", enabled=False)):
+            logging.getLogger("some.library").warning("a warning through logging")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert handler.stream is sys.stderr  # restored
+    assert "a warning through logging" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_summary_records_the_device_and_the_dashboard_shows_it(tiny_teacher):
+    """A run started from the command line: summary.json says where it ran; the Device column
+    reads it (it showed "—")."""
+    record = json.loads((tiny_teacher / "summary.json").read_text())["run"]
+    assert record["device"] == "cpu" and record["processes"] == 1 and record["description"].startswith("cpu")
+    assert not (tiny_teacher / runs.LAUNCH_FILE).exists()
+    assert runs.run_status(tiny_teacher).device == "CPU"

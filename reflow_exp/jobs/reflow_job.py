@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from lerobot.configs.policies import PreTrainedConfig
@@ -17,6 +18,7 @@ from reflow_exp import coupling as coupling_module
 from reflow_exp import distributed, flow, visited
 from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
+from reflow_exp.config_types import AtLeast
 from reflow_exp.data import (
     check_features,
     dataset_digest,
@@ -68,7 +70,7 @@ def reflow(
     huber: bool = False,
     shared_prefix: bool = True,
     image_embedding_cache: bool | None = None,
-    batch_size: int = 32,
+    batch_size: Annotated[int, AtLeast(1)] = 32,
     num_workers: int | None = None,
     holdout_episodes: int = 10,
     offline_batches: int = 4,

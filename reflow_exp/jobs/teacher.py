@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 import torch
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
@@ -10,6 +11,7 @@ from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_pro
 import gin
 from reflow_exp import distributed
 from reflow_exp.backbone import Backbone, vlm_load_count
+from reflow_exp.config_types import AtLeast
 from reflow_exp.data import (
     dataset_digest,
     dataset_stats,
@@ -31,7 +33,7 @@ from reflow_exp.trainer import Trainer
 def train_teacher(
     run: RunDir,
     source=gin.REQUIRED,
-    batch_size: int = 32,
+    batch_size: Annotated[int, AtLeast(1)] = 32,
     num_workers: int | None = None,
     train_backbone: bool = False,
     holdout_episodes: int = 10,
