@@ -3,11 +3,12 @@ the message a failed dry run shows. No gradio, no torch: tested directly.
 
 Everything the dashboard acts on stays inside the runs folder: ``confined_path`` is the one check
 for the run folders it launches, stops and shows, and for the folders that overrides make a run
-write to (``WRITE_LOCATIONS``). Overrides parse through ``reflow_exp.gin_config``, as the run does.
+write to (``write_locations``). Overrides parse through ``reflow_exp.gin_config``, as the run does.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,11 +23,17 @@ RESERVED_BINDINGS = {"run.name": "the Run name field", "run.runs_dir": "the dash
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Parameters that name a folder a run writes into: an override may point them only inside the runs
 # folder, unless the launch form's "allow writes outside runs/" is on.
-WRITE_LOCATIONS = {
-    "sandbox_source.root": "the sandbox cache is built there",
-    "lerobot_source.root": "a dataset missing there is downloaded there",
-    "Tracker.repo": "the Aim repo is written there",
-}
+
+
+@functools.cache
+def write_locations() -> dict[str, str]:
+    """The bindings that name a folder a run writes to (``"sandbox_source.root": why``): every
+    configurable parameter annotated ``WritesFolder`` (``reflow_exp.config_types``), the one
+    registry, read from gin's registry once the jobs are imported (torch: the first call takes
+    seconds)."""
+    from reflow_exp import config_types, gin_config, run  # noqa: F401  run: registers every configurable
+
+    return config_types.write_locations(gin_config.registered_configurables())
 
 
 class LaunchError(ValueError):
@@ -130,7 +137,7 @@ def parse_overrides(text: str | None) -> list[str]:
 
 
 def check_write_locations(bindings: list[str], runs_dir: Path, repo_root: Path) -> None:
-    """Refuse overrides that make a run write outside ``runs_dir`` (see ``WRITE_LOCATIONS``).
+    """Refuse overrides that make a run write outside ``runs_dir`` (see ``write_locations``).
 
     Values are paths relative to ``repo_root`` (the runs' working directory) or absolute;
     ``None`` (the default location) is fine.
@@ -143,12 +150,13 @@ def check_write_locations(bindings: list[str], runs_dir: Path, repo_root: Path) 
     for line in bindings:
         (stmt,) = gin_config.parse_bindings(line + "\n", label=line)
         key = f"{stmt.selector.rsplit('.', 1)[-1]}.{stmt.arg_name}"  # module-qualified selectors too
-        if key not in WRITE_LOCATIONS or stmt.value is None:
+        locations = write_locations()
+        if key not in locations or stmt.value is None:
             continue
         if not isinstance(stmt.value, str) or stmt.value.startswith(("@", "%")):
             raise LaunchError(f"Override {line!r}: {key} must be a quoted folder path.")
         try:
-            confined_path(runs_dir, stmt.value, base=repo_root, what=f"{key} ({WRITE_LOCATIONS[key]})")
+            confined_path(runs_dir, stmt.value, base=repo_root, what=f"{key} ({locations[key]})")
         except LaunchError as e:
             raise LaunchError(
                 f"Override {line!r}: {e} Put it inside the runs folder, or tick "

@@ -120,7 +120,7 @@ class Runner:
     ) -> LaunchPlan:
         """Check the form (fast, nothing started) and build the command.
 
-        ``allow_outside``: let overrides point write locations (``WRITE_LOCATIONS``) outside the
+        ``allow_outside``: let overrides point write locations (``forms.write_locations``) outside the
         runs folder.
 
         Raises:

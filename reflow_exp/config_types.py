@@ -49,6 +49,32 @@ class AtLeast:
         return None
 
 
+@dataclass(frozen=True)
+class WritesFolder:
+    """Metadata for ``Annotated[str | None, WritesFolder("why")]``: the parameter names a folder the
+    run writes to. The dashboard confines such bindings to its runs folder (``write_locations``),
+    so the list of write locations is these annotations, never a list kept by hand."""
+
+    why: str
+
+
+def write_locations(configurables: dict[str, Callable]) -> dict[str, str]:
+    """``{"<configurable>.<param>": why}`` for every parameter annotated ``WritesFolder``, over
+    ``configurables`` (name -> function or class)."""
+    found = {}
+    for name, fn in configurables.items():
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        try:
+            hints = typing.get_type_hints(target, include_extras=True)
+        except Exception:
+            continue
+        for param, hint in hints.items():
+            for meta in getattr(hint, "__metadata__", ()):
+                if isinstance(meta, WritesFolder):
+                    found[f"{name}.{param}"] = meta.why
+    return found
+
+
 def range_problem(fn: Callable, param: str, value: Any) -> str | None:
     """Why ``value`` is out of the range ``fn``'s parameter declares with ``AtLeast``, or None."""
     target = fn.__init__ if inspect.isclass(fn) else fn

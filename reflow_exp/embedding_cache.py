@@ -22,6 +22,7 @@ import math
 import struct
 import time
 from pathlib import Path
+from typing import Annotated
 
 import lerobot
 import torch
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 import gin
 from reflow_exp import prefix
+from reflow_exp.config_types import WritesFolder
 from reflow_exp.data import rows_by_index
 from reflow_exp.files import atomic_path, remove_stale_temp_files
 from reflow_exp.heads import ActionHead
@@ -53,7 +55,11 @@ class ImageEmbeddingCache:
 
     FILE = "image_embeddings.safetensors"
 
-    def __init__(self, folder: str | None = None, required: bool = False):
+    def __init__(
+        self,
+        folder: Annotated[str | None, WritesFolder("the image embedding cache is written there")] = None,
+        required: bool = False,
+    ):
         self.folder, self.required = folder, required
         self.path: Path | None = None
         self.cameras: list[str] = []

@@ -158,6 +158,14 @@ def _quiet_gin_search(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Path not found")
 
 
+def registered_configurables() -> dict[str, Any]:
+    """Every configurable gin knows (name -> function or class), from gin's registry (gin has no
+    public listing); call after importing the modules that define them."""
+    from gin import config as gin_registry
+
+    return {c.name: c.wrapped for _, c in gin_registry._REGISTRY.items()}
+
+
 def _configurable(selector: str) -> Any | None:
     """The function or class bound to `selector`; None when only gin's dynamic registration
     resolves it (gin checked it while parsing)."""

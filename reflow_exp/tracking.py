@@ -26,9 +26,10 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import gin
+from reflow_exp.config_types import WritesFolder
 from reflow_exp.files import deep_merge, json_safe
 
 HASH_FILE = "aim_run_hash.txt"
@@ -73,8 +74,8 @@ class Tracker:
 
     def __init__(
         self,
-        run_dir: str | Path,
-        repo: str | Path | None = None,
+        run_dir: Annotated[str | Path, WritesFolder("the Aim run hash is written there")],
+        repo: Annotated[str | Path | None, WritesFolder("the Aim repo is written there")] = None,
         experiment: str = "reflow_exp",
         run_name: str | None = None,
         enabled: bool = True,

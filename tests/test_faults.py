@@ -854,3 +854,30 @@ def test_summary_records_the_device_and_the_dashboard_shows_it(tiny_teacher):
     assert record["device"] == "cpu" and record["processes"] == 1 and record["description"].startswith("cpu")
     assert not (tiny_teacher / runs.LAUNCH_FILE).exists()
     assert runs.run_status(tiny_teacher).device == "CPU"
+
+
+def test_every_folder_binding_is_confined_to_the_runs_folder(tmp_path):
+    """Issue 26 item 4: `ImageEmbeddingCache.folder` and `metaworld_source.root` were missing from a
+    hand-kept list. The list is now every parameter annotated `WritesFolder`; any configurable
+    parameter whose name says folder must carry it (or be set by the dashboard itself)."""
+    import inspect
+
+    from app.forms import RESERVED_BINDINGS, write_locations
+    from reflow_exp.gin_config import registered_configurables
+
+    runner = Runner(tmp_path / "runs", list_gpus=lambda: [])
+    for override in (f'ImageEmbeddingCache.folder = "{tmp_path / "x"}"', f'metaworld_source.root = "{tmp_path / "y"}"'):
+        with pytest.raises(LaunchError, match="outside the runs folder|runs folder"):
+            runner.plan("sandbox/tiny.gin", [], override, "cpu", "w")
+    locations = write_locations()
+    folder_like = set()
+    for name, fn in registered_configurables().items():
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        for param in inspect.signature(target).parameters:
+            if param in ("root", "folder", "repo", "path") or param.endswith(("_dir", "_root", "_folder")):
+                folder_like.add(f"{name}.{param}")
+    unconfined = folder_like - locations.keys() - set(RESERVED_BINDINGS)
+    assert not unconfined, f"annotate these with WritesFolder: {sorted(unconfined)}"
+    assert {"ImageEmbeddingCache.folder", "metaworld_source.root", "sandbox_source.root", "Tracker.repo"} <= set(
+        locations
+    )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import gin
+from reflow_exp.config_types import WritesFolder
 from reflow_exp.data import DataSource
 from reflow_exp.metaworld.tasks import DEFAULT_TASKS as DEFAULT_METAWORLD_TASKS  # no MuJoCo imported
 
 
 @gin.configurable
 def sandbox_source(
-    root: str = "runs/sandbox",
+    root: Annotated[str, WritesFolder("the sandbox cache is built there")] = "runs/sandbox",
     episodes: int = 100,
     seed: int = 0,
     action_noise: float = 0.0,
@@ -40,7 +43,7 @@ def sandbox_source(
 
 @gin.configurable
 def metaworld_source(
-    root: str = "runs/metaworld",
+    root: Annotated[str, WritesFolder("the MetaWorld dataset is recorded there")] = "runs/metaworld",
     tasks=DEFAULT_METAWORLD_TASKS,
     episodes_per_task: int = 50,
     seed: int = 0,
@@ -61,7 +64,7 @@ def metaworld_source(
 def lerobot_source(
     repo_id: str = gin.REQUIRED,
     vlm_model_name: str = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
-    root: str | None = None,
+    root: Annotated[str | None, WritesFolder("a dataset missing there is downloaded there")] = None,
     rename_map: dict | None = None,
 ) -> DataSource:
     """A LeRobotDataset (local `root` or the hub cache) and a SmolVLM (hub id or local folder).
