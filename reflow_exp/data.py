@@ -236,6 +236,24 @@ def _decode(
     return frames.squeeze(0)
 
 
+def check_finite_columns(columns: dict[str, torch.Tensor], root) -> None:
+    """Refuse NaN/inf in the small float columns (state, action, ...), read once at load: a NaN
+    state otherwise surfaces only in the batch that holds it, and a NaN action trains silently.
+    The message names the column, the episode and the frame. `columns` holds `episode_index` and
+    `frame_index` (N,) and float columns (N, ...)."""
+    for name, values in columns.items():
+        if not values.is_floating_point():
+            continue
+        bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+        if bad.any():
+            row = int(torch.nonzero(bad)[0])
+            episode, frame = int(columns["episode_index"][row]), int(columns["frame_index"][row])
+            raise ValueError(
+                f"{name} holds NaN/inf values in {int(bad.sum())} frame(s) of the dataset at {root}, the first at "
+                f"episode {episode}, frame {frame}: fix those values or leave the episode out"
+            )
+
+
 class ChunkedFrames(torch.utils.data.Dataset):
     """A LeRobotDataset, one item per frame: what `LeRobotDataset` with
     `delta_timestamps={"action": [k / fps for k < chunk]}` returns (`action` (chunk, action_dim),
@@ -278,6 +296,7 @@ class ChunkedFrames(torch.utils.data.Dataset):
         self.chunk_size = chunk_size
         episode = self.columns["episode_index"]
         self.actions = self.columns.pop("action")  # (N, action_dim)
+        check_finite_columns({**self.columns, "action": self.actions}, meta.root)
         # last row of each row's episode (rows of one episode are contiguous and in frame order)
         change = torch.nonzero(episode[1:] != episode[:-1]).flatten() + 1
         ends = torch.cat([change, torch.tensor([len(episode)])])

@@ -881,3 +881,36 @@ def test_every_folder_binding_is_confined_to_the_runs_folder(tmp_path):
     assert {"ImageEmbeddingCache.folder", "metaworld_source.root", "sandbox_source.root", "Tracker.repo"} <= set(
         locations
     )
+
+
+# -- issue 26 item 7: data problems found at load -----------------------------------------------
+
+
+def _dataset_with_nan(tiny_teacher, folder: Path, column: str, row: int) -> tuple[int, int]:
+    """A copy of the tiny sandbox dataset with `column` NaN at `row`; returns (episode, frame)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(tiny_teacher.parent / "sandbox" / "data", folder)
+    (file,) = (folder / "data").glob("chunk-*/file-*.parquet")
+    table = pq.read_table(file)
+    values = table.column(column).to_pylist()
+    values[row] = [float("nan")] * len(values[row])
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type))
+    pq.write_table(table, file)
+    return table.column("episode_index")[row].as_py(), table.column("frame_index")[row].as_py()
+
+
+@pytest.mark.parametrize("column", ["observation.state", "action"])
+def test_nan_in_the_small_columns_is_refused_at_load(tiny_teacher, tmp_path, column):
+    """NaN in observation.state (found only when a batch held it) or in action (trained on
+    silently) is refused when the dataset loads, naming the column, episode and frame."""
+    from reflow_exp.data import DataSource, load_dataset, open_metadata
+
+    episode, frame = _dataset_with_nan(tiny_teacher, tmp_path / "data", column, row=30)
+    data = DataSource("unused", "reflow_exp/sandbox", str(tmp_path / "data"))
+    with pytest.raises(
+        ValueError, match=f"{column} holds NaN/inf values in 1 frame.* episode {episode}, frame {frame}"
+    ):
+        load_dataset(data, open_metadata(data), 16)
