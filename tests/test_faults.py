@@ -914,3 +914,23 @@ def test_nan_in_the_small_columns_is_refused_at_load(tiny_teacher, tmp_path, col
         ValueError, match=f"{column} holds NaN/inf values in 1 frame.* episode {episode}, frame {frame}"
     ):
         load_dataset(data, open_metadata(data), 16)
+
+
+def test_data_at_another_frame_rate_than_the_teacher_is_refused(cli, teacher_copy, tmp_path):
+    """A 5 fps dataset for a teacher trained at 10 fps (its summary.json records it): reflow exits 1
+    naming both rates and the binding that allows it, before loading the teacher."""
+    assert json.loads((teacher_copy / "summary.json").read_text())["data_split"]["fps"] == 10
+    sandbox = tmp_path / "sandbox5"
+    shutil.copytree(teacher_copy.parent / "sandbox", sandbox, symlinks=True)
+    info = sandbox / "data" / "meta" / "info.json"
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"fps": 5}))
+    result = cli(
+        "gin/sandbox/tiny_reflow.gin",
+        f'run.runs_dir = "{tmp_path / "runs"}"',
+        f'sandbox_source.root = "{sandbox}"',
+        f'reflow.teacher = "{teacher_copy}"',
+        "Tracker.enabled = False",
+    )
+    assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
+    assert "the teacher was trained on data at 10 fps, this dataset is at 5 fps" in result.stderr, result.stderr[-2000:]
+    assert "reflow.allow_fps_mismatch = True" in result.stderr and "Loading teacher" not in result.stdout

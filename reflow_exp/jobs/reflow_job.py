@@ -81,6 +81,7 @@ def reflow(
     train_expert_only: bool | None = None,
     visited_episodes: int = 0,
     visited_teacher_steps: int = 10,
+    allow_fps_mismatch: bool = False,
     dry_run: bool = False,
 ) -> None:
     """2-rectified flow: distil the teacher at `teacher` (a LeRobot SmolVLA folder, a run folder
@@ -98,6 +99,10 @@ def reflow(
     prefix. None (default): on when valid (shared prefix, no image augmentation, every teacher
     camera in the data), else off with a message; True: required (an error when not valid); False: off.
     While it is on, the training batches carry no camera frames: nothing decodes what it stands in for.
+
+    `allow_fps_mismatch`: the data's frame rate must be the one the teacher was trained at (as its
+    run folder's summary.json records it): an action chunk spans another time at another rate. True
+    accepts a mismatch on purpose.
 
     `visited_episodes` > 0: also train on the states the teacher itself visits, from that many of
     its rollouts at `visited_teacher_steps` steps, recorded once into `<run>/visited/` (`visited.py`).
@@ -129,6 +134,7 @@ def reflow(
     with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
         data = source()
         meta = open_metadata(data)
+    check_fps(teacher_fps(teacher_path), meta.fps, allow_fps_mismatch)
     check_features(
         PreTrainedConfig.from_pretrained(teacher_path),
         policy_features(meta, data.rename_map),
@@ -297,3 +303,33 @@ def _log_offline(run: RunDir, step: int, metrics: dict) -> None:
         f"{head}@{k} {values['error']:.4f}" for head in ("student", "teacher") for k, values in metrics[head].items()
     )
     print(f"[Reflow] step {step}: error against the teacher's reference solution: {errors}")
+
+
+def teacher_fps(policy_folder: Path) -> int | None:
+    """The frame rate the teacher was trained at: ``data_split.fps`` in the summary.json of the run
+    folder holding ``policy_folder`` (``<run>/checkpoints/<step>/pretrained_model``); None when
+    unknown (a hub teacher, a run from before it was recorded)."""
+    for folder in list(Path(policy_folder).resolve().parents)[:3]:
+        summary = folder / "summary.json"
+        if summary.is_file():
+            try:
+                fps = json.loads(summary.read_text()).get("data_split", {}).get("fps")
+            except (ValueError, AttributeError):
+                return None
+            return int(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) else None
+    return None
+
+
+def check_fps(teacher: int | None, data: int, allow_mismatch: bool) -> None:
+    """Refuse data at another frame rate than the teacher's (each action of a chunk is one frame),
+    unless allowed by ``reflow.allow_fps_mismatch = True``."""
+    if teacher is None or teacher == data:
+        return
+    if allow_mismatch:
+        print(f"[Reflow] Warning: the teacher was trained at {teacher} fps, the data is at {data} fps (allowed)")
+        return
+    raise ValueError(
+        f"the teacher was trained on data at {teacher} fps, this dataset is at {data} fps: its action chunks "
+        "would span another time. Use data at the teacher's rate, or set reflow.allow_fps_mismatch = True "
+        "if this is intended"
+    )

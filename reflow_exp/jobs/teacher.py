@@ -98,4 +98,5 @@ def data_split(meta, train_eps: list[int], holdout_eps: list[int]) -> dict:
         "episodes": meta.total_episodes,
         "train_episodes": len(train_eps),
         "holdout_episodes": holdout_eps,
+        "fps": meta.fps,  # a reflow from this teacher refuses data at another rate (reflow.allow_fps_mismatch)
     }
