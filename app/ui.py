@@ -74,20 +74,29 @@ def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
 
 
-def launch_kwargs(runs_dir: str | Path, host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = ()) -> dict[str, Any]:
+def launch_kwargs(
+    runs_dir: str | Path,
+    host: str = "127.0.0.1",
+    allow_hosts: tuple[str, ...] = (),
+    login_throttle: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """What ``demo.launch`` needs besides host/port/auth: theme, CSS, the runs folder as an
-    allowed path (plots and videos are served from it), and the same-origin guard for a server
-    bound to ``host`` (see ``app.origin``; ``allow_hosts``: more names users reach it by)."""
+    allowed path (plots and videos are served from it), the same-origin guard for a server
+    bound to ``host`` (see ``app.origin``; ``allow_hosts``: more names users reach it by), and
+    with a login the brute-force guard (``app.login_throttle``; ``login_throttle``: its settings,
+    e.g. ``{"max_failures": 5}``)."""
     from starlette.middleware import Middleware
 
+    from app.login_throttle import LoginThrottle
     from app.origin import SameOriginOnly, allowed_hosts
 
-    guard = Middleware(SameOriginOnly, allowed=allowed_hosts(host, allow_hosts))
+    middleware = [Middleware(SameOriginOnly, allowed=allowed_hosts(host, allow_hosts))]
+    middleware.append(Middleware(LoginThrottle, **(login_throttle or {})))  # idle without a login
     return {
         "theme": theme(),
         "css": CSS,
         "allowed_paths": [str(Path(runs_dir).resolve())],
-        "app_kwargs": {"middleware": [guard]},
+        "app_kwargs": {"middleware": middleware},
     }
 
 

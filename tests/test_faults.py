@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -934,3 +935,45 @@ def test_data_at_another_frame_rate_than_the_teacher_is_refused(cli, teacher_cop
     assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
     assert "the teacher was trained on data at 10 fps, this dataset is at 5 fps" in result.stderr, result.stderr[-2000:]
     assert "reflow.allow_fps_mismatch = True" in result.stderr and "Loading teacher" not in result.stdout
+
+
+# -- issue 26 item 6: login brute force --------------------------------------------------------
+
+
+def _login(url: str, password: str) -> int:
+    data = urllib.parse.urlencode({"username": "user", "password": password}).encode()
+    try:
+        with NO_PROXY.open(urllib.request.Request(url + "login", data=data, method="POST"), timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_login_failures_slow_down_then_lock_out_the_client(tmp_path, caplog):
+    """Each failed login makes the client's next attempt wait longer, N failures lock it out (429,
+    even with the right password), and every failure is logged with the client's address."""
+    from app.ui import build_demo, launch_kwargs
+
+    runs_dir = tmp_path / "runs"
+    demo = build_demo(runs_dir, login=True)
+    throttle = {"base_delay_s": 0.25, "max_delay_s": 0.5, "max_failures": 4, "lockout_s": 60}
+    _, url, _ = demo.queue().launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        auth=("user", "secret"),
+        **launch_kwargs(runs_dir, login_throttle=throttle),
+    )
+    try:
+        caplog.set_level("WARNING", logger="app.login_throttle")
+        assert _login(url, "secret") == 200
+        start = time.monotonic()
+        assert [_login(url, f"guess{i}") for i in range(4)] == [400] * 4
+        assert time.monotonic() - start >= 0.25 + 0.5 + 0.5  # waits before guesses 2, 3 and 4
+        assert _login(url, "secret") == 429 and _login(url, "guess") == 429
+        failures = [r.getMessage() for r in caplog.records if "login failed from 127.0.0.1" in r.getMessage()]
+        assert len(failures) == 4 and "locked out for 60 s" in failures[-1], failures
+    finally:
+        demo.dashboard.aim.stop()
+        demo.close()
