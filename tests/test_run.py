@@ -83,6 +83,8 @@ def test_run_writes_the_run_folder(tmp_path, capsys):
     assert record["step"] == 0 and record["loss"] == 1.5
     assert record["context"] == {"subset": "train", "head": "student"}
     summary = json.loads((folder / "summary.json").read_text())
+    device = summary.pop("run")  # where it ran (the dashboard's Device column for CLI runs)
+    assert device["processes"] == 1 and device["device"] in ("cpu", "cuda") and device["description"]
     assert summary == {"value": 7, "part": None, "params": {"total": 3, "trainable": 1}}
     assert (folder / "aim_run_hash.txt").exists()
     assert (tmp_path / "runs" / ".aim").is_dir()
