@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -111,15 +112,47 @@ def start(timeout_s: float = DEFAULT_TIMEOUT_S):
     # accelerate only picks its CPU multi-process mode (gloo) when told it runs on the CPU.
     cpu = not torch.cuda.is_available()
     try:
-        return PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+        state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, OSError) as error:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        rank = os.environ.get("RANK", "?")
+        what = "the other processes did not join it" if rank == "0" else "it could not reach rank 0"
         raise UnreachableError(
-            f"rank {os.environ.get('RANK', '?')} of {launched_world_size()} could not reach rank 0 at {where} "
+            f"rank {rank} of {launched_world_size()}: {what} at {where} "
             f"within {timeout_s:.0f} s ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            "Is rank 0 running, and are MASTER_ADDR/MASTER_PORT (or --main_process_ip/--main_process_port) "
+            "Is every process running, and are MASTER_ADDR/MASTER_PORT (or --main_process_ip/--main_process_port) "
             "right and reachable? The wait is run.dist_timeout_s."
         ) from error
+    _PEERS[:] = _gather_peers()
+    return state
+
+
+_PEERS: list[tuple[int, str, int]] = []  # (rank, host, pid) of every process, gathered at start
+
+
+def _gather_peers() -> list[tuple[int, str, int]]:
+    """Every process's (rank, host name, pid), so a survivor can tell which process died."""
+    peers: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(peers, (torch.distributed.get_rank(), socket.gethostname(), os.getpid()))
+    return peers
+
+
+def dead_peers() -> list[tuple[int, int]]:
+    """(rank, pid) of the other processes of this run on this machine that are no longer alive
+    (zombies count as dead): when a collective fails or the launcher stops us, the cause."""
+    import psutil
+
+    dead = []
+    for rank, host, pid in _PEERS:
+        if host != socket.gethostname() or pid == os.getpid():
+            continue
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        if not alive:
+            dead.append((rank, pid))
+    return dead
 
 
 def stop() -> None:

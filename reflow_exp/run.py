@@ -104,12 +104,16 @@ def _run_job(settings: rundir.RunSettings, run: rundir.RunDir) -> tuple[int, str
             rundir.seed_everything(settings.seed)  # last, so nothing before shifts the stream
             settings.job(run)
     except KeyboardInterrupt:
+        if distributed.dead_peers():  # the launcher stopped us because another process died
+            return _peer_died()
         print("Interrupted; the run resumes from its last checkpoint if started again.", file=sys.stderr)
         return EXIT_INTERRUPTED, "interrupted"
     except (trainer.TrainingDiverged, trainer.ResumeRefused) as e:  # known ends: the message says it all
         print(f"error: {_reason(e)}", file=sys.stderr)
         return EXIT_JOB_FAILED, _reason(e)
     except Exception as e:
+        if distributed.dead_peers():  # a collective failed because another process died
+            return _peer_died()
         traceback.print_exc()  # into log.txt too: the tee is still installed
         if disk.is_disk_full(e):
             tracking.storage_blocked()
@@ -117,6 +121,17 @@ def _run_job(settings: rundir.RunSettings, run: rundir.RunDir) -> tuple[int, str
             return EXIT_JOB_FAILED, disk.disk_full_message(run.path)
         return EXIT_JOB_FAILED, f"{type(e).__name__}: {_reason(e)}"
     return 0, ""
+
+
+def _peer_died() -> tuple[int, str]:
+    """The status when another process of a multi-process run died: name it; the run resumes."""
+    who = ", ".join(f"rank {rank} (pid {pid})" for rank, pid in distributed.dead_peers())
+    message = (
+        f"{who} of this run died (killed? out of memory?), so this process stopped too; the run resumes from "
+        "its last checkpoint when started again with the same number of processes"
+    )
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_JOB_FAILED, message
 
 
 def _reason(error: Exception) -> str:

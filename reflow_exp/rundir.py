@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,7 +293,8 @@ class WorkerRun:
     """What ranks > 0 of a multi-process run get instead of a ``RunDir``: the same folder, seed and
     checkpoints (to resume from), and writing methods that do nothing, because rank 0 writes the
     config, log, metrics, summary, Aim run and checkpoints. Its stdout is discarded (rank 0 prints
-    for everyone); stderr stays, so errors still show.
+    for everyone), and so are its warnings (Python's ``warnings`` and ``logging`` below ERROR, which
+    rank 0 shows once); stderr stays, so errors still show.
     """
 
     is_main = False
@@ -305,6 +307,12 @@ class WorkerRun:
         self.tracker = Tracker(self.path, enabled=False)
         self._stdout, self._devnull = sys.stdout, open(os.devnull, "w")
         sys.stdout = self._devnull
+        # Errors only: rank 0 already shows the warnings every rank would repeat.
+        self._logging_disabled = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any], **context: Any) -> None:
         pass
@@ -325,6 +333,10 @@ class WorkerRun:
         if sys.stdout is self._devnull:
             sys.stdout = self._stdout
         self._devnull.close()
+        if self._warnings is not None:
+            self._warnings.__exit__(None, None, None)
+            self._warnings = None
+            logging.disable(self._logging_disabled)
 
     def __enter__(self) -> WorkerRun:
         return self

@@ -978,3 +978,56 @@ def test_login_failures_slow_down_then_lock_out_the_client(tmp_path, caplog):
     finally:
         demo.dashboard.aim.stop()
         demo.close()
+
+
+# -- issue 26 item 8: several processes ---------------------------------------------------------
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "reflow_exp.run" in child.cmdline():
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_dead_rank_is_named_and_other_ranks_print_only_errors(tiny_teacher, tmp_path):
+    """Two processes (torchrun): rank 1 prints no warnings (only rank 0 does); when rank 1 is
+    SIGKILLed, rank 0's status.json names rank 1 and its pid, says the run resumes, and the
+    launcher ends within a minute."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
+    run_dir, logs = runs_dir / "two", tmp_path / "rank-logs"
+    argv = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    argv += ["--log-dir", str(logs), "--redirects", "3", "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
+    for binding in _bindings(runs_dir, 'run.name = "two"', "Trainer.steps = 100000", "Tracker.enabled = False"):
+        argv += ["--gin_param", binding]
+    argv += ["--gin_param", "train_teacher.batch_size = 4"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        _wait_for(
+            lambda: (run_dir / "checkpoints" / "last").exists(), 240, "a checkpoint", launcher, run_dir / "log.txt"
+        )
+        rank1 = _rank_pid(launcher.pid, 1)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGKILL)
+        launcher.wait(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed", status
+    assert f"rank 1 (pid {rank1}) of this run died" in status["message"] and "resumes" in status["message"], status
+    (rank1_err,) = logs.glob("*/attempt_*/1/stderr.log")
+    text = rank1_err.read_text()
+    assert "Warning" not in text and "WARNING" not in text, text[-3000:]
+    assert latest_checkpoint(run_dir / "checkpoints") is not None
