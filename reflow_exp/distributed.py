@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -112,19 +114,43 @@ def start(timeout_s: float = DEFAULT_TIMEOUT_S):
     # accelerate only picks its CPU multi-process mode (gloo) when told it runs on the CPU.
     cpu = not torch.cuda.is_available()
     try:
-        state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+        with _cpp_logs_held_back():
+            state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, OSError) as error:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         rank = os.environ.get("RANK", "?")
-        what = "the other processes did not join it" if rank == "0" else "it could not reach rank 0"
+        n = launched_world_size()
+        what = (
+            f"rank 0 of {n}: the other processes did not join it"
+            if rank == "0"
+            else f"rank {rank} of {n} could not reach rank 0"
+        )
         raise UnreachableError(
-            f"rank {rank} of {launched_world_size()}: {what} at {where} "
+            f"{what} at {where} "
             f"within {timeout_s:.0f} s ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
             "Is every process running, and are MASTER_ADDR/MASTER_PORT (or --main_process_ip/--main_process_port) "
             "right and reachable? The wait is run.dist_timeout_s."
         ) from error
     _PEERS[:] = _gather_peers()
     return state
+
+
+@contextlib.contextmanager
+def _cpp_logs_held_back() -> Iterator[None]:
+    """Hold back what C++ writes to stderr (file descriptor 2) while the process group forms: each
+    failed connection try logs a ~18-line C++ stack there, before our one-line message. On success
+    it is written out as it came; on failure it is dropped (the message quotes the error)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield  # an error skips the write below: its C++ noise is dropped
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode("utf-8", errors="replace"))
 
 
 _PEERS: list[tuple[int, str, int]] = []  # (rank, host, pid) of every process, gathered at start

@@ -1031,3 +1031,32 @@ def test_a_dead_rank_is_named_and_other_ranks_print_only_errors(tiny_teacher, tm
     text = rank1_err.read_text()
     assert "Warning" not in text and "WARNING" not in text, text[-3000:]
     assert latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+@pytest.mark.parametrize(
+    "rank, expected",
+    [
+        ("1", "rank 1 of 2 could not reach rank 0 at 127.0.0.1:{port} within 3 s"),
+        ("0", "rank 0 of 2: the other processes did not join it at 127.0.0.1:{port} within 3 s"),
+    ],
+)
+def test_a_process_group_that_never_forms_says_so_in_one_line(tmp_path, rank, expected):
+    """A lone rank 1 (nobody listens) or a lone rank 0 (nobody joins) exits 1 with one line that
+    names its own situation, without the C++ stacks torch logs for each connection try."""
+    port = free_port()
+    env = os.environ | {
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
+    argv += ["--gin_param", f'run.runs_dir = "{tmp_path / "runs"}"', "--gin_param", "run.dist_timeout_s = 3"]
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
+    assert expected.format(port=port) in result.stderr, result.stderr[-2000:]
+    assert "frame #" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
