@@ -68,6 +68,501 @@ def teacher_copy(tiny_teacher, tmp_path):
     return copy
 
 
+# -- issue 26 ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, megabytes: int):
+    """A filesystem of `megabytes` mounted at `folder`: tmpfs, else a loop-mounted ext4 image;
+    skips the test when this machine allows neither (mounting needs root)."""
+    folder.mkdir(parents=True)
+    tmpfs = ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)]
+    if subprocess.run(tmpfs, capture_output=True).returncode != 0:
+        image = folder.parent / f"{folder.name}.img"
+        with open(image, "wb") as f:
+            f.truncate(megabytes << 20)
+        made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True).returncode == 0
+        if not made or subprocess.run(["mount", "-o", "loop", str(image), str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot mount a small filesystem here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_fails_the_run_within_a_minute_naming_the_disk(cli, tiny_teacher, tmp_path):
+    """Issue 26 item 1: the runs folder on a 24 MB tmpfs fills up while the reflow job builds its
+    image embeddings; the process exits (no hang in Aim's RocksDB flush), status.json says failed
+    and names the full filesystem, and the run lock is released."""
+    with _small_disk(tmp_path / "disk", 24) as disk:
+        console = tmp_path / "console.txt"
+        argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny_reflow.gin"]
+        for binding in (
+            f'run.runs_dir = "{disk}"',
+            f'sandbox_source.root = "{tmp_path / "sandbox"}"',  # outside: only the run fills the disk
+            "sandbox_source.episodes = 150",
+            f'reflow.teacher = "{tiny_teacher}"',
+        ):
+            argv += ["--gin_param", binding]
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(console, "w") as out:
+            proc = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            _wait_for(lambda: "No space left on device" in console.read_text(), 240, "a full disk", proc, console)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the run did not exit within 60 s of the full disk: {console.read_text()[-2000:]}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == run_cli.EXIT_JOB_FAILED, console.read_text()[-2000:]
+        status = json.loads((disk / "tiny-reflow" / "status.json").read_text())
+        assert status["status"] == "failed" and status["exit_code"] == 1, status
+        assert "the disk is full" in status["message"] and f"mounted at {disk}" in status["message"], status
+        assert runs.run_status(disk / "tiny-reflow").status == "failed"
+        lock = os.open(disk / "tiny-reflow" / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the process is gone
+        finally:
+            os.close(lock)
+
+
+SLEEPER = "import time\ntry:\n    time.sleep(300)\nexcept KeyboardInterrupt:\n    raise SystemExit(130)"
+
+
+def test_stop_signals_only_a_launcher_of_that_run_folder(dashboard):
+    """Issue 26 item 3: a copied run folder is not running and its Stop signals nothing; a
+    dashboard.json written by hand naming another process (with or without its start time) is
+    refused; the real run still stops."""
+    from gradio_client import Client
+
+    from app.runner import LaunchPlan
+
+    url, board = dashboard
+    client = Client(url, verbose=False)
+    original = board.runs_dir / "original"
+    board.runner.start(LaunchPlan("original", original, [], [], "", [sys.executable, "-c", SLEEPER], resume=False))
+    launcher = runs.read_json(original / runs.LAUNCH_FILE)["pid"]
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _wait_for(lambda: runs.run_status(original).status == "running", 20, "the original run")
+        shutil.copytree(original, board.runs_dir / "copy")
+        assert runs.run_status(board.runs_dir / "copy").status != "running"
+        forged = {"pid": victim.pid, "pgid": victim.pid}
+        for name, record in (
+            ("no-start-time", forged),
+            ("with-start-time", forged | {"proc_start": process_start_time(victim.pid)}),
+        ):
+            (board.runs_dir / name).mkdir()
+            runs.write_json_atomic(board.runs_dir / name / runs.LAUNCH_FILE, record)
+            assert runs.run_status(board.runs_dir / name).status != "running"
+        for name in ("copy", "no-start-time", "with-start-time"):
+            message = client.predict(name, api_name="/stop")
+            assert "Stopping" not in message, message
+        time.sleep(0.5)
+        assert victim.poll() is None, "an unrelated process was signalled"
+        assert runs.run_status(original).status == "running", "the original was signalled through its copy"
+
+        assert "Stopping" in client.predict("original", api_name="/stop")
+        _wait_for(lambda: runs.run_status(original).status == "stopped", 30, "the original to stop")
+    finally:
+        victim.kill()
+        victim.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher, signal.SIGKILL)
+
+
+def test_a_copied_cli_run_folder_is_not_running(cli, tiny_teacher, tmp_path):
+    """Issue 26 item 3: status.json's "running" record counts only while a process holds the run
+    folder's lock, so a copy of a running command-line run is not shown as running."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
+    run_dir = runs_dir / "long"
+    proc = cli(
+        "gin/sandbox/tiny.gin",
+        *_bindings(runs_dir, 'run.name = "long"', "Trainer.steps = 100000", "Tracker.enabled = False"),
+        wait=False,
+    )
+    try:
+        _wait_for(lambda: (run_dir / "checkpoints" / "last").exists(), 240, "a checkpoint", proc, run_dir / "log.txt")
+        assert runs.run_status(run_dir).status == "running"
+        shutil.copytree(run_dir, runs_dir / "copy", symlinks=True)
+        assert json.loads((runs_dir / "copy" / "status.json").read_text())["status"] == "running"
+        assert runs.run_status(runs_dir / "copy").status == "failed"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+
+
+def test_a_resume_with_another_process_count_is_refused(cli, teacher_copy):
+    """Issue 26 item 2: a run trained with 1 process, resumed with `torchrun --nproc_per_node 2`,
+    exits 1 naming both counts (its data position counts per-process batches); nothing trains."""
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    before = (teacher_copy / "metrics.jsonl").read_text()
+    result = cli(
+        "gin/sandbox/tiny.gin",
+        *_bindings(teacher_copy.parent, "Trainer.steps = 8", "Tracker.enabled = False"),
+        launcher=torchrun,
+    )
+    assert result.returncode != 0, result.stdout[-2000:]
+    expected = "was trained with 1 process(es), this run has 2; a run resumes only with the same number"
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert "reflow_exp/trainer.py" not in result.stderr  # no traceback of ours (torchrun prints its own)
+    status = json.loads((teacher_copy / "status.json").read_text())
+    assert status["status"] == "failed" and expected in status["message"]
+    assert (teacher_copy / "metrics.jsonl").read_text() == before  # not a step trained
+    assert (
+        json.loads((teacher_copy / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())[
+            "processes"
+        ]
+        == 1
+    )
+
+
+def _set_one_value_to_nan(path: Path) -> str:
+    """Overwrite the first value of the first float32 tensor of a safetensors file with NaN, in
+    place: size and header unchanged. Returns the tensor's name."""
+    with open(path, "r+b") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        name, info = next((k, v) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+        f.seek(8 + header_len + info["data_offsets"][0])
+        f.write(struct.pack("<f", float("nan")))
+    return name
+
+
+def test_a_checkpoint_with_nan_inside_falls_back_to_the_one_before(cli, teacher_copy):
+    """Issue 26 item 5: one NaN in checkpoints/000006/training_state/trainable_params.safetensors
+    (same size, headers intact): the resume warns naming the file and continues from 000003."""
+    checkpoints = teacher_copy / "checkpoints"
+    damaged = checkpoints / "000006" / "training_state" / "trainable_params.safetensors"
+    size = damaged.stat().st_size
+    tensor = _set_one_value_to_nan(damaged)
+    assert damaged.stat().st_size == size and latest_checkpoint(checkpoints) == checkpoints / "000006"
+    result = cli("gin/sandbox/tiny.gin", *_bindings(teacher_copy.parent, "Tracker.enabled = False"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        f"Warning: checkpoint {checkpoints / '000006'} is damaged (training_state/trainable_params.safetensors: "
+        f"NaN/inf values in tensor {tensor!r}); falling back to the one before it"
+    ) in result.stderr, result.stderr[-2000:]
+    assert f"Resuming training from {checkpoints / '000003'} (step 3 of 6)" in result.stdout
+    for name, value in load_file(damaged).items():  # saved again from step 3
+        assert torch.isfinite(value).all(), name
+
+
+# -- issue 26 item 9: smaller faults -----------------------------------------------------------
+
+
+def test_out_of_range_values_exit_2_before_the_run_folder(cli, tmp_path, capsys):
+    """`train_teacher.batch_size = 0` and `Trainer.steps = -5` exit 2 like wrong types, naming the
+    binding and the bound, before the run folder exists (they failed in the job, after it)."""
+    runs_dir = tmp_path / "runs"
+    result = cli("gin/sandbox/tiny.gin", f'run.runs_dir = "{runs_dir}"', "train_teacher.batch_size = 0")
+    assert result.returncode == run_cli.EXIT_CONFIG_ERROR, result.stderr[-2000:]
+    assert "train_teacher.batch_size: got 0, must be >= 1" in result.stderr and "Traceback" not in result.stderr
+    argv = ["--gin_file", "gin/sandbox/tiny.gin", "--gin_param", f'run.runs_dir = "{runs_dir}"']
+    assert run_cli.main([*argv, "--gin_param", "Trainer.steps = -5"]) == run_cli.EXIT_CONFIG_ERROR
+    assert "Trainer.steps: got -5, must be >= 1" in capsys.readouterr().err
+    assert not runs_dir.exists()
+
+
+def test_the_dashboard_survives_odd_inputs_and_huge_files(dashboard):
+    """A NUL byte in the gin-file field and a 1 MB run name get short errors; a summary.json with
+    parts of the wrong type shows a run page; 50 MB summary.json / metrics.jsonl are read within
+    limits (the summary skipped, the metrics' tail)."""
+    from gradio_client import Client
+
+    url, board = dashboard
+    client = Client(url, verbose=False)
+    message, _ = client.predict("sandbox/tiny\x00.gin", [], "", "cpu", "nul", api_name="/launch")
+    assert "msg-error" in message and "NUL byte" in message, message
+    message, _ = client.predict("sandbox/tiny.gin", [], "", "cpu", "x" * (1 << 20), api_name="/launch")
+    assert "msg-error" in message and "1,048,576 characters" in message and len(message) < 2000, message[:300]
+
+    odd = board.runs_dir / "odd-summary"
+    odd.mkdir()
+    (odd / "config.gin").write_text("")
+    runs.write_json_atomic(odd / "summary.json", {"eval": "x", "params": 3, "offline": {"teacher": 5}, "train": []})
+    page = client.predict("odd-summary", api_name="/run_page")
+    assert "odd-summary" in str(page[0])
+
+    huge = board.runs_dir / "huge"
+    huge.mkdir()
+    (huge / "config.gin").write_text("")
+    (huge / "summary.json").write_text('{"pad": "' + "x" * (50 << 20) + '"}')
+    row = json.dumps({"step": 1, "time": 0, "context": {"subset": "train"}, "loss": 0.5}) + "\n"
+    last = json.dumps({"step": 999999, "time": 0, "context": {"subset": "train"}, "loss": 0.25}) + "\n"
+    with open(huge / "metrics.jsonl", "w") as f:
+        f.write(row * ((50 << 20) // len(row)) + last)
+    start = time.monotonic()
+    info = runs.run_status(huge)
+    assert time.monotonic() - start < 5
+    assert info.step == 999999 and info.last_loss == 0.25 and runs.read_summary(huge) == {}
+    start = time.monotonic()
+    client.predict("huge", api_name="/run_page")
+    assert time.monotonic() - start < 10
+
+
+def test_stale_temp_files_of_dead_processes_are_removed_at_start(tmp_path):
+    """A SIGKILLed writer's `.<file>.tmp-<pid>` (e.g. a half-built image embedding cache) is deleted
+    when the run folder is opened again; a live process's temp file is kept."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer.kill()
+    writer.wait()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = run_dir / f".image_embeddings.safetensors.tmp-{writer.pid}"
+    stale.write_bytes(b"\0" * 4096)
+    live = run_dir / f".summary.json.tmp-{os.getpid()}"
+    live.write_text("{}")
+    with RunDir(run_dir, tracker=Tracker(run_dir, enabled=False)):
+        pass
+    assert not stale.exists() and live.exists()
+    assert f"Removed {stale.name}" in (run_dir / "log.txt").read_text()
+
+
+def test_logging_warnings_reach_log_txt(tmp_path):
+    """A library that set up logging before the run (its handler holds the console's stderr)
+    still gets its warnings into log.txt."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        with RunDir(tmp_path / "run", tracker=Tracker(tmp_path / "run", enabled=False)):
+            logging.getLogger("some.library").warning("a warning through logging")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert handler.stream is sys.stderr  # restored
+    assert "a warning through logging" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_summary_records_the_device_and_the_dashboard_shows_it(tiny_teacher):
+    """A run started from the command line: summary.json says where it ran; the Device column
+    reads it (it showed "—")."""
+    record = json.loads((tiny_teacher / "summary.json").read_text())["run"]
+    assert record["processes"] == 1 and record["description"].startswith(record["device"])
+    assert not (tiny_teacher / runs.LAUNCH_FILE).exists()
+    shown = runs.run_status(tiny_teacher).device
+    assert shown == "CPU" if record["device"] == "cpu" else shown.startswith("GPU")
+
+
+def test_every_folder_binding_is_confined_to_the_runs_folder(tmp_path):
+    """Issue 26 item 4: `ImageEmbeddingCache.folder` and `metaworld_source.root` were missing from a
+    hand-kept list. The list is now every parameter annotated `WritesFolder`; any configurable
+    parameter whose name says folder must carry it (or be set by the dashboard itself)."""
+    import inspect
+
+    from app.forms import RESERVED_BINDINGS, write_locations
+    from reflow_exp.gin_config import registered_configurables
+
+    runner = Runner(tmp_path / "runs", list_gpus=lambda: [])
+    for override in (f'ImageEmbeddingCache.folder = "{tmp_path / "x"}"', f'metaworld_source.root = "{tmp_path / "y"}"'):
+        with pytest.raises(LaunchError, match="outside the runs folder|runs folder"):
+            runner.plan("sandbox/tiny.gin", [], override, "cpu", "w")
+    locations = write_locations()
+    folder_like = set()
+    for name, fn in registered_configurables().items():
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        for param in inspect.signature(target).parameters:
+            if param in ("root", "folder", "repo", "path") or param.endswith(("_dir", "_root", "_folder")):
+                folder_like.add(f"{name}.{param}")
+    unconfined = folder_like - locations.keys() - set(RESERVED_BINDINGS)
+    assert not unconfined, f"annotate these with WritesFolder: {sorted(unconfined)}"
+    assert {"ImageEmbeddingCache.folder", "metaworld_source.root", "sandbox_source.root", "Tracker.repo"} <= set(
+        locations
+    )
+
+
+# -- issue 26 item 7: data problems found at load -----------------------------------------------
+
+
+def _dataset_with_nan(tiny_teacher, folder: Path, column: str, row: int) -> tuple[int, int]:
+    """A copy of the tiny sandbox dataset with `column` NaN at `row`; returns (episode, frame)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(tiny_teacher.parent / "sandbox" / "data", folder)
+    (file,) = (folder / "data").glob("chunk-*/file-*.parquet")
+    table = pq.read_table(file)
+    values = table.column(column).to_pylist()
+    values[row] = [float("nan")] * len(values[row])
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type))
+    pq.write_table(table, file)
+    return table.column("episode_index")[row].as_py(), table.column("frame_index")[row].as_py()
+
+
+@pytest.mark.parametrize("column", ["observation.state", "action"])
+def test_nan_in_the_small_columns_is_refused_at_load(tiny_teacher, tmp_path, column):
+    """NaN in observation.state (found only when a batch held it) or in action (trained on
+    silently) is refused when the dataset loads, naming the column, episode and frame."""
+    from reflow_exp.data import DataSource, load_dataset, open_metadata
+
+    episode, frame = _dataset_with_nan(tiny_teacher, tmp_path / "data", column, row=30)
+    data = DataSource("unused", "reflow_exp/sandbox", str(tmp_path / "data"))
+    with pytest.raises(
+        ValueError, match=f"{column} holds NaN/inf values in 1 frame.* episode {episode}, frame {frame}"
+    ):
+        load_dataset(data, open_metadata(data), 16)
+
+
+def test_data_at_another_frame_rate_than_the_teacher_is_refused(cli, teacher_copy, tmp_path):
+    """A 5 fps dataset for a teacher trained at 10 fps (its summary.json records it): reflow exits 1
+    naming both rates and the binding that allows it, before it reads the data or trains."""
+    assert json.loads((teacher_copy / "summary.json").read_text())["data_split"]["fps"] == 10
+    sandbox = tmp_path / "sandbox5"
+    shutil.copytree(teacher_copy.parent / "sandbox", sandbox, symlinks=True)
+    info = sandbox / "data" / "meta" / "info.json"
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"fps": 5}))
+    result = cli(
+        "gin/sandbox/tiny_reflow.gin",
+        f'run.runs_dir = "{tmp_path / "runs"}"',
+        f'sandbox_source.root = "{sandbox}"',
+        f'reflow.teacher = "{teacher_copy}"',
+        "Tracker.enabled = False",
+    )
+    assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
+    assert "the teacher was trained on data at 10 fps, this dataset is at 5 fps" in result.stderr, result.stderr[-2000:]
+    assert "reflow.allow_fps_mismatch = True" in result.stderr and "image embeddings" not in result.stdout
+    assert not (tmp_path / "runs" / "tiny-reflow" / "checkpoints").exists()
+
+
+# -- issue 26 item 6: login brute force --------------------------------------------------------
+
+
+def _login(url: str, password: str) -> int:
+    data = urllib.parse.urlencode({"username": "user", "password": password}).encode()
+    try:
+        with NO_PROXY.open(urllib.request.Request(url + "login", data=data, method="POST"), timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_login_failures_slow_down_then_lock_out_the_client(tmp_path, caplog):
+    """Each failed login makes the client's next attempt wait longer, N failures lock it out (429,
+    even with the right password), and every failure is logged with the client's address."""
+    from app.ui import build_demo, launch_kwargs
+
+    runs_dir = tmp_path / "runs"
+    demo = build_demo(runs_dir, login=True)
+    throttle = {"base_delay_s": 0.25, "max_delay_s": 0.5, "max_failures": 4, "lockout_s": 60}
+    _, url, _ = demo.queue().launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        auth=("user", "secret"),
+        **launch_kwargs(runs_dir, login_throttle=throttle),
+    )
+    try:
+        caplog.set_level("WARNING", logger="app.login_throttle")
+        assert _login(url, "secret") == 200
+        start = time.monotonic()
+        assert [_login(url, f"guess{i}") for i in range(4)] == [400] * 4
+        assert time.monotonic() - start >= 0.25 + 0.5 + 0.5  # waits before guesses 2, 3 and 4
+        assert _login(url, "secret") == 429 and _login(url, "guess") == 429
+        failures = [r.getMessage() for r in caplog.records if "login failed from 127.0.0.1" in r.getMessage()]
+        assert len(failures) == 4 and "locked out for 60 s" in failures[-1], failures
+    finally:
+        demo.dashboard.aim.stop()
+        demo.close()
+
+
+# -- issue 26 item 8: several processes ---------------------------------------------------------
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "reflow_exp.run" in child.cmdline():
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_dead_rank_is_named_and_other_ranks_print_only_errors(tiny_teacher, tmp_path):
+    """Two processes (torchrun): rank 1 prints no warnings (only rank 0 does); when rank 1 is
+    SIGKILLed, rank 0's status.json names rank 1 and its pid, says the run resumes, and the
+    launcher ends within a minute."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
+    run_dir, logs = runs_dir / "two", tmp_path / "rank-logs"
+    argv = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    argv += ["--log-dir", str(logs), "--redirects", "3", "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
+    for binding in _bindings(runs_dir, 'run.name = "two"', "Trainer.steps = 100000", "Tracker.enabled = False"):
+        argv += ["--gin_param", binding]
+    argv += ["--gin_param", "train_teacher.batch_size = 4"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        _wait_for(
+            lambda: (run_dir / "checkpoints" / "last").exists(), 240, "a checkpoint", launcher, run_dir / "log.txt"
+        )
+        rank1 = _rank_pid(launcher.pid, 1)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGKILL)
+        launcher.wait(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed", status
+    assert f"rank 1 (pid {rank1}) of this run died" in status["message"] and "resumes" in status["message"], status
+    (rank1_err,) = logs.glob("*/attempt_*/1/stderr.log")
+    text = rank1_err.read_text()
+    assert "Warning" not in text and "WARNING" not in text, text[-3000:]
+    assert latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+@pytest.mark.parametrize(
+    "rank, expected",
+    [
+        ("1", "rank 1 of 2 could not reach rank 0 at 127.0.0.1:{port} within 3 s"),
+        ("0", "rank 0 of 2: the other processes did not join it at 127.0.0.1:{port} within 3 s"),
+    ],
+)
+def test_a_process_group_that_never_forms_says_so_in_one_line(tmp_path, rank, expected):
+    """A lone rank 1 (nobody listens) or a lone rank 0 (nobody joins) exits 1 with one line that
+    names its own situation, without the C++ stacks torch logs for each connection try."""
+    port = free_port()
+    env = os.environ | {
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
+    argv += ["--gin_param", f'run.runs_dir = "{tmp_path / "runs"}"', "--gin_param", "run.dist_timeout_s = 3"]
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
+    assert expected.format(port=port) in result.stderr, result.stderr[-2000:]
+    assert "frame #" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
 # -- 1, 4, 5: the dashboard ------------------------------------------------------------------
 
 
@@ -565,498 +1060,4 @@ def test_dry_run_fails_for_a_missing_teacher_folder(tmp_path, capsys):
         ]
         assert run_cli.main(argv) == run_cli.EXIT_JOB_FAILED, teacher
         assert f"Cannot find the teacher folder '{teacher}'" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
-
-
-# -- issue 26 ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _small_disk(folder: Path, megabytes: int):
-    """A filesystem of `megabytes` mounted at `folder`: tmpfs, else a loop-mounted ext4 image;
-    skips the test when this machine allows neither (mounting needs root)."""
-    folder.mkdir(parents=True)
-    tmpfs = ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)]
-    if subprocess.run(tmpfs, capture_output=True).returncode != 0:
-        image = folder.parent / f"{folder.name}.img"
-        with open(image, "wb") as f:
-            f.truncate(megabytes << 20)
-        made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True).returncode == 0
-        if not made or subprocess.run(["mount", "-o", "loop", str(image), str(folder)], capture_output=True).returncode:
-            pytest.skip("cannot mount a small filesystem here (needs root)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def test_a_full_disk_fails_the_run_within_a_minute_naming_the_disk(cli, tiny_teacher, tmp_path):
-    """Issue 26 item 1: the runs folder on a 24 MB tmpfs fills up while the reflow job builds its
-    image embeddings; the process exits (no hang in Aim's RocksDB flush), status.json says failed
-    and names the full filesystem, and the run lock is released."""
-    with _small_disk(tmp_path / "disk", 24) as disk:
-        console = tmp_path / "console.txt"
-        argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny_reflow.gin"]
-        for binding in (
-            f'run.runs_dir = "{disk}"',
-            f'sandbox_source.root = "{tmp_path / "sandbox"}"',  # outside: only the run fills the disk
-            "sandbox_source.episodes = 150",
-            f'reflow.teacher = "{tiny_teacher}"',
-        ):
-            argv += ["--gin_param", binding]
-        env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        with open(console, "w") as out:
-            proc = subprocess.Popen(
-                argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            _wait_for(lambda: "No space left on device" in console.read_text(), 240, "a full disk", proc, console)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"the run did not exit within 60 s of the full disk: {console.read_text()[-2000:]}")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        assert proc.returncode == run_cli.EXIT_JOB_FAILED, console.read_text()[-2000:]
-        status = json.loads((disk / "tiny-reflow" / "status.json").read_text())
-        assert status["status"] == "failed" and status["exit_code"] == 1, status
-        assert "the disk is full" in status["message"] and f"mounted at {disk}" in status["message"], status
-        assert runs.run_status(disk / "tiny-reflow").status == "failed"
-        lock = os.open(disk / "tiny-reflow" / ".lock", os.O_RDWR)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the process is gone
-        finally:
-            os.close(lock)
-
-
-SLEEPER = "import time\ntry:\n    time.sleep(300)\nexcept KeyboardInterrupt:\n    raise SystemExit(130)"
-
-
-def test_stop_signals_only_a_launcher_of_that_run_folder(dashboard):
-    """Issue 26 item 3: a copied run folder is not running and its Stop signals nothing; a
-    dashboard.json written by hand naming another process (with or without its start time) is
-    refused; the real run still stops."""
-    from gradio_client import Client
-
-    from app.runner import LaunchPlan
-
-    url, board = dashboard
-    client = Client(url, verbose=False)
-    original = board.runs_dir / "original"
-    board.runner.start(LaunchPlan("original", original, [], [], "", [sys.executable, "-c", SLEEPER], resume=False))
-    launcher = runs.read_json(original / runs.LAUNCH_FILE)["pid"]
-    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    try:
-        _wait_for(lambda: runs.run_status(original).status == "running", 20, "the original run")
-        shutil.copytree(original, board.runs_dir / "copy")
-        assert runs.run_status(board.runs_dir / "copy").status != "running"
-        forged = {"pid": victim.pid, "pgid": victim.pid}
-        for name, record in (
-            ("no-start-time", forged),
-            ("with-start-time", forged | {"proc_start": process_start_time(victim.pid)}),
-        ):
-            (board.runs_dir / name).mkdir()
-            runs.write_json_atomic(board.runs_dir / name / runs.LAUNCH_FILE, record)
-            assert runs.run_status(board.runs_dir / name).status != "running"
-        for name in ("copy", "no-start-time", "with-start-time"):
-            message = client.predict(name, api_name="/stop")
-            assert "Stopping" not in message, message
-        time.sleep(0.5)
-        assert victim.poll() is None, "an unrelated process was signalled"
-        assert runs.run_status(original).status == "running", "the original was signalled through its copy"
-
-        assert "Stopping" in client.predict("original", api_name="/stop")
-        _wait_for(lambda: runs.run_status(original).status == "stopped", 30, "the original to stop")
-    finally:
-        victim.kill()
-        victim.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher, signal.SIGKILL)
-
-
-def test_a_copied_cli_run_folder_is_not_running(cli, tiny_teacher, tmp_path):
-    """Issue 26 item 3: status.json's "running" record counts only while a process holds the run
-    folder's lock, so a copy of a running command-line run is not shown as running."""
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
-    run_dir = runs_dir / "long"
-    proc = cli(
-        "gin/sandbox/tiny.gin",
-        *_bindings(runs_dir, 'run.name = "long"', "Trainer.steps = 100000", "Tracker.enabled = False"),
-        wait=False,
-    )
-    try:
-        _wait_for(lambda: (run_dir / "checkpoints" / "last").exists(), 240, "a checkpoint", proc, run_dir / "log.txt")
-        assert runs.run_status(run_dir).status == "running"
-        shutil.copytree(run_dir, runs_dir / "copy", symlinks=True)
-        assert json.loads((runs_dir / "copy" / "status.json").read_text())["status"] == "running"
-        assert runs.run_status(runs_dir / "copy").status == "failed"
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
-
-
-def test_a_resume_with_another_process_count_is_refused(cli, teacher_copy):
-    """Issue 26 item 2: a run trained with 1 process, resumed with `torchrun --nproc_per_node 2`,
-    exits 1 naming both counts (its data position counts per-process batches); nothing trains."""
-    torchrun = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    before = (teacher_copy / "metrics.jsonl").read_text()
-    result = cli(
-        "gin/sandbox/tiny.gin",
-        *_bindings(teacher_copy.parent, "Trainer.steps = 8", "Tracker.enabled = False"),
-        launcher=torchrun,
-    )
-    assert result.returncode != 0, result.stdout[-2000:]
-    expected = "was trained with 1 process(es), this run has 2; a run resumes only with the same number"
-    assert expected in result.stderr, result.stderr[-3000:]
-    assert "reflow_exp/trainer.py" not in result.stderr  # no traceback of ours (torchrun prints its own)
-    status = json.loads((teacher_copy / "status.json").read_text())
-    assert status["status"] == "failed" and expected in status["message"]
-    assert (teacher_copy / "metrics.jsonl").read_text() == before  # not a step trained
-    assert (
-        json.loads((teacher_copy / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())[
-            "processes"
-        ]
-        == 1
-    )
-
-
-def _set_one_value_to_nan(path: Path) -> str:
-    """Overwrite the first value of the first float32 tensor of a safetensors file with NaN, in
-    place: size and header unchanged. Returns the tensor's name."""
-    with open(path, "r+b") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        name, info = next((k, v) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
-        f.seek(8 + header_len + info["data_offsets"][0])
-        f.write(struct.pack("<f", float("nan")))
-    return name
-
-
-def test_a_checkpoint_with_nan_inside_falls_back_to_the_one_before(cli, teacher_copy):
-    """Issue 26 item 5: one NaN in checkpoints/000006/training_state/trainable_params.safetensors
-    (same size, headers intact): the resume warns naming the file and continues from 000003."""
-    checkpoints = teacher_copy / "checkpoints"
-    damaged = checkpoints / "000006" / "training_state" / "trainable_params.safetensors"
-    size = damaged.stat().st_size
-    tensor = _set_one_value_to_nan(damaged)
-    assert damaged.stat().st_size == size and latest_checkpoint(checkpoints) == checkpoints / "000006"
-    result = cli("gin/sandbox/tiny.gin", *_bindings(teacher_copy.parent, "Tracker.enabled = False"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (
-        f"Warning: checkpoint {checkpoints / '000006'} is damaged (training_state/trainable_params.safetensors: "
-        f"NaN/inf values in tensor {tensor!r}); falling back to the one before it"
-    ) in result.stderr, result.stderr[-2000:]
-    assert f"Resuming training from {checkpoints / '000003'} (step 3 of 6)" in result.stdout
-    for name, value in load_file(damaged).items():  # saved again from step 3
-        assert torch.isfinite(value).all(), name
-
-
-# -- issue 26 item 9: smaller faults -----------------------------------------------------------
-
-
-def test_out_of_range_values_exit_2_before_the_run_folder(cli, tmp_path, capsys):
-    """`train_teacher.batch_size = 0` and `Trainer.steps = -5` exit 2 like wrong types, naming the
-    binding and the bound, before the run folder exists (they failed in the job, after it)."""
-    runs_dir = tmp_path / "runs"
-    result = cli("gin/sandbox/tiny.gin", f'run.runs_dir = "{runs_dir}"', "train_teacher.batch_size = 0")
-    assert result.returncode == run_cli.EXIT_CONFIG_ERROR, result.stderr[-2000:]
-    assert "train_teacher.batch_size: got 0, must be >= 1" in result.stderr and "Traceback" not in result.stderr
-    argv = ["--gin_file", "gin/sandbox/tiny.gin", "--gin_param", f'run.runs_dir = "{runs_dir}"']
-    assert run_cli.main([*argv, "--gin_param", "Trainer.steps = -5"]) == run_cli.EXIT_CONFIG_ERROR
-    assert "Trainer.steps: got -5, must be >= 1" in capsys.readouterr().err
-    assert not runs_dir.exists()
-
-
-def test_the_dashboard_survives_odd_inputs_and_huge_files(dashboard):
-    """A NUL byte in the gin-file field and a 1 MB run name get short errors; a summary.json with
-    parts of the wrong type shows a run page; 50 MB summary.json / metrics.jsonl are read within
-    limits (the summary skipped, the metrics' tail)."""
-    from gradio_client import Client
-
-    url, board = dashboard
-    client = Client(url, verbose=False)
-    message, _ = client.predict("sandbox/tiny\x00.gin", [], "", "cpu", "nul", api_name="/launch")
-    assert "msg-error" in message and "NUL byte" in message, message
-    message, _ = client.predict("sandbox/tiny.gin", [], "", "cpu", "x" * (1 << 20), api_name="/launch")
-    assert "msg-error" in message and "1,048,576 characters" in message and len(message) < 2000, message[:300]
-
-    odd = board.runs_dir / "odd-summary"
-    odd.mkdir()
-    (odd / "config.gin").write_text("")
-    runs.write_json_atomic(odd / "summary.json", {"eval": "x", "params": 3, "offline": {"teacher": 5}, "train": []})
-    page = client.predict("odd-summary", api_name="/run_page")
-    assert "odd-summary" in str(page[0])
-
-    huge = board.runs_dir / "huge"
-    huge.mkdir()
-    (huge / "config.gin").write_text("")
-    (huge / "summary.json").write_text('{"pad": "' + "x" * (50 << 20) + '"}')
-    row = json.dumps({"step": 1, "time": 0, "context": {"subset": "train"}, "loss": 0.5}) + "\n"
-    last = json.dumps({"step": 999999, "time": 0, "context": {"subset": "train"}, "loss": 0.25}) + "\n"
-    with open(huge / "metrics.jsonl", "w") as f:
-        f.write(row * ((50 << 20) // len(row)) + last)
-    start = time.monotonic()
-    info = runs.run_status(huge)
-    assert time.monotonic() - start < 5
-    assert info.step == 999999 and info.last_loss == 0.25 and runs.read_summary(huge) == {}
-    start = time.monotonic()
-    client.predict("huge", api_name="/run_page")
-    assert time.monotonic() - start < 10
-
-
-def test_stale_temp_files_of_dead_processes_are_removed_at_start(tmp_path):
-    """A SIGKILLed writer's `.<file>.tmp-<pid>` (e.g. a half-built image embedding cache) is deleted
-    when the run folder is opened again; a live process's temp file is kept."""
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    writer.kill()
-    writer.wait()
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    stale = run_dir / f".image_embeddings.safetensors.tmp-{writer.pid}"
-    stale.write_bytes(b"\0" * 4096)
-    live = run_dir / f".summary.json.tmp-{os.getpid()}"
-    live.write_text("{}")
-    with RunDir(run_dir, tracker=Tracker(run_dir, enabled=False)):
-        pass
-    assert not stale.exists() and live.exists()
-    assert f"Removed {stale.name}" in (run_dir / "log.txt").read_text()
-
-
-def test_logging_warnings_reach_log_txt(tmp_path):
-    """A library that set up logging before the run (its handler holds the console's stderr)
-    still gets its warnings into log.txt."""
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    logging.getLogger().addHandler(handler)
-    try:
-        with RunDir(tmp_path / "run", tracker=Tracker(tmp_path / "run", enabled=False)):
-            logging.getLogger("some.library").warning("a warning through logging")
-    finally:
-        logging.getLogger().removeHandler(handler)
-    assert handler.stream is sys.stderr  # restored
-    assert "a warning through logging" in (tmp_path / "run" / "log.txt").read_text()
-
-
-def test_summary_records_the_device_and_the_dashboard_shows_it(tiny_teacher):
-    """A run started from the command line: summary.json says where it ran; the Device column
-    reads it (it showed "—")."""
-    record = json.loads((tiny_teacher / "summary.json").read_text())["run"]
-    assert record["processes"] == 1 and record["description"].startswith(record["device"])
-    assert not (tiny_teacher / runs.LAUNCH_FILE).exists()
-    shown = runs.run_status(tiny_teacher).device
-    assert shown == "CPU" if record["device"] == "cpu" else shown.startswith("GPU")
-
-
-def test_every_folder_binding_is_confined_to_the_runs_folder(tmp_path):
-    """Issue 26 item 4: `ImageEmbeddingCache.folder` and `metaworld_source.root` were missing from a
-    hand-kept list. The list is now every parameter annotated `WritesFolder`; any configurable
-    parameter whose name says folder must carry it (or be set by the dashboard itself)."""
-    import inspect
-
-    from app.forms import RESERVED_BINDINGS, write_locations
-    from reflow_exp.gin_config import registered_configurables
-
-    runner = Runner(tmp_path / "runs", list_gpus=lambda: [])
-    for override in (f'ImageEmbeddingCache.folder = "{tmp_path / "x"}"', f'metaworld_source.root = "{tmp_path / "y"}"'):
-        with pytest.raises(LaunchError, match="outside the runs folder|runs folder"):
-            runner.plan("sandbox/tiny.gin", [], override, "cpu", "w")
-    locations = write_locations()
-    folder_like = set()
-    for name, fn in registered_configurables().items():
-        target = fn.__init__ if inspect.isclass(fn) else fn
-        for param in inspect.signature(target).parameters:
-            if param in ("root", "folder", "repo", "path") or param.endswith(("_dir", "_root", "_folder")):
-                folder_like.add(f"{name}.{param}")
-    unconfined = folder_like - locations.keys() - set(RESERVED_BINDINGS)
-    assert not unconfined, f"annotate these with WritesFolder: {sorted(unconfined)}"
-    assert {"ImageEmbeddingCache.folder", "metaworld_source.root", "sandbox_source.root", "Tracker.repo"} <= set(
-        locations
-    )
-
-
-# -- issue 26 item 7: data problems found at load -----------------------------------------------
-
-
-def _dataset_with_nan(tiny_teacher, folder: Path, column: str, row: int) -> tuple[int, int]:
-    """A copy of the tiny sandbox dataset with `column` NaN at `row`; returns (episode, frame)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shutil.copytree(tiny_teacher.parent / "sandbox" / "data", folder)
-    (file,) = (folder / "data").glob("chunk-*/file-*.parquet")
-    table = pq.read_table(file)
-    values = table.column(column).to_pylist()
-    values[row] = [float("nan")] * len(values[row])
-    index = table.schema.get_field_index(column)
-    table = table.set_column(index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type))
-    pq.write_table(table, file)
-    return table.column("episode_index")[row].as_py(), table.column("frame_index")[row].as_py()
-
-
-@pytest.mark.parametrize("column", ["observation.state", "action"])
-def test_nan_in_the_small_columns_is_refused_at_load(tiny_teacher, tmp_path, column):
-    """NaN in observation.state (found only when a batch held it) or in action (trained on
-    silently) is refused when the dataset loads, naming the column, episode and frame."""
-    from reflow_exp.data import DataSource, load_dataset, open_metadata
-
-    episode, frame = _dataset_with_nan(tiny_teacher, tmp_path / "data", column, row=30)
-    data = DataSource("unused", "reflow_exp/sandbox", str(tmp_path / "data"))
-    with pytest.raises(
-        ValueError, match=f"{column} holds NaN/inf values in 1 frame.* episode {episode}, frame {frame}"
-    ):
-        load_dataset(data, open_metadata(data), 16)
-
-
-def test_data_at_another_frame_rate_than_the_teacher_is_refused(cli, teacher_copy, tmp_path):
-    """A 5 fps dataset for a teacher trained at 10 fps (its summary.json records it): reflow exits 1
-    naming both rates and the binding that allows it, before loading the teacher."""
-    assert json.loads((teacher_copy / "summary.json").read_text())["data_split"]["fps"] == 10
-    sandbox = tmp_path / "sandbox5"
-    shutil.copytree(teacher_copy.parent / "sandbox", sandbox, symlinks=True)
-    info = sandbox / "data" / "meta" / "info.json"
-    info.write_text(json.dumps(json.loads(info.read_text()) | {"fps": 5}))
-    result = cli(
-        "gin/sandbox/tiny_reflow.gin",
-        f'run.runs_dir = "{tmp_path / "runs"}"',
-        f'sandbox_source.root = "{sandbox}"',
-        f'reflow.teacher = "{teacher_copy}"',
-        "Tracker.enabled = False",
-    )
-    assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
-    assert "the teacher was trained on data at 10 fps, this dataset is at 5 fps" in result.stderr, result.stderr[-2000:]
-    assert "reflow.allow_fps_mismatch = True" in result.stderr and "Loading teacher" not in result.stdout
-
-
-# -- issue 26 item 6: login brute force --------------------------------------------------------
-
-
-def _login(url: str, password: str) -> int:
-    data = urllib.parse.urlencode({"username": "user", "password": password}).encode()
-    try:
-        with NO_PROXY.open(urllib.request.Request(url + "login", data=data, method="POST"), timeout=60) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-def test_login_failures_slow_down_then_lock_out_the_client(tmp_path, caplog):
-    """Each failed login makes the client's next attempt wait longer, N failures lock it out (429,
-    even with the right password), and every failure is logged with the client's address."""
-    from app.ui import build_demo, launch_kwargs
-
-    runs_dir = tmp_path / "runs"
-    demo = build_demo(runs_dir, login=True)
-    throttle = {"base_delay_s": 0.25, "max_delay_s": 0.5, "max_failures": 4, "lockout_s": 60}
-    _, url, _ = demo.queue().launch(
-        prevent_thread_lock=True,
-        server_name="127.0.0.1",
-        server_port=free_port(),
-        quiet=True,
-        auth=("user", "secret"),
-        **launch_kwargs(runs_dir, login_throttle=throttle),
-    )
-    try:
-        caplog.set_level("WARNING", logger="app.login_throttle")
-        assert _login(url, "secret") == 200
-        start = time.monotonic()
-        assert [_login(url, f"guess{i}") for i in range(4)] == [400] * 4
-        assert time.monotonic() - start >= 0.25 + 0.5 + 0.5  # waits before guesses 2, 3 and 4
-        assert _login(url, "secret") == 429 and _login(url, "guess") == 429
-        failures = [r.getMessage() for r in caplog.records if "login failed from 127.0.0.1" in r.getMessage()]
-        assert len(failures) == 4 and "locked out for 60 s" in failures[-1], failures
-    finally:
-        demo.dashboard.aim.stop()
-        demo.close()
-
-
-# -- issue 26 item 8: several processes ---------------------------------------------------------
-
-
-def _rank_pid(launcher_pid: int, rank: int) -> int | None:
-    import psutil
-
-    for child in psutil.Process(launcher_pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "reflow_exp.run" in child.cmdline():
-                return child.pid
-        except psutil.Error:
-            continue
-    return None
-
-
-def test_a_dead_rank_is_named_and_other_ranks_print_only_errors(tiny_teacher, tmp_path):
-    """Two processes (torchrun): rank 1 prints no warnings (only rank 0 does); when rank 1 is
-    SIGKILLed, rank 0's status.json names rank 1 and its pid, says the run resumes, and the
-    launcher ends within a minute."""
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
-    run_dir, logs = runs_dir / "two", tmp_path / "rank-logs"
-    argv = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    argv += ["--log-dir", str(logs), "--redirects", "3", "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
-    for binding in _bindings(runs_dir, 'run.name = "two"', "Trainer.steps = 100000", "Tracker.enabled = False"):
-        argv += ["--gin_param", binding]
-    argv += ["--gin_param", "train_teacher.batch_size = 4"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        _wait_for(
-            lambda: (run_dir / "checkpoints" / "last").exists(), 240, "a checkpoint", launcher, run_dir / "log.txt"
-        )
-        rank1 = _rank_pid(launcher.pid, 1)
-        assert rank1 is not None
-        os.kill(rank1, signal.SIGKILL)
-        launcher.wait(60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "failed", status
-    assert f"rank 1 (pid {rank1}) of this run died" in status["message"] and "resumes" in status["message"], status
-    (rank1_err,) = logs.glob("*/attempt_*/1/stderr.log")
-    text = rank1_err.read_text()
-    assert "Warning" not in text and "WARNING" not in text, text[-3000:]
-    assert latest_checkpoint(run_dir / "checkpoints") is not None
-
-
-@pytest.mark.parametrize(
-    "rank, expected",
-    [
-        ("1", "rank 1 of 2 could not reach rank 0 at 127.0.0.1:{port} within 3 s"),
-        ("0", "rank 0 of 2: the other processes did not join it at 127.0.0.1:{port} within 3 s"),
-    ],
-)
-def test_a_process_group_that_never_forms_says_so_in_one_line(tmp_path, rank, expected):
-    """A lone rank 1 (nobody listens) or a lone rank 0 (nobody joins) exits 1 with one line that
-    names its own situation, without the C++ stacks torch logs for each connection try."""
-    port = free_port()
-    env = os.environ | {
-        "RANK": rank,
-        "LOCAL_RANK": rank,
-        "WORLD_SIZE": "2",
-        "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "OMP_NUM_THREADS": "1",
-    }
-    argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
-    argv += ["--gin_param", f'run.runs_dir = "{tmp_path / "runs"}"', "--gin_param", "run.dist_timeout_s = 3"]
-    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == run_cli.EXIT_JOB_FAILED, result.stderr[-2000:]
-    assert expected.format(port=port) in result.stderr, result.stderr[-2000:]
-    assert "frame #" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
     assert not (tmp_path / "runs").exists()

@@ -73,6 +73,7 @@ def reflow(
     batch_size: Annotated[int, AtLeast(1)] = 32,
     num_workers: int | None = None,
     holdout_episodes: int = 10,
+    allow_fps_mismatch: bool = False,
     offline_batches: int = 4,
     teacher_eval_steps: tuple[int, ...] = (1, 2, 4, 10),
     student_eval_steps: tuple[int, ...] = (1, 2, 4),
@@ -81,7 +82,6 @@ def reflow(
     train_expert_only: bool | None = None,
     visited_episodes: int = 0,
     visited_teacher_steps: int = 10,
-    allow_fps_mismatch: bool = False,
     dry_run: bool = False,
 ) -> None:
     """2-rectified flow: distil the teacher at `teacher` (a LeRobot SmolVLA folder, a run folder
@@ -94,15 +94,15 @@ def reflow(
     when both are empty). The dataset must feed the teacher's features (after the source's
     rename_map); that is checked before any weight is loaded. `num_workers`: see `train_teacher`.
 
+    `allow_fps_mismatch`: the data's frame rate must be the one the teacher was trained at (as its
+    run folder's summary.json records it): an action chunk spans another time at another rate. True
+    accepts a mismatch on purpose.
+
     `image_embedding_cache`: the frozen vision encoder's output computed once per training frame and
     camera (`embedding_cache.ImageEmbeddingCache`, a file in the run folder) and fed to the shared
     prefix. None (default): on when valid (shared prefix, no image augmentation, every teacher
     camera in the data), else off with a message; True: required (an error when not valid); False: off.
     While it is on, the training batches carry no camera frames: nothing decodes what it stands in for.
-
-    `allow_fps_mismatch`: the data's frame rate must be the one the teacher was trained at (as its
-    run folder's summary.json records it): an action chunk spans another time at another rate. True
-    accepts a mismatch on purpose.
 
     `visited_episodes` > 0: also train on the states the teacher itself visits, from that many of
     its rollouts at `visited_teacher_steps` steps, recorded once into `<run>/visited/` (`visited.py`).
@@ -134,7 +134,6 @@ def reflow(
     with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
         data = source()
         meta = open_metadata(data)
-    check_fps(teacher_fps(teacher_path), meta.fps, allow_fps_mismatch)
     check_features(
         PreTrainedConfig.from_pretrained(teacher_path),
         policy_features(meta, data.rename_map),
@@ -169,6 +168,7 @@ def reflow(
     run.log_metrics(0, {"vlm_load_count": loads, **params}, subset="setup")
     run.save_operative_config()
 
+    check_fps(teacher_fps(teacher_path), meta.fps, allow_fps_mismatch)  # before any data is read
     train_eps, holdout_eps = split_episodes(meta.total_episodes, holdout_episodes)
     split = data_split(meta, train_eps, holdout_eps)
     split["teacher_saw_holdout"] = teacher_saw(teacher_path, split)
