@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export NO_PROXY := localhost,127.0.0.1
 
-.PHONY: demo test setup clean dashboard browser ffmpeg gpu-check gl bench-metaworld
+.PHONY: demo test rehearsal setup clean dashboard browser ffmpeg gpu-check gl bench-metaworld
 
 setup: $(STAMP) ffmpeg
 
@@ -29,6 +29,11 @@ test: $(STAMP) ffmpeg browser gl
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -q tests
+
+# The shipped gin/smolvla/reflow.gin at its real shape on the CPU (smolvla_base-shaped teacher, SO-100-shaped
+# video data, made locally): writes runs/rehearsal/report.json and fails unless every check holds.
+rehearsal: $(STAMP) ffmpeg
+	$(VENV)/bin/python -m reflow_exp.rehearsal
 
 # The Gradio dashboard (binds 127.0.0.1; e.g. `make dashboard DASHBOARD_ARGS="--port 7860 --runs-dir runs"`).
 DASHBOARD_ARGS ?=

@@ -48,7 +48,7 @@ class ImageEmbeddingCache:
         folder: where the file goes; None: the run folder. A shared folder lets runs on the same
             teacher VLM and data reuse one file (the fingerprint decides).
         required: raise when the cache is not valid for the run (image augmentation on, cameras
-            the dataset lacks); otherwise say why and leave it off.
+            the dataset lacks that SmolVLA would fill with blank images); otherwise say why and leave it off.
     """
 
     FILE = "image_embeddings.safetensors"
@@ -181,8 +181,8 @@ def why_invalid(head: ActionHead, dataset, batch: dict) -> str | None:
     if augmentation is not None:
         return f"image augmentation is on ({augmentation!r}): a frame's embeddings change every epoch"
     missing = [key for key in head.config.image_features if key not in batch]
-    if missing:
-        return f"the data lacks the teacher's camera(s) {missing} (SmolVLA would feed empty cameras)"
+    if missing and head.config.empty_cameras:  # the blank images are not in the cache
+        return f"the data lacks the teacher's camera(s) {missing}, which SmolVLA feeds as blank images"
     return None
 
 

@@ -169,3 +169,36 @@ def test_the_reflow_job_refuses_the_cache_without_the_shared_prefix(tmp_path, ca
     ]
     assert run.main(argv) != 0  # before the teacher ("unused") is looked up
     assert "image_embedding_cache=True needs reflow.shared_prefix=True" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("empty_cameras", [0, 1])
+def test_a_teacher_camera_the_data_lack(setup, tmp_path, capsys, empty_cameras):
+    """LeRobot leaves a missing camera out (empty_cameras=0): the cache serves the others and gives
+    LeRobot's loss; when SmolVLA would feed it as a blank image instead, the cache stays off."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    features = {**setup["teacher"].config.input_features}
+    features["observation.images.wrist"] = PolicyFeature(FeatureType.VISUAL, (3, 64, 64))
+    config = tiny_smolvla_config(
+        setup["source"].vlm_model_name,
+        input_features=features,
+        empty_cameras=empty_cameras,
+        load_vlm_weights=False,
+        device="cpu",
+    )
+    teacher = ActionHead(config, setup["backbone"], setup["teacher"].lerobot.state_dict())
+    student = ActionHead(config, setup["backbone"], setup["teacher"].lerobot.state_dict())
+    heads = {**setup, "teacher": teacher, "student": student}
+    cache = ImageEmbeddingCache()
+    on = cache.prepare(teacher, setup["loader"], setup["preprocess"], tmp_path, DATA)
+    assert on == (empty_cameras == 0)
+    if not on:
+        assert "lacks the teacher's camera(s) ['observation.images.wrist']" in capsys.readouterr().out
+        return
+    assert cache.cameras == ["observation.image"]
+    batch = setup["preprocess"](next(iter(setup["loader"])))
+    losses = []
+    for model in (_model(heads), _model(heads, cache)):
+        torch.manual_seed(1)
+        losses.append(model.loss(batch)[0])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)

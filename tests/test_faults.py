@@ -560,3 +560,43 @@ def test_dry_run_fails_for_a_missing_teacher_folder(tmp_path, capsys):
         assert run_cli.main(argv) == run_cli.EXIT_JOB_FAILED, teacher
         assert f"Cannot find the teacher folder '{teacher}'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def _refused_before_the_run_folder(result, runs) -> str:
+    """A refusal as a config error: exit 2, the message alone, no run folder, no weight read."""
+    assert result.returncode == run_cli.EXIT_CONFIG_ERROR, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Loading" not in result.stdout
+    assert not (runs / "tiny-reflow").exists()
+    return result.stderr
+
+
+def test_a_dataset_with_none_of_the_teachers_cameras_exits_2_before_the_run_folder(cli, tiny_teacher, tmp_path):
+    runs = tmp_path / "runs"
+    result = cli(
+        "gin/sandbox/tiny_reflow.gin",
+        f'reflow.teacher = "{tiny_teacher}"',
+        f'run.runs_dir = "{runs}"',
+        f'sandbox_source.root = "{tiny_teacher.parent / "sandbox"}"',
+        'sandbox_source.rename_map = {"observation.image": "observation.images.top"}',
+    )
+    err = _refused_before_the_run_folder(result, runs)
+    assert "the policy reads the cameras ['observation.image'], and the dataset has none of them" in err
+    assert "Dataset features: observation.images.top (3, 64, 64)" in err
+    assert 'sandbox_source.rename_map = {"observation.images.top": "observation.image"}' in err
+
+
+def test_a_teacher_without_processor_files_exits_2_saying_how_to_make_them(cli, tiny_teacher, tmp_path):
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher / "checkpoints" / "last" / "pretrained_model", folder)
+    for file in folder.glob("policy_*processor*"):
+        file.unlink()
+    runs = tmp_path / "runs"
+    result = cli(
+        "gin/sandbox/tiny_reflow.gin",
+        f'reflow.teacher = "{folder}"',
+        f'run.runs_dir = "{runs}"',
+        f'sandbox_source.root = "{tiny_teacher.parent / "sandbox"}"',
+    )
+    err = _refused_before_the_run_folder(result, runs)
+    assert f"{folder} holds model.safetensors but not LeRobot's processor files" in err
+    assert "policy_preprocessor.json" in err and "migrate_policy_normalization" in err

@@ -264,11 +264,27 @@ def test_legacy_flags_warn(runs, tmp_path):
         )
 
 
-def test_real_architecture_dry_run_numbers(capsys):
+SEED_LINES = ["[Reflow] Total parameters: 450,046,176", "[Reflow] Trainable parameters: 99,880,992 (22.19%)"]
+
+
+def test_real_architecture_dry_run_numbers(capsys, tmp_path):
+    """The seed's counts on the placeholder features, and on a real saved smolvla_base-shaped config
+    (three cameras, 6-D state and action: the rehearsal's teacher) read back as LeRobot reads it."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    from reflow_exp.architectures import SHIPPED
+    from reflow_exp.jobs.reflow_job import report_start_up
+    from reflow_exp.rehearsal import TEACHER_CAMERAS, VLM_ID, teacher_config
+
     assert run.main(["--gin_file", "gin/smolvla/reflow.gin", "--dry_run"]) == 0
-    out = capsys.readouterr().out
-    assert "[Reflow] Total parameters: 450,046,176" in out
-    assert "[Reflow] Trainable parameters: 99,880,992 (22.19%)" in out
+    assert capsys.readouterr().out.splitlines()[-2:] == SEED_LINES
+
+    teacher_config(SHIPPED[VLM_ID]).save_pretrained(tmp_path)
+    config = PreTrainedConfig.from_pretrained(tmp_path)
+    assert list(config.image_features) == TEACHER_CAMERAS and config.action_feature.shape == (6,)
+    counts = report_start_up(config)
+    assert capsys.readouterr().out.splitlines() == SEED_LINES
+    assert counts["total"] == 450_046_176 and counts["trainable"] == counts["student_head"] == 99_880_992
 
 
 def _tiny_reflow(teacher: Policy, pairs=None, **options) -> Reflow:

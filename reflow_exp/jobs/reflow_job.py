@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from lerobot.configs.policies import PreTrainedConfig
+from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
 import gin
 from reflow_exp import coupling as coupling_module
@@ -18,6 +19,7 @@ from reflow_exp import distributed, flow, visited
 from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.data import (
+    DataSource,
     check_features,
     dataset_digest,
     default_workers,
@@ -35,7 +37,7 @@ from reflow_exp.jobs.builders import student_head
 from reflow_exp.jobs.evaluate import evaluate_rollouts
 from reflow_exp.jobs.teacher import data_split
 from reflow_exp.offline import offline_metrics
-from reflow_exp.policy import Policy, resolve_policy_folder
+from reflow_exp.policy import Policy, check_processors, check_smolvla_folder, resolve_policy_folder
 from reflow_exp.reflow import Reflow
 from reflow_exp.rundir import RunDir
 from reflow_exp.torch_utils import count_params
@@ -80,6 +82,7 @@ def reflow(
     visited_episodes: int = 0,
     visited_teacher_steps: int = 10,
     dry_run: bool = False,
+    preflight: bool = False,
 ) -> None:
     """2-rectified flow: distil the teacher at `teacher` (a LeRobot SmolVLA folder, a run folder
     of ours, or a hub id) into a student sampled with `student_steps` steps.
@@ -99,6 +102,10 @@ def reflow(
 
     `visited_episodes` > 0: also train on the states the teacher itself visits, from that many of
     its rollouts at `visited_teacher_steps` steps, recorded once into `<run>/visited/` (`visited.py`).
+
+    `preflight=True` (`reflow_exp.run` calls it so before the run folder exists): check the settings,
+    the teacher folder and the data's features against the teacher's, then return; no weight is read.
+    Teacher cameras the data lack are left out, as LeRobot's SmolVLA does (`data.check_features`).
     """
     if image_embedding_cache and not shared_prefix:
         raise ValueError(
@@ -121,17 +128,11 @@ def reflow(
     trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
     if dry_run:
         return _reflow_dry_run(teacher, student_steps, freeze_vision_encoder)
+    teacher_path, data, meta, cameras = _inputs(teacher, source, quiet=preflight)  # the job's lines reach log.txt
+    if preflight:
+        return None
 
     loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
-    teacher_path = resolve_policy_folder(teacher)
-    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
-        data = source()
-        meta = open_metadata(data)
-    check_features(
-        PreTrainedConfig.from_pretrained(teacher_path),
-        policy_features(meta, data.rename_map),
-        f"{source.__name__}.rename_map",
-    )
     print(f"[Reflow] Loading teacher model from {teacher}")
     teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
     teacher_policy.head.requires_grad_(False)
@@ -166,7 +167,6 @@ def reflow(
     split["teacher_saw_holdout"] = teacher_saw(teacher_path, split)
     run.update_summary({"data_split": split})
     config = teacher_policy.config
-    cameras = list(config.image_features)
     with distributed.main_first():
         train_set = load_dataset(data, meta, config.chunk_size, train_eps, cameras)
         holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps, cameras)
@@ -232,6 +232,24 @@ def reflow(
     run.save_operative_config()
 
 
+def _inputs(teacher: str, source, quiet: bool = False) -> tuple[Path, DataSource, LeRobotDatasetMetadata, list[str]]:
+    """The teacher's folder, the data, its metadata and the teacher's cameras the data feed, each
+    checked (`check_smolvla_folder`, `check_processors`, `check_features`) before any weight loads."""
+    teacher_path = resolve_policy_folder(teacher)
+    check_smolvla_folder(teacher_path)
+    check_processors(teacher_path)
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
+    cameras = check_features(
+        PreTrainedConfig.from_pretrained(teacher_path),
+        policy_features(meta, data.rename_map),
+        f"{source.__name__}.rename_map",
+        quiet,
+    )
+    return teacher_path, data, meta, cameras
+
+
 def teacher_saw(teacher_path: Path, split: dict) -> bool | None:
     """Whether the teacher trained on any of `split`'s held-out episodes, from the `data_split` of
     the run folder that holds `teacher_path` (a teacher run or an earlier reflow run); None when
@@ -279,11 +297,17 @@ def _reflow_dry_run(teacher: str, student_steps: int, freeze_vision_encoder: boo
     """The start-up report on the meta device: the teacher's architecture, no weights read or allocated."""
     config = architecture_config(teacher)
     print(f"[Reflow] Dry run: teacher architecture from {config.vlm_model_name} (no weights loaded)")
+    report_start_up(config, student_steps, freeze_vision_encoder)
+
+
+def report_start_up(config, student_steps: int = 1, freeze_vision_encoder: bool | None = None) -> dict[str, int]:
+    """Print the start-up parameter lines of a reflow of a teacher with SmolVLA `config` (its VLM a
+    local folder), built on the meta device; returns summary.json's counts."""
     backbone = Backbone.on_meta(config.vlm_model_name, config.num_vlm_layers)
     with torch.device("meta"):
         teacher_policy = Policy(backbone, ActionHead(config, backbone))
     student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
-    _report_params(Reflow(backbone, teacher_policy.head, student, coupling=None))
+    return _report_params(Reflow(backbone, teacher_policy.head, student, coupling=None))
 
 
 def _log_offline(run: RunDir, step: int, metrics: dict) -> None:
