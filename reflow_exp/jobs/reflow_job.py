@@ -96,8 +96,9 @@ def reflow(
 
     `image_embedding_cache`: the frozen vision encoder's output computed once per training frame and
     camera (`embedding_cache.ImageEmbeddingCache`, a file in the run folder) and fed to the shared
-    prefix. None (default): on when valid (shared prefix, no image augmentation, every teacher
-    camera in the data), else off with a message; True: required (an error when not valid); False: off.
+    prefix. None (default): on when valid (shared prefix, no image augmentation, no missing teacher
+    camera that SmolVLA fills with a blank image), else off with a message; True: required (an error
+    when not valid); False: off.
     While it is on, the training batches carry no camera frames: nothing decodes what it stands in for.
 
     `visited_episodes` > 0: also train on the states the teacher itself visits, from that many of
