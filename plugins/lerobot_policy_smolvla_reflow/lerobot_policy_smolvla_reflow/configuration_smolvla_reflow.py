@@ -49,6 +49,12 @@ OWN_FIELDS = {
 }
 OWN_FIELDS |= {f.name for f in dataclasses.fields(SmolVLAConfig) if f.name.startswith(("optimizer_", "scheduler_"))}
 
+
+class SmolVLAReflowConfigError(Exception):
+    """A bad smolvla_reflow setting. Not a ValueError: draccus, which parses LeRobot's command line,
+    replaces a ValueError's message from a config by "Couldn't instantiate class ..."."""
+
+
 _AUTOMATIC = {
     "load_vlm_weights": "the VLM weights are read once from the teacher checkpoint",
     "train_expert_only": "only the student head is trained; the backbone and the teacher head are frozen",
@@ -101,22 +107,22 @@ class SmolVLAReflowConfig(SmolVLAConfig):
 
     def _check_reflow_settings(self) -> None:
         if not self.use_reflow:
-            raise ValueError(
+            raise SmolVLAReflowConfigError(
                 "--policy.use_reflow=false: --policy.type=smolvla_reflow always runs reflow; "
                 "to train a plain SmolVLA use --policy.type=smolvla"
             )
         if not self.teacher_model_path:
-            raise ValueError(
+            raise SmolVLAReflowConfigError(
                 "--policy.type=smolvla_reflow needs --policy.teacher_model_path=<the teacher's LeRobot SmolVLA "
                 "folder, e.g. outputs/teacher/checkpoints/last/pretrained_model>"
             )
         if self.time_sampler not in TIME_SAMPLERS:
-            raise ValueError(
+            raise SmolVLAReflowConfigError(
                 f"--policy.time_sampler={self.time_sampler!r} is unknown; choose one of {sorted(TIME_SAMPLERS)}"
             )
         for name in ("num_steps", "teacher_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--policy.{name} must be >= 1, got {getattr(self, name)}")
+                raise SmolVLAReflowConfigError(f"--policy.{name} must be >= 1, got {getattr(self, name)}")
 
     def _adopt_teacher(self) -> None:
         """Copy every SmolVLA field but OWN_FIELDS from the teacher's config.json (a file read, no weights).
@@ -124,7 +130,10 @@ class SmolVLAReflowConfig(SmolVLAConfig):
         Refuses a teacher of another policy type with reflow_exp's own message.
         """
         folder = self.teacher_folder()
-        check_smolvla_folder(folder)
+        try:
+            check_smolvla_folder(folder)  # reflow_exp's own refusal of another policy type
+        except ValueError as error:
+            raise SmolVLAReflowConfigError(str(error)) from None
         teacher = PreTrainedConfig.from_pretrained(folder)
         for f in dataclasses.fields(SmolVLAConfig):
             if f.name not in OWN_FIELDS:
