@@ -354,3 +354,23 @@ def test_lerobot_eval_rolls_out_in_the_sandbox(exported, tmp_path, which):
     info = json.loads((tmp_path / "eval" / "eval_info.json").read_text())
     assert info["overall"]["n_episodes"] == 4
     assert len(info["per_task"][0]["metrics"]["successes"]) == 4
+
+
+def test_agreement_script_runs_both_loops_on_the_same_seeds(exported, tmp_path):
+    """scripts/lerobot_eval_agreement.py end to end on a few episodes (README reports its 100-episode run)."""
+    _, student = exported
+    out = tmp_path / "agreement.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/lerobot_eval_agreement.py", str(student), "--episodes", "4", "--batch_size", "2"]
+        + ["--out", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["lerobot_eval"]["episodes"] == found["evaluate_policies"]["episodes"] == 4
+    assert found["seeds"] == [2_000_000_000, 2_000_000_003]
+    assert "95% CI" in result.stdout
