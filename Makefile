@@ -12,10 +12,15 @@ export NO_PROXY := localhost,127.0.0.1
 
 setup: $(STAMP) ffmpeg
 
-$(STAMP): pyproject.toml constraints.txt
+# LeRobot plugins (lerobot-train --policy.type=smolvla_reflow, lerobot-eval --env.type=reflow_sandbox),
+# installed editable from this checkout: LeRobot's CLIs find them by their distribution Name.
+PLUGINS := plugins/lerobot_policy_smolvla_reflow plugins/lerobot_env_reflow_sandbox
+
+$(STAMP): pyproject.toml constraints.txt $(foreach p,$(PLUGINS),$(p)/pyproject.toml)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -c constraints.txt -e '.[dev,metaworld]'
+	$(VENV)/bin/pip install -c constraints.txt $(foreach p,$(PLUGINS),-e ./$(p))
 	@touch $(STAMP)
 
 # The embedded CPU demo: tiny SmolVLM + sandbox data -> teacher (1-RF) -> reflow student, evaluated.

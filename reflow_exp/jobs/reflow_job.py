@@ -134,13 +134,9 @@ def reflow(
         return None
 
     loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
-    print(f"[Reflow] Loading teacher model from {teacher}")
-    teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
-    teacher_policy.head.requires_grad_(False)
-    print("[Reflow] ✓ Teacher loaded and frozen")
-    print("[Reflow] Creating student model (copying weights from teacher)")
-    student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
-    print("[Reflow] ✓ Student initialized from teacher")
+    teacher_policy, student = load_teacher_and_student(
+        teacher, teacher_path, distributed.device(), student_steps, freeze_vision_encoder
+    )
     image_cache = None
     if shared_prefix and image_embedding_cache is not False:
         image_cache = ImageEmbeddingCache(required=bool(image_embedding_cache))
@@ -156,7 +152,7 @@ def reflow(
         teacher_policy.postprocessor,
         image_cache,
     )
-    params = _report_params(model)
+    params = report_params(model)
     loads = vlm_load_count() - loads_before
     print(f"[Reflow] VLM load count: {loads}")
     run.update_summary({"vlm_load_count": loads, "params": params})
@@ -251,6 +247,21 @@ def _inputs(teacher: str, source, quiet: bool = False) -> tuple[Path, DataSource
     return teacher_path, data, meta, cameras
 
 
+def load_teacher_and_student(
+    teacher: str, teacher_path: Path, device, student_steps: int, freeze_vision_encoder: bool | None
+) -> tuple[Policy, ActionHead]:
+    """The frozen teacher (the VLM read once, from its file) and a student head copied from it, with
+    the seed system's start-up lines. Shared by this job and the LeRobot plugin (plugins/)."""
+    print(f"[Reflow] Loading teacher model from {teacher}")
+    teacher_policy = Policy.from_pretrained(teacher_path, device=device)
+    teacher_policy.head.requires_grad_(False)
+    print("[Reflow] ✓ Teacher loaded and frozen")
+    print("[Reflow] Creating student model (copying weights from teacher)")
+    student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
+    print("[Reflow] ✓ Student initialized from teacher")
+    return teacher_policy, student
+
+
 def teacher_saw(teacher_path: Path, split: dict) -> bool | None:
     """Whether the teacher trained on any of `split`'s held-out episodes, from the `data_split` of
     the run folder that holds `teacher_path` (a teacher run or an earlier reflow run); None when
@@ -279,7 +290,7 @@ def teacher_saw(teacher_path: Path, split: dict) -> bool | None:
     return saw
 
 
-def _report_params(model: Reflow) -> dict[str, int]:
+def report_params(model: Reflow) -> dict[str, int]:
     """Print the start-up parameter lines of the student policy; return summary.json's counts."""
     student = model.student_policy()
     total, trainable = count_params(student), count_params(student, trainable_only=True)
@@ -308,7 +319,7 @@ def report_start_up(config, student_steps: int = 1, freeze_vision_encoder: bool 
     with torch.device("meta"):
         teacher_policy = Policy(backbone, ActionHead(config, backbone))
     student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
-    return _report_params(Reflow(backbone, teacher_policy.head, student, coupling=None))
+    return report_params(Reflow(backbone, teacher_policy.head, student, coupling=None))
 
 
 def _log_offline(run: RunDir, step: int, metrics: dict) -> None:
