@@ -137,6 +137,7 @@ def reflow(
     teacher_policy, student = load_teacher_and_student(
         teacher, teacher_path, distributed.device(), student_steps, freeze_vision_encoder
     )
+    teacher_digest = file_digest(teacher_path / "model.safetensors")
     image_cache = None
     if shared_prefix and image_embedding_cache is not False:
         image_cache = ImageEmbeddingCache(required=bool(image_embedding_cache))
@@ -151,6 +152,7 @@ def reflow(
         teacher_policy.preprocessor,
         teacher_policy.postprocessor,
         image_cache,
+        teacher_reference={"teacher_sha256": teacher_digest},  # a moved teacher folder still resumes
     )
     params = report_params(model)
     loads = vlm_load_count() - loads_before
@@ -170,7 +172,6 @@ def reflow(
     num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
     data_key = {"data": dataset_digest(meta), "episodes": train_eps}
-    teacher_digest = file_digest(teacher_path / "model.safetensors")
     if visited_episodes:  # the teacher's own rollouts join the training frames (and the caches' keys)
         train_set, data_key["visited"] = visited.add_frames(
             run,
