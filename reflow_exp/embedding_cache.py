@@ -44,6 +44,10 @@ from reflow_exp.heads import ActionHead
 
 RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v2"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CACHE_SPACE_FIX = (
+    "free some space, point ImageEmbeddingCache.folder at a larger disk, or turn the cache off with "
+    "reflow.image_embedding_cache = False"
+)
 _SAMPLE_ROWS = 256  # rows checked for non-finite values when a file is reused (first, last, random)
 _SPOT_CHECK_RTOL = 1e-2
 
@@ -265,7 +269,7 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
                     "index": ((frames,), torch.int64),
                     **{c: ((frames, *e.shape[1:]), storage) for c, e in zip(cameras, embedded.embeddings)},
                 }
-                writer = _Writer(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
+                writer = RowWriter(tmp, shapes, {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE})
                 print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
             writer.write("index", row, raw["index"].to(torch.int64))
             for camera, embedding in zip(cameras, embedded.embeddings):
@@ -278,14 +282,26 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
         writer.close()
 
 
-class _Writer:
+class RowWriter:
     """A safetensors file written in pieces: the header first (shapes known up front), then each
     tensor's rows at their place, so the whole file never sits in memory. Refuses to start when the
-    folder has less free space than the file needs (`check_free_space`)."""
+    folder has less free space than the file needs (`check_free_space`).
+
+    `create=False` reopens a file another process created with the same shapes and metadata (so
+    the same layout), to write its own rows into it (`coupling.CachedCoupling` with N processes).
+    `what` and `fix` name the file and the way out in the free-space error."""
 
     DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
-    def __init__(self, path: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        metadata: dict[str, str],
+        create: bool = True,
+        what: str = "the image embedding cache",
+        fix: str = CACHE_SPACE_FIX,
+    ):
         """shapes: {name: (shape, dtype)}; every shape's first dimension is its row count."""
         header, offset, self.start, self.row_bytes = {"__metadata__": metadata}, 0, {}, {}
         for name, (shape, dtype) in shapes.items():
@@ -301,7 +317,10 @@ class _Writer:
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.base = 8 + len(text)
         self.size = self.base + offset
-        check_free_space(Path(path).parent, self.size)
+        if not create:
+            self.file = open(path, "r+b")
+            return
+        check_free_space(Path(path).parent, self.size, what, fix)
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", len(text)) + text)
         self.file.truncate(self.size)
@@ -315,16 +334,13 @@ class _Writer:
         self.file.close()
 
 
-def check_free_space(folder: Path, needed: int) -> None:
+def check_free_space(folder: Path, needed: int, what: str, fix: str) -> None:
     """Raise `OSError` when `folder` has fewer than `needed` free bytes, before anything is written:
-    the file is sized up front as a sparse file, so a full disk would otherwise show up mid-build."""
+    the file is sized up front as a sparse file, so a full disk would otherwise show up mid-build.
+    `what` names the file in the message, `fix` says what to do."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise OSError(
-            f"the image embedding cache needs {needed:,} bytes in {folder}, which has {free:,} free; "
-            "free some space, point ImageEmbeddingCache.folder at a larger disk, or turn the cache off "
-            "with reflow.image_embedding_cache = False"
-        )
+        raise OSError(f"{what} needs {needed:,} bytes in {folder}, which has {free:,} free; {fix}")
 
 
 def _camera_mask(batch: dict, camera: str, size: int) -> Tensor:
