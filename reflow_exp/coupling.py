@@ -109,7 +109,7 @@ class CachedCoupling:
         action = torch.zeros_like(noise)
         action[..., : stored.shape[-1]] = stored.float()
         device = batch["action"].device
-        return noise.to(device), action.to(device)
+        return noise.to(device, non_blocking=True), action.to(device, non_blocking=True)
 
     @torch.no_grad()
     def _generate(self, model, loader, preprocess, path: Path, key: str, action_dim: int) -> None:

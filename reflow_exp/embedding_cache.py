@@ -109,7 +109,7 @@ class ImageEmbeddingCache:
             seconds = time.perf_counter() - start
             self._open(key)
             self.report = {"build_s": seconds, "build_s_per_frame": seconds / len(loader.dataset)}
-        self.dtype = fresh.embeddings[0].dtype
+        self.dtype = next(head.lerobot.model.vlm_with_expert.get_vlm_model().connector.parameters()).dtype
         self.report |= {
             "file": str(self.path),
             "frames": len(self.row),
@@ -192,7 +192,7 @@ class ImageEmbeddingCache:
                     f"{self.path}: non-finite embeddings for {camera} at frames {batch['index'].tolist()}; "
                     "delete the file to rebuild it"
                 )
-        embeddings = [values.to(device, self.dtype) for values in stored]
+        embeddings = [values.to(device, self.dtype, non_blocking=True) for values in stored]  # the weights' dtype
         return prefix.ImageEmbeddings(embeddings, [_camera_mask(batch, camera, len(rows)) for camera in self.cameras])
 
 
