@@ -115,7 +115,7 @@ class CachedCoupling:
     def _generate(self, model, loader, preprocess, path: Path, key: str, action_dim: int) -> None:
         """Every process writes the pairs of its frames into its own rows of one preallocated file,
         which rank 0 then publishes (renames into place)."""
-        rank, world = distributed.rank_and_world()
+        rank = distributed.rank_and_world()[0]
         offset, total = _shard_rows(len(loader.dataset))
         tmp = path.with_name(f".{path.name}.tmp-build")
         shapes = {
