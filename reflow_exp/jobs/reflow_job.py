@@ -40,7 +40,7 @@ from reflow_exp.offline import offline_metrics
 from reflow_exp.policy import Policy, check_processors, check_smolvla_folder, resolve_policy_folder
 from reflow_exp.reflow import Reflow
 from reflow_exp.rundir import RunDir
-from reflow_exp.torch_utils import count_params
+from reflow_exp.torch_utils import count_params, cuda_inference_autocast, enable_tf32
 from reflow_exp.trainer import Trainer
 
 for _sampler, _name in [
@@ -133,10 +133,12 @@ def reflow(
     if preflight:
         return None
 
+    enable_tf32()  # CUDA only
     loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
     teacher_policy, student = load_teacher_and_student(
         teacher, teacher_path, distributed.device(), student_steps, freeze_vision_encoder
     )
+    teacher_digest = file_digest(teacher_path / "model.safetensors")
     image_cache = None
     if shared_prefix and image_embedding_cache is not False:
         image_cache = ImageEmbeddingCache(required=bool(image_embedding_cache))
@@ -151,6 +153,7 @@ def reflow(
         teacher_policy.preprocessor,
         teacher_policy.postprocessor,
         image_cache,
+        teacher_reference={"teacher_sha256": teacher_digest},  # a moved teacher folder still resumes
     )
     params = report_params(model)
     loads = vlm_load_count() - loads_before
@@ -170,7 +173,6 @@ def reflow(
     num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
     data_key = {"data": dataset_digest(meta), "episodes": train_eps}
-    teacher_digest = file_digest(teacher_path / "model.safetensors")
     if visited_episodes:  # the teacher's own rollouts join the training frames (and the caches' keys)
         train_set, data_key["visited"] = visited.add_frames(
             run,
@@ -189,20 +191,24 @@ def reflow(
         # Rank 0 builds the file over every training frame; the other ranks then only open it.
         with distributed.main_first():
             frames = make_dataloader(train_set, batch_size, run.seed, num_workers, shuffle=False)
-            if image_cache.prepare(model.teacher, frames, preprocess, run.path, data_key):
+            with cuda_inference_autocast(distributed.device()):
+                prepared = image_cache.prepare(model.teacher, frames, preprocess, run.path, data_key)
+            if prepared:
                 run.update_summary({"image_embedding_cache": image_cache.report})
         if image_cache.active:  # the cache stands in for the camera frames
             train_set = without_cameras(train_set)
     # Each process makes the pairs of its own share of the frames (a cached coupling merges them).
     pair_loader = make_dataloader(distributed.shard(train_set), batch_size, run.seed, num_workers, shuffle=False)
-    coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
+    with cuda_inference_autocast(distributed.device()):
+        coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
     holdout_loader = make_dataloader(holdout_set, batch_size, run.seed, shuffle=False)
     holdout = [preprocess(batch) for batch, _ in zip(holdout_loader, range(offline_batches))]
 
     def evaluate(step: int) -> dict:
         if not run.is_main:  # rank 0 measures and logs; the others go on to the next step
             return {}
-        metrics = offline_metrics(model, holdout, reference_steps=coupling.teacher_steps, seed=run.seed)
+        with cuda_inference_autocast(distributed.device()):
+            metrics = offline_metrics(model, holdout, reference_steps=coupling.teacher_steps, seed=run.seed)
         _log_offline(run, step, metrics)
         return metrics
 
