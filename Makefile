@@ -8,14 +8,19 @@ export HF_DATASETS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export NO_PROXY := localhost,127.0.0.1
 
-.PHONY: demo test setup clean dashboard browser ffmpeg gpu-check gl bench-metaworld
+.PHONY: demo test rehearsal setup clean dashboard browser ffmpeg gpu-check gl bench-metaworld
 
 setup: $(STAMP) ffmpeg
 
-$(STAMP): pyproject.toml constraints.txt
+# LeRobot plugins (lerobot-train --policy.type=smolvla_reflow, lerobot-eval --env.type=reflow_sandbox),
+# installed editable from this checkout: LeRobot's CLIs find them by their distribution Name.
+PLUGINS := plugins/lerobot_policy_smolvla_reflow plugins/lerobot_env_reflow_sandbox
+
+$(STAMP): pyproject.toml constraints.txt $(foreach p,$(PLUGINS),$(p)/pyproject.toml)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -c constraints.txt -e '.[dev,metaworld]'
+	$(VENV)/bin/pip install -c constraints.txt $(foreach p,$(PLUGINS),-e ./$(p))
 	@touch $(STAMP)
 
 # The embedded CPU demo: tiny SmolVLM + sandbox data -> teacher (1-RF) -> reflow student, evaluated.
@@ -29,6 +34,11 @@ test: $(STAMP) ffmpeg browser gl
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -q tests
+
+# The shipped gin/smolvla/reflow.gin at its real shape on the CPU (smolvla_base-shaped teacher, SO-100-shaped
+# video data, made locally): writes runs/rehearsal/report.json and fails unless every check holds.
+rehearsal: $(STAMP) ffmpeg
+	$(VENV)/bin/python -m reflow_exp.rehearsal
 
 # The Gradio dashboard (binds 127.0.0.1; e.g. `make dashboard DASHBOARD_ARGS="--port 7860 --runs-dir runs"`).
 DASHBOARD_ARGS ?=

@@ -6,10 +6,13 @@
 #       --policy.teacher_model_path=outputs/teacher/checkpoints/last/pretrained_model \
 #       --batch_size=32 --steps=20000 --save_freq=2000 --output_dir=outputs/reflow \
 #       [--policy.use_reflow=true] [--policy.optimizer_lr=1e-4] [--policy.freeze_vision_encoder=true] \
-#       [--dataset.repo_id=lerobot/svla_so100_pickplace] [--gin_param='reflow.student_steps = 2'] [--print_command]
+#       [--dataset.repo_id=lerobot/svla_so100_pickplace] [--dataset.root=<local dataset folder>] \
+#       [--rename_map='{"observation.images.top": "observation.images.camera1"}'] \
+#       [--gin_param='reflow.student_steps = 2'] [--print_command]
 #
 # Every flag can also be an environment variable: TEACHER, BATCH_SIZE, STEPS, SAVE_FREQ, OUTPUT_DIR,
 # USE_REFLOW, OPTIMIZER_LR, FREEZE_VISION_ENCODER, LOAD_VLM_WEIGHTS, TRAIN_EXPERT_ONLY, DATASET_REPO_ID,
+# DATASET_ROOT, RENAME_MAP (a JSON object: dataset key -> policy key, as lerobot-train's --rename_map),
 # MIXED_PRECISION (no|bf16|fp16),
 # GIN_FILE (default gin/smolvla/reflow.gin), PYTHON (default python), MASTER_PORT (default 29500).
 # Several GPUs in CUDA_VISIBLE_DEVICES (e.g. 0,1,2,3) run one process per GPU with torchrun;
@@ -49,6 +52,8 @@ for arg in "$@"; do
     --policy.load_vlm_weights=*) LOAD_VLM_WEIGHTS=$value ;;
     --policy.train_expert_only=*) TRAIN_EXPERT_ONLY=$value ;;
     --dataset.repo_id=*) DATASET_REPO_ID=$value ;;
+    --dataset.root=*) DATASET_ROOT=$value ;;
+    --rename_map=*) RENAME_MAP=$value ;;
     --mixed_precision=*) MIXED_PRECISION=$value ;;
     --gin_param=*) EXTRA+=(--gin_param "$value") ;;
     --print_command) PRINT_ONLY=1 ;;
@@ -81,6 +86,9 @@ if [ -n "${TRAIN_EXPERT_ONLY:-}" ]; then
   PARAMS+=(--gin_param "reflow.train_expert_only = $flag")
 fi
 [ -n "${DATASET_REPO_ID:-}" ] && PARAMS+=(--gin_param "lerobot_source.repo_id = \"$DATASET_REPO_ID\"")
+[ -n "${DATASET_ROOT:-}" ] && PARAMS+=(--gin_param "lerobot_source.root = \"$DATASET_ROOT\"")
+# A JSON object of strings is also a gin dict literal.
+[ -n "${RENAME_MAP:-}" ] && PARAMS+=(--gin_param "lerobot_source.rename_map = $RENAME_MAP")
 [ -n "${MIXED_PRECISION:-}" ] && PARAMS+=(--gin_param "Trainer.mixed_precision = \"$MIXED_PRECISION\"")
 if [ -n "${OUTPUT_DIR:-}" ]; then  # the run folder is <run.runs_dir>/<run.name>
   OUTPUT_DIR=${OUTPUT_DIR%/}

@@ -100,13 +100,27 @@ class SmolVLAChunkPolicy:
             return self.model.predict_action_chunk(batch, noise=noise)
 
     def _check_inputs(self, batch: dict) -> None:
-        missing = [key for key in self.config.input_features if key not in batch]
-        if missing:
-            provided = sorted(key for key in batch if key != "task")
-            raise ValueError(
-                f"the policy needs {missing} but the env provides {provided}; evaluate it in an env "
-                "whose observations match the policy's input_features"
-            )
+        problem = feature_mismatch(self.config, {k: tuple(v.shape[1:]) for k, v in batch.items() if k != "task"})
+        if problem:
+            raise ValueError(f"{problem}; evaluate it in an env whose observations match the policy's input_features")
+
+
+def feature_mismatch(config, observations: dict[str, tuple], action_dim: int | None = None) -> str | None:
+    """Why a SmolVLA policy (`config`) cannot act in an env whose observation batch has the keys and
+    per-row shapes `observations` and whose actions have `action_dim` values (None: not checked);
+    None when it can. LeRobot's rule for cameras: at least one of the policy's, the rest left out."""
+    cameras = [key for key in config.image_features if not key.startswith("observation.images.empty_camera_")]
+    given = sorted(observations)
+    if cameras and not any(key in observations for key in cameras):
+        return f"the policy reads the cameras {cameras}, the env gives {given}"
+    state = config.robot_state_feature
+    if state is not None and observations.get("observation.state", ()) != tuple(state.shape):
+        found = observations.get("observation.state", "no observation.state")
+        return f"the policy reads observation.state {tuple(state.shape)}, the env gives {found}"
+    wanted = config.action_feature.shape[0]
+    if action_dim is not None and action_dim != wanted:
+        return f"the policy acts with {wanted} action values, the env takes {action_dim}"
+    return None
 
 
 class ScriptedChunkPolicy:

@@ -81,38 +81,58 @@ def dataset_stats(meta: LeRobotDatasetMetadata, rename_map: dict[str, str] | Non
     return rename_stats(meta.stats, rename_map or {})
 
 
-def check_features(config, features: dict[str, PolicyFeature], rename_hint: str = "rename_map") -> None:
-    """Raise (before any expensive work) when the dataset's features, already renamed, cannot feed
-    the policy `config` (a SmolVLAConfig): a camera or state the policy reads is missing, or the
-    state/action shapes differ. Cameras the policy does not read are left out of the batches.
-    `rename_hint` is the gin binding to suggest, e.g. "lerobot_source.rename_map"."""
+def check_features(
+    config, features: dict[str, PolicyFeature], rename_hint: str = "rename_map", quiet: bool = False
+) -> list[str]:
+    """The policy's cameras that the dataset feeds, after checking (before any expensive work) that
+    the dataset's features, already renamed, can feed the policy `config` (a SmolVLAConfig).
+
+    LeRobot's rule (`SmolVLAPolicy.prepare_images`): cameras the policy reads but the dataset lacks
+    are left out (SmolVLA fills up to `config.empty_cameras` of them with blank images), and cameras
+    the dataset has but the policy does not read are ignored. Each case gets one line (none if `quiet`).
+    `rename_hint` is the gin binding to suggest, e.g. "lerobot_source.rename_map".
+
+    Raises:
+        ValueError: no camera of the policy's is in the dataset, or the state or action is missing
+            or of another shape; the message lists both sides and the rename_map fix.
+    """
     wanted = {**config.input_features, **config.output_features}
-    problems, missing_cameras = [], []
+    cameras = [key for key in config.image_features if not key.startswith("observation.images.empty_camera_")]
+    used = [key for key in cameras if key in features]
+    missing = [key for key in cameras if key not in features]
+    spare = [k for k, f in features.items() if f.type is FeatureType.VISUAL and k not in wanted]
+    problems = []
+    if not used:
+        problems.append(f"the policy reads the cameras {cameras}, and the dataset has none of them")
     for key, feature in wanted.items():
-        if key.startswith("observation.images.empty_camera_"):
-            continue  # SmolVLA fills these itself
+        if feature.type is FeatureType.VISUAL:
+            continue
         if key not in features:
             problems.append(f"the policy reads {key} ({feature.type.name}), which the dataset lacks")
-            if feature.type is FeatureType.VISUAL:
-                missing_cameras.append(key)
-        elif feature.type is not FeatureType.VISUAL and tuple(features[key].shape) != tuple(feature.shape):
+        elif tuple(features[key].shape) != tuple(feature.shape):
             problems.append(
                 f"{key}: the policy has shape {tuple(feature.shape)}, the dataset {tuple(features[key].shape)}"
             )
-    spare = [k for k, f in features.items() if f.type is FeatureType.VISUAL and k not in wanted]
-    if not problems:
-        if spare:  # LeRobot's rule too: a policy may read a subset of the cameras
-            print(f"[Data] The policy does not read the dataset's cameras {spare}: they are left out")
-        return
-    example = dict(zip(spare, missing_cameras)) or {"<dataset camera key>": "<policy camera key>"}
-    raise ValueError(
-        "The dataset does not match the policy's features:\n  - "
-        + "\n  - ".join(problems)
-        + f"\nPolicy features:  {_describe(wanted)}\nDataset features: {_describe(features)}\n"
-        f"Fix: map dataset keys to the policy's with {rename_hint} (dataset key -> policy key), e.g.\n"
-        f"  --gin_param '{rename_hint} = {_gin_dict(example)}'\n"
-        "or use a dataset recorded with the cameras, state and action the policy was trained on."
-    )
+    example = dict(zip(spare, missing)) or {"<dataset camera key>": "<policy camera key>"}
+    fix = f"--gin_param '{rename_hint} = {_gin_dict(example)}'"
+    if problems:
+        raise ValueError(
+            "The dataset does not match the policy's features:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nPolicy features:  {_describe(wanted)}\nDataset features: {_describe(features)}\n"
+            f"Fix: map dataset keys to the policy's with {rename_hint} (dataset key -> policy key), e.g.\n"
+            f"  {fix}\nor use a dataset recorded with the cameras, state and action the policy was trained on."
+        )
+    if missing and not quiet:
+        filled = min(len(missing), config.empty_cameras)
+        blanks = f"; SmolVLA feeds {filled} of them as blank images (empty_cameras={config.empty_cameras})"
+        print(
+            f"[Data] The dataset lacks the policy's cameras {missing}: they are left out, as LeRobot's SmolVLA "
+            f"does{blanks if filled else ''}. A rename_map would feed them from the dataset's cameras, e.g. {fix}"
+        )
+    if spare and not quiet:  # LeRobot's rule too: a policy may read a subset of the cameras
+        print(f"[Data] The policy does not read the dataset's cameras {spare}: they are left out")
+    return used
 
 
 def _describe(features: dict[str, PolicyFeature]) -> str:
@@ -383,6 +403,7 @@ def make_dataloader(
         num_workers=num_workers,
         persistent_workers=shuffle and num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU overlaps (no-op on CPU)
     )
 
 

@@ -5,13 +5,20 @@ connector output never changes; at SmolVLA's real size that encoder is most of a
 cache stores, per camera, what `vlm_with_expert.embed_image` returns for each training frame
 (before `embed_prefix` scales it by sqrt(hidden)), in one safetensors file:
 
-    <camera key>: (frames, image_tokens, hidden) float32      index: (frames,) int64 (dataset `index`)
+    <camera key>: (frames, image_tokens, hidden) bfloat16     index: (frames,) int64 (dataset `index`)
 
-The file carries a fingerprint of the VLM's vision weights, SmolVLA's image preprocessing and the
-dataset; a file whose fingerprint differs, or that is unreadable, truncated, of the wrong shape,
-non-finite or disagrees with a fresh computation of its first batch, is rebuilt. It is written
-batch by batch (never whole in memory) and read through `safe_open`, which maps the file: a batch's
-lookup reads only its own rows.
+Storage is bfloat16 by default (`ImageEmbeddingCache.dtype`): at SmolVLM2-500M's 64 tokens x 960
+hidden that is 122,880 bytes per frame and camera instead of 245,760 in float32; the tiny student's
+loss moved by 1.2e-6 relative (tests/test_embedding_cache.py bounds it at 1e-2). A lookup casts back
+to the weights' dtype.
+
+The file carries a fingerprint of the VLM's vision weights, SmolVLA's image preprocessing, the
+storage dtype and the dataset; a file whose fingerprint differs, or that is unreadable, truncated,
+of the wrong shape, disagrees with a fresh computation of its first batch, or holds non-finite
+values in a bounded sample of its rows, is rebuilt (and a non-finite row a batch looks up is an
+error). Before writing, the free space of its folder is checked. It is written batch by batch
+(never whole in memory) and read through `safe_open`, which maps the file: a batch's lookup reads
+only its own rows.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -37,8 +45,13 @@ from reflow_exp.data import rows_by_index
 from reflow_exp.files import atomic_path, remove_stale_temp_files
 from reflow_exp.heads import ActionHead
 
-RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v1"
-_CHECK_ROWS = 1024  # rows per block when scanning the file for non-finite values
+RECIPE = "SmolVLA prepare_images + vlm_with_expert.embed_image (vision encoder + connector), unscaled; v2"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CACHE_SPACE_FIX = (
+    "free some space, point ImageEmbeddingCache.folder at a larger disk, or turn the cache off with "
+    "reflow.image_embedding_cache = False"
+)
+_SAMPLE_ROWS = 256  # rows checked for non-finite values when a file is reused (first, last, random)
 _SPOT_CHECK_RTOL = 1e-2
 
 
@@ -50,7 +63,9 @@ class ImageEmbeddingCache:
         folder: where the file goes; None: the run folder. A shared folder lets runs on the same
             teacher VLM and data reuse one file (the fingerprint decides).
         required: raise when the cache is not valid for the run (image augmentation on, cameras
-            the dataset lacks); otherwise say why and leave it off.
+            the dataset lacks that SmolVLA would fill with blank images); otherwise say why and leave it off.
+        dtype: storage precision, "bfloat16" (default: half of float32's bytes, float32's range),
+            "float16" or "float32". Lookups cast to the compute dtype either way.
     """
 
     FILE = "image_embeddings.safetensors"
@@ -59,8 +74,11 @@ class ImageEmbeddingCache:
         self,
         folder: Annotated[str | None, WritesFolder("the image embedding cache is written there")] = None,
         required: bool = False,
+        dtype: str = "bfloat16",
     ):
-        self.folder, self.required = folder, required
+        if dtype not in DTYPES:
+            raise ValueError(f"ImageEmbeddingCache.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.folder, self.required, self.storage = folder, required, DTYPES[dtype]
         self.path: Path | None = None
         self.cameras: list[str] = []
         self.tensors: dict[str, Tensor] = {}
@@ -87,7 +105,7 @@ class ImageEmbeddingCache:
         self.path = Path(self.folder or run_path) / self.FILE
         for stale in remove_stale_temp_files(self.path.parent) if self.path.parent.is_dir() else []:
             print(f"[Reflow] Removed {stale}, left by a process that died while writing it")
-        key = fingerprint(head, data_fingerprint)
+        key = fingerprint(head, data_fingerprint, self.storage)
         first = {k: v[:1] for k, v in batch.items() if isinstance(v, Tensor)}  # the first frame
         fresh = prefix.image_embeddings(head, first)  # computed now: a spot check of the stored one
         problem = self._problem(key, len(loader.dataset), first, fresh)
@@ -97,11 +115,11 @@ class ImageEmbeddingCache:
             print(f"[Reflow] Building image embeddings into {self.path} ({problem})")
             self.tensors, self.row = {}, {}
             start = time.perf_counter()
-            _build(self.path, head, loader, preprocess, len(loader.dataset), key)
+            _build(self.path, head, loader, preprocess, len(loader.dataset), key, self.storage)
             seconds = time.perf_counter() - start
             self._open(key)
             self.report = {"build_s": seconds, "build_s_per_frame": seconds / len(loader.dataset)}
-        self.dtype = fresh.embeddings[0].dtype
+        self.dtype = next(head.lerobot.model.vlm_with_expert.get_vlm_model().connector.parameters()).dtype
         self.report |= {
             "file": str(self.path),
             "frames": len(self.row),
@@ -136,11 +154,10 @@ class ImageEmbeddingCache:
             # relative: another device's kernels (TF32 convolutions) differ by ~1e-3, stale data by ~1
             if (old.cpu() - new.float().cpu()).norm() > _SPOT_CHECK_RTOL * new.float().norm():
                 return f"{camera}: stored embeddings differ from a fresh computation"
+        rows = sample_rows(len(self.row))
         for camera in self.cameras:
-            tensor = self.tensors[camera]
-            for start in range(0, len(tensor), _CHECK_ROWS):
-                if not torch.isfinite(tensor[start : start + _CHECK_ROWS]).all():
-                    return f"{camera}: non-finite values"
+            if not torch.isfinite(self.tensors[camera][rows]).all():
+                return f"{camera}: non-finite values"
         return None
 
     def _open(self, expected_key: str | None) -> str | None:
@@ -178,7 +195,14 @@ class ImageEmbeddingCache:
                 "it covers the training frames only"
             ) from None
         device = batch["action"].device
-        embeddings = [self.tensors[camera][rows].to(device, self.dtype) for camera in self.cameras]
+        stored = [self.tensors[camera][rows] for camera in self.cameras]  # (B, tokens, hidden), storage dtype
+        for camera, values in zip(self.cameras, stored):
+            if not torch.isfinite(values).all():  # the start-up check samples rows; this sees every row used
+                raise ValueError(
+                    f"{self.path}: non-finite embeddings for {camera} at frames {batch['index'].tolist()}; "
+                    "delete the file to rebuild it"
+                )
+        embeddings = [values.to(device, self.dtype, non_blocking=True) for values in stored]  # the weights' dtype
         return prefix.ImageEmbeddings(embeddings, [_camera_mask(batch, camera, len(rows)) for camera in self.cameras])
 
 
@@ -189,8 +213,8 @@ def why_invalid(head: ActionHead, dataset, batch: dict) -> str | None:
     if augmentation is not None:
         return f"image augmentation is on ({augmentation!r}): a frame's embeddings change every epoch"
     missing = [key for key in head.config.image_features if key not in batch]
-    if missing:
-        return f"the data lacks the teacher's camera(s) {missing} (SmolVLA would feed empty cameras)"
+    if missing and head.config.empty_cameras:  # the blank images are not in the cache
+        return f"the data lacks the teacher's camera(s) {missing}, which SmolVLA feeds as blank images"
     return None
 
 
@@ -201,12 +225,24 @@ def image_augmentation(dataset):
     return next((c.image_transforms for c in candidates if getattr(c, "image_transforms", None) is not None), None)
 
 
-def fingerprint(head: ActionHead, data_fingerprint: dict) -> str:
+def sample_rows(frames: int, count: int = _SAMPLE_ROWS) -> Tensor:
+    """At most `count` row numbers of a file of `frames` rows: the first, the last and random others
+    (a new draw each start). Checking these instead of every row keeps a reuse at ~`count` rows'
+    reads whatever the size (a full scan of a 1M-frame, 3-camera file reads ~370 GB)."""
+    if frames <= count:
+        return torch.arange(frames)
+    random = torch.randint(1, frames - 1, (count - 2,), generator=torch.Generator().manual_seed(time.time_ns()))
+    return torch.cat([torch.tensor([0, frames - 1]), random]).unique()
+
+
+def fingerprint(head: ActionHead, data_fingerprint: dict, storage: torch.dtype = torch.bfloat16) -> str:
     """Changes with the vision encoder's and connector's weights, SmolVLA's image preprocessing
-    (resize, cameras and their shapes, LeRobot's version) and the data (`data_fingerprint`)."""
+    (resize, cameras and their shapes, LeRobot's version), the storage dtype and the data
+    (`data_fingerprint`)."""
     config = head.config
     description = {
         "recipe": RECIPE,
+        "storage": str(storage),
         "lerobot": lerobot.__version__,
         "vision_weights": vision_digest(head),
         "resize_imgs_with_padding": list(config.resize_imgs_with_padding or []),
@@ -228,8 +264,9 @@ def vision_digest(head: ActionHead) -> str:
 
 
 # ----------------------------------------------------------------------------- the file
-def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: str) -> None:
-    """Embed every frame of `loader` and write the file atomically (rows in the loader's order)."""
+def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: str, storage: torch.dtype) -> None:
+    """Embed every frame of `loader` and write the file atomically (rows in the loader's order),
+    the embeddings in `storage` precision."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         writer, row = None, 0
@@ -240,17 +277,17 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
                 cameras = [key for key in head.config.image_features if key in batch]
                 if writer is None:
                     shapes = {
-                        "index": (frames,),
-                        **{c: (frames, *e.shape[1:]) for c, e in zip(cameras, embedded.embeddings)},
+                        "index": ((frames,), torch.int64),
+                        **{c: ((frames, *e.shape[1:]), storage) for c, e in zip(cameras, embedded.embeddings)},
                     }
                     metadata = {"fingerprint": key, "cameras": json.dumps(cameras), "recipe": RECIPE}
-                    writer = _Writer(tmp, shapes, metadata)
+                    writer = RowWriter(tmp, shapes, metadata)
                     print(f"[Reflow] {frames} frames x {len(cameras)} camera(s): {writer.size / 2**30:.2f} GiB on disk")
                 writer.write("index", row, raw["index"].to(torch.int64))
                 for camera, embedding in zip(cameras, embedded.embeddings):
                     if not torch.isfinite(embedding).all():
                         raise ValueError(f"non-finite image embeddings for {camera} at frames {raw['index'].tolist()}")
-                    writer.write(camera, row, embedding.float().cpu())
+                    writer.write(camera, row, embedding.cpu().to(storage))
                 row += len(raw["index"])
             if writer is None or row != frames:
                 raise ValueError(f"the loader gave {row} frames, its dataset has {frames}; use one without drop_last")
@@ -259,16 +296,29 @@ def _build(path: Path, head: ActionHead, loader, preprocess, frames: int, key: s
                 writer.close()
 
 
-class _Writer:
+class RowWriter:
     """A safetensors file written in pieces: the header first (shapes known up front), then each
-    tensor's rows at their place, so the whole cache never sits in memory."""
+    tensor's rows at their place, so the whole file never sits in memory. Refuses to start when the
+    folder has less free space than the file needs (`check_free_space`).
 
-    DTYPES = {torch.float32: "F32", torch.int64: "I64"}
+    `create=False` reopens a file another process created with the same shapes and metadata (so
+    the same layout), to write its own rows into it (`coupling.CachedCoupling` with N processes).
+    `what` and `fix` name the file and the way out in the free-space error."""
 
-    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]):
+    DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+    def __init__(
+        self,
+        path: Path,
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        metadata: dict[str, str],
+        create: bool = True,
+        what: str = "the image embedding cache",
+        fix: str = CACHE_SPACE_FIX,
+    ):
+        """shapes: {name: (shape, dtype)}; every shape's first dimension is its row count."""
         header, offset, self.start, self.row_bytes = {"__metadata__": metadata}, 0, {}, {}
-        for name, shape in shapes.items():
-            dtype = torch.int64 if name == "index" else torch.float32
+        for name, (shape, dtype) in shapes.items():
             nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {
                 "dtype": self.DTYPES[dtype],
@@ -280,18 +330,31 @@ class _Writer:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.base = 8 + len(text)
+        self.size = self.base + offset
+        if not create:
+            self.file = open(path, "r+b")
+            return
+        check_free_space(Path(path).parent, self.size, what, fix)
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", len(text)) + text)
-        self.size = self.base + offset
         self.file.truncate(self.size)
 
     def write(self, name: str, row: int, values: Tensor) -> None:
         """Rows `row, row+1, ...` of tensor `name` (values: (rows, *shape[1:]), the tensor's dtype)."""
         self.file.seek(self.base + self.start[name] + row * self.row_bytes[name])
-        self.file.write(values.contiguous().numpy().tobytes())
+        self.file.write(values.contiguous().view(torch.uint8).numpy().tobytes())  # bf16 has no numpy dtype
 
     def close(self) -> None:
         self.file.close()
+
+
+def check_free_space(folder: Path, needed: int, what: str, fix: str) -> None:
+    """Raise `OSError` when `folder` has fewer than `needed` free bytes, before anything is written:
+    the file is sized up front as a sparse file, so a full disk would otherwise show up mid-build.
+    `what` names the file in the message, `fix` says what to do."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(f"{what} needs {needed:,} bytes in {folder}, which has {free:,} free; {fix}")
 
 
 def _camera_mask(batch: dict, camera: str, size: int) -> Tensor:

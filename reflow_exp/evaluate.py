@@ -35,6 +35,7 @@ from reflow_exp.chunk_policy import (  # noqa: F401  re-exported: evaluate's pol
     ScriptedChunkPolicy,
     SmolVLAChunkPolicy,
     as_chunk_policy,
+    feature_mismatch,
 )
 from reflow_exp.sandbox import ENV_ID as SANDBOX_ENV_ID
 from reflow_exp.sandbox import route_of
@@ -322,6 +323,16 @@ class Evaluator:
             "layouts": self.layouts,
             "episodes": self.episodes,
         }
+
+    def mismatch(self, config) -> str | None:
+        """Why a SmolVLA policy with `config` cannot act in this env: its cameras, state or action
+        dimension do not fit the env's first observation and action space (None: it fits)."""
+        with contextlib.closing(make_vector_env(self.spec, 1, self.env_kwargs)) as env:
+            obs, _ = env.reset(seed=self.seeds[:1])
+            batch = observation_batch(obs, [""])
+            shapes = {key: tuple(value.shape[1:]) for key, value in batch.items() if key != "task"}
+            problem = feature_mismatch(config, shapes, env.single_action_space.shape[0])
+        return problem and f"{self.env_id} does not fit: {problem}"
 
     def run(self, policy, step_counts=None, out_dir: str | Path | None = None, tag: str = "") -> dict[int, dict]:
         """Evaluate `policy` (a reflow_exp Policy or a ChunkPolicy) at each step count.

@@ -97,6 +97,7 @@ class Policy(nn.Module):
         path = resolve_policy_folder(path)
         device = torch.device(device)
         check_smolvla_folder(path)  # before draccus parses config.json as some other policy's config
+        check_processors(path)
         config = PreTrainedConfig.from_pretrained(path)
         config.device = device.type
         state = load_weights(path / "model.safetensors")
@@ -127,6 +128,26 @@ def check_smolvla_folder(folder: Path) -> None:
         raise ValueError(
             f"{config_file} describes a {kind!r} policy; this needs a SmolVLA policy (type 'smolvla'), e.g. a "
             "checkpoint of `lerobot-train --policy.type=smolvla` or a run folder of ours"
+        )
+
+
+PROCESSOR_FILES = ("policy_preprocessor.json", "policy_postprocessor.json")
+
+
+def check_processors(folder: Path) -> None:
+    """Refuse a policy folder without LeRobot's processor files (some hub checkpoints hold only
+    config.json and model.safetensors): without them nothing knows the normalisation statistics.
+
+    Raises:
+        FileNotFoundError: naming the missing files and how to make them.
+    """
+    missing = [name for name in PROCESSOR_FILES if not (Path(folder) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} holds model.safetensors but not LeRobot's processor files {missing} (normalisation "
+            "statistics and tokenizer settings). Make them with LeRobot's migration, `python -m "
+            f"lerobot.processor.migrate_policy_normalization --pretrained-path {folder}`, or save "
+            "`make_smolvla_pre_post_processors(config, dataset_stats=<the training data's stats>)` into the folder"
         )
 
 

@@ -31,6 +31,9 @@ class Reflow(nn.Module):
         image_cache: an `embedding_cache.ImageEmbeddingCache`: the shared prefix takes each frame's
             image embeddings from it instead of running the vision encoder (None, or a cache that
             is off: the encoder runs).
+        teacher_reference: what names the frozen part (backbone + teacher head) on disk, e.g.
+            ``{"teacher_sha256": <model.safetensors digest>}``; with it the trainer's
+            intermediate checkpoints hold only the student's training state (`frozen_reference`).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class Reflow(nn.Module):
         preprocessor=None,
         postprocessor=None,
         image_cache=None,
+        teacher_reference: dict | None = None,
     ):
         super().__init__()
         self.backbone, self.teacher, self.student = backbone, teacher, student
@@ -55,6 +59,7 @@ class Reflow(nn.Module):
         self.shared_prefix = shared_prefix
         self.preprocessor, self.postprocessor = preprocessor, postprocessor
         self.image_cache = image_cache
+        self.teacher_reference = teacher_reference
         self.action_dim = student.config.action_feature.shape[0]
 
     def train(self, mode: bool = True) -> Reflow:
@@ -67,6 +72,10 @@ class Reflow(nn.Module):
 
     def teacher_policy(self) -> Policy:
         return Policy(self.backbone, self.teacher, self.preprocessor, self.postprocessor)
+
+    def frozen_reference(self) -> dict | None:
+        """The trainer's fingerprint of everything it does not checkpoint (None: save in full)."""
+        return self.teacher_reference
 
     def save_pretrained(self, path) -> None:
         """The student as an ordinary LeRobot SmolVLA folder (its num_steps is the distilled count)."""

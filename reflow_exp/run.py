@@ -8,7 +8,8 @@ their ``include``s). The whole config is checked before anything is built or wri
 (``reflow_exp.gin_config``: gin's own parse, then REQUIRED bindings, undefined macros and literal
 types). Problems exit with code 2 and name file and line, before the run folder exists.
 
-Exit codes: 0 done, 1 the job failed (status.json in the run folder says why), 2 config error,
+Exit codes: 0 done, 1 the job failed (status.json in the run folder says why), 2 config error
+(or inputs a job's preflight refuses, e.g. a dataset without the teacher's cameras),
 3 another process has the run folder open (nothing written), 130 interrupted (resumable).
 
 Then ``run.*`` (see ``reflow_exp.rundir.run_settings``) picks the job and the run folder
@@ -68,9 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED
     try:
+        _preflight(settings.job)
+    except (ValueError, FileNotFoundError) as e:  # the job's inputs do not fit: the message says it all
+        print(f"error: {_reason(e)}", file=sys.stderr)
+        distributed.stop()
+        return EXIT_CONFIG_ERROR
+    try:
         return _open_and_run(settings, config)
     finally:
         distributed.stop()
+
+
+def _preflight(job: Any) -> None:
+    """Let a job that can (a `preflight` parameter) check its inputs (teacher folder, data features)
+    before the run folder exists; it raises ValueError / FileNotFoundError naming the problem."""
+    if "preflight" in inspect.signature(job).parameters:
+        job(None, preflight=True)
 
 
 def _open_and_run(settings: rundir.RunSettings, config: Config) -> int:

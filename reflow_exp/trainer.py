@@ -4,6 +4,7 @@ The model contract is small::
 
     model.loss(batch) -> (loss_tensor, {"name": float, ...})   # metrics of this batch
     model.save_pretrained(dir)                                  # writes a LeRobot policy folder
+    model.frozen_reference() -> dict | None                     # optional, see below
 
 Only parameters with ``requires_grad`` are optimised and checkpointed. A run folder with a
 checkpoint is resumed: trainable parameters, optimizer, scheduler, RNG and the position in the
@@ -14,6 +15,13 @@ wrapped in DDP, each process reads its own shard of every epoch (the dataloader'
 per process: global batch = batch × N), logged metrics are means over all processes, and only
 rank 0 logs and writes checkpoints. Resume with the same N: the data position is counted in
 per-process batches: a resume with another N is refused (``ResumeRefused``).
+
+Slim intermediate checkpoints: when the model names its frozen part by a fingerprint
+(``frozen_reference()``, e.g. reflow's teacher file and its sha256), every save but the last holds
+only ``training_state/`` (trainable parameters, optimizer, scheduler, RNG, step) and that reference;
+the full ``pretrained_model/`` is written at the last step. A resume checks the reference against
+the model's and refuses a changed frozen part. At SmolVLA's size this drops ``pretrained_model/``'s
+1.8 GB from every intermediate save (``python -m reflow_exp.bench footprint``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ PRETRAINED_MODEL_DIR = "pretrained_model"
 TRAINING_STATE_DIR = "training_state"
 TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
 TRAINING_STEP_FILE = "training_step.json"  # LeRobot's name; we add epoch/batch/first_loss
+FROZEN_REFERENCE_FILE = "frozen_reference.json"  # what the trainable part was trained against
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,6 +78,8 @@ class Trainer:
         log_every: log train metrics every this many steps (plus the first loss, at step 0).
         save_every: checkpoint every this many steps (None or 0: only at the end).
         keep_last_checkpoints: keep only this many newest checkpoints (None: keep all).
+        slim_checkpoints: intermediate saves without ``pretrained_model/`` when the model has a
+            ``frozen_reference()`` (see the module docstring); False: every save is full.
         eval_every: call ``fit``'s ``evaluate(step)`` every this many steps (None or 0: never;
             the job evaluates at the end itself).
         mixed_precision: accelerate's "no", "fp16" (CUDA only) or "bf16" (CPU, or a GPU with bf16:
@@ -92,6 +103,7 @@ class Trainer:
         log_every: Annotated[int, AtLeast(1)] = 10,
         save_every: int | None = 500,
         keep_last_checkpoints: int | None = None,
+        slim_checkpoints: bool = True,
         eval_every: int | None = None,
         mixed_precision: str = "no",
         find_unused_parameters: bool = False,
@@ -116,6 +128,7 @@ class Trainer:
         self.log_every = log_every
         self.save_every = save_every or None
         self.keep_last_checkpoints = keep_last_checkpoints
+        self.slim_checkpoints = slim_checkpoints
         self.eval_every = eval_every or None
         self.mixed_precision = mixed_precision
         self.find_unused_parameters = find_unused_parameters
@@ -176,6 +189,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         ckpt = latest_checkpoint(run.checkpoints_dir, check_values=True)  # NaN in a file: the one before
         if ckpt is not None:
+            _check_frozen_reference(ckpt / TRAINING_STATE_DIR, model)
             state = _load_training_state(ckpt / TRAINING_STATE_DIR, model, optimizer, scheduler)
             _check_process_count(ckpt, state.get("processes"), accelerator.num_processes)
             print(f"Resuming training from {ckpt} (step {state['step']} of {self.steps})")
@@ -264,15 +278,21 @@ class Trainer:
         tqdm.write(f"step {step}/{self.steps} | {line}")
 
     def _save(self, run, accelerator, wrapped, optimizer, scheduler, state: dict) -> Path:
-        """Checkpoint ``pretrained_model/`` + ``training_state/`` (main process writes)."""
+        """Checkpoint ``training_state/`` and, unless slim (see the module docstring),
+        ``pretrained_model/`` (main process writes)."""
         accelerator.wait_for_everyone()
         model = accelerator.unwrap_model(wrapped).model
+        reference = model.frozen_reference() if hasattr(model, "frozen_reference") else None
+        full = reference is None or not self.slim_checkpoints or state["step"] >= self.steps
 
         def write(ckpt: Path) -> None:
-            (ckpt / PRETRAINED_MODEL_DIR).mkdir()
-            model.save_pretrained(ckpt / PRETRAINED_MODEL_DIR)
+            if full:
+                (ckpt / PRETRAINED_MODEL_DIR).mkdir()
+                model.save_pretrained(ckpt / PRETRAINED_MODEL_DIR)
             state_dir = ckpt / TRAINING_STATE_DIR
             state_dir.mkdir()
+            if reference is not None:
+                (state_dir / FROZEN_REFERENCE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, state_dir / TRAINABLE_PARAMS_FILE)
             save_optimizer_state(optimizer, state_dir)
@@ -389,6 +409,19 @@ def _check_process_count(ckpt: Path, saved: int | None, current: int) -> None:
         f"with the same number (its data position and global batch depend on it). Start it with {saved} "
         f"process(es) (torchrun --nproc_per_node {saved}, or python -m reflow_exp.run for 1), or choose a new run.name."
     )
+
+
+def _check_frozen_reference(state_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse to resume trainable weights onto another frozen part than they were trained with."""
+    file = state_dir / FROZEN_REFERENCE_FILE
+    if not file.is_file() or not hasattr(model, "frozen_reference"):
+        return
+    saved, now = json.loads(file.read_text()), model.frozen_reference()
+    if now is not None and saved != now:
+        raise ValueError(
+            f"checkpoint {state_dir.parent} was trained against {saved}, this run has {now}: the frozen "
+            "part (e.g. the teacher's weights) changed. Restore it, or use a new run.name to start afresh."
+        )
 
 
 def _load_training_state(state_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:

@@ -136,3 +136,30 @@ def test_data_measures_both_loaders(dirs):
     assert result["no_cameras_speedup"] > 0
     assert set(result["met"]) == {"samples_per_s_ratio", "rss_growth"}
     assert result["command"].startswith("python -m reflow_exp.bench data")
+
+
+def test_footprint_measures_every_file_kind_and_rank0_ram_is_flat(dirs):
+    """At tiny: the written files match the per-row formulas, projections scale with the frames, and
+    rank 0's extra memory does not grow from 1e4 to 1e6 frames."""
+    out, cache = dirs
+    argv = ["footprint", "--size", "tiny", "--frames", "1000", "--cameras", "2", "--processes", "3"]
+    assert main([*argv, "--out", str(out), "--cache", str(cache)]) == 0
+    result = json.loads((out / "footprint.json").read_text())
+    tokens, hidden = result["image_tokens"], result["hidden"]
+    assert result["cache_bytes_per_frame_camera"] == tokens * hidden * 2  # bfloat16
+    assert result["tiny_measured"]["cache_bytes_per_frame_camera"] == tokens * hidden * 2  # the cache's own file
+    assert result["cache_bytes"] == 1000 * 2 * tokens * hidden * 2
+    chunk, dim = 16, 2  # the tiny size
+    for k in ("1", "2", "4"):
+        assert result["pairs_bytes_per_frame"][k] == int(k) * chunk * dim * 2 + 8
+        assert result["pairs_bytes_per_frame"][k] / int(k) <= 2 * chunk * dim + 16
+        measured = result["tiny_measured"][f"pairs_file_bytes_k{k}"]  # CachedCoupling's own file, 8 frames
+        assert 8 * result["pairs_bytes_per_frame"][k] < measured < 8 * result["pairs_bytes_per_frame"][k] + 1024
+    tiny = result["tiny_measured"]  # at tiny the student head outweighs the VLM: slim < full only at real
+    assert tiny["slim_checkpoint_bytes"] < tiny["full_checkpoint_bytes"] - tiny["pretrained_weights_bytes"] + 1024
+    assert result["checkpoint_bytes"] > 0 and result["full_smolvla_bytes"] == result["student_bytes"] > 0
+    assert result["run_disk_bytes"] > result["cache_bytes"] + 2 * result["full_smolvla_bytes"]
+    ram = result["rank0_extra_ram_bytes"]
+    assert set(ram) == {"10000", "100000", "1000000"} and max(ram.values()) < 4 * 2**20, ram
+    shares = result["build_share_per_rank"]
+    assert shares["image_embedding_cache"] == [1.0, 0.0, 0.0] and abs(sum(shares["pairs"]) - 1) < 1e-9

@@ -194,22 +194,35 @@ def _policy(features: dict):
 def test_feature_mismatch_lists_both_sides_and_the_fix(recorded, capsys):
     meta = open_metadata(source(recorded["video"]))
     dataset = policy_features(meta)
-    check_features(_policy(dataset), dataset)  # the same features pass
+    assert check_features(_policy(dataset), dataset) == list(CAMERA_KEYS)  # the same features pass
     one_camera = {k: f for k, f in dataset.items() if k != CAMERA_KEYS[1]}
-    check_features(_policy(one_camera), dataset)  # an extra dataset camera is left out, with a note
+    assert check_features(_policy(one_camera), dataset) == [CAMERA_KEYS[0]]  # an extra dataset camera: a note
     assert f"cameras ['{CAMERA_KEYS[1]}']: they are left out" in capsys.readouterr().out
-    wanted = {**dataset, "observation.images.top": dataset[CAMERA_KEYS[1]]}
-    del wanted[CAMERA_KEYS[1]]
+
+    # LeRobot's rule: a camera the policy reads but the data lack is left out, with one line.
+    three = {**dataset, "observation.images.top": dataset[CAMERA_KEYS[0]]}
+    assert check_features(_policy(three), dataset, "lerobot_source.rename_map") == list(CAMERA_KEYS)
+    out = capsys.readouterr().out
+    assert "The dataset lacks the policy's cameras ['observation.images.top']: they are left out" in out
+    assert "A rename_map would feed them" in out and "lerobot_source.rename_map" in out
+    assert check_features(_policy(three), dataset, quiet=True) == list(CAMERA_KEYS)
+    assert capsys.readouterr().out == ""
+
+    # None of the policy's cameras: an error listing both sides and the rename_map fix.
+    others = {k: f for k, f in dataset.items() if k not in CAMERA_KEYS}
+    others["observation.images.top"] = dataset[CAMERA_KEYS[0]]
     with pytest.raises(ValueError) as error:
-        check_features(_policy(wanted), dataset, "lerobot_source.rename_map")
+        check_features(_policy(others), dataset, "lerobot_source.rename_map")
     message = str(error.value)
-    assert "the policy reads observation.images.top (VISUAL), which the dataset lacks" in message
-    assert "Policy features:  observation.image (3, 64, 64), observation.state (2,)" in message
+    assert "the policy reads the cameras ['observation.images.top'], and the dataset has none of them" in message
+    assert "Policy features:  observation.state (2,), observation.images.top (3, 64, 64), action (2,)" in message
     assert f"Dataset features: observation.image (3, 64, 64), {CAMERA_KEYS[1]} (3, 64, 64)" in message
-    assert f'lerobot_source.rename_map = {{"{CAMERA_KEYS[1]}": "observation.images.top"}}' in message
-    bigger_state = {**dataset, "observation.state": PolicyFeature(FeatureType.STATE, (6,))}
-    with pytest.raises(ValueError, match=r"observation.state: the policy has shape \(6,\), the dataset \(2,\)"):
-        check_features(_policy(bigger_state), dataset)
+    assert f'lerobot_source.rename_map = {{"{CAMERA_KEYS[0]}": "observation.images.top"}}' in message
+
+    for key, shape in (("observation.state", (6,)), ("action", (7,))):
+        other = {**dataset, key: PolicyFeature(dataset[key].type, shape)}
+        with pytest.raises(ValueError, match=rf"{key}: the policy has shape \({shape[0]},\), the dataset \(2,\)"):
+            check_features(_policy(other), dataset)
 
 
 def test_split_and_loader_errors(recorded):
@@ -307,12 +320,12 @@ def test_lerobot_train_teacher_is_distilled_on_its_video_dataset(recorded, tiny_
         f'reflow.teacher = "{teacher}"',
         "Trainer.steps = 2",
     ]
-    # a camera key the teacher reads but the dataset lacks (renamed away): a clear error before any work
+    # a camera the teacher reads but the dataset lacks (renamed away) is left out, as LeRobot does
     renamed = f'lerobot_source.rename_map = {{"{CAMERA_KEYS[1]}": "observation.images.top"}}'
-    assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *data, renamed, 'run.name = "mismatch"') != 0
-    log = (runs / "mismatch" / "log.txt").read_text()
-    assert f"the policy reads {CAMERA_KEYS[1]} (VISUAL), which the dataset lacks" in log
-    assert "[Reflow] Loading teacher model" not in log
+    assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *data, renamed, 'run.name = "one-camera"') == 0
+    log = (runs / "one-camera" / "log.txt").read_text()
+    assert f"The dataset lacks the policy's cameras ['{CAMERA_KEYS[1]}']: they are left out" in log
+    assert "A rename_map would feed them" in log
     assert run_job(runs, "gin/sandbox/tiny_reflow.gin", *data) == 0
     summary = json.loads((runs / "tiny-reflow" / "summary.json").read_text())
     assert summary["train"]["steps"] == 2 and summary["vlm_load_count"] == 1

@@ -118,8 +118,8 @@ def test_cached_pairs_do_not_depend_on_the_number_of_processes(runs):
     one = load_file(str(tmp / "runs" / "reflow1" / "reflow_pairs.safetensors"))
     order2, order1 = torch.argsort(two["index"]), torch.argsort(one["index"])
     assert torch.equal(two["index"][order2], one["index"][order1])
-    assert torch.equal(two["noise"][order2], one["noise"][order1])
-    assert torch.allclose(two["action"][order2], one["action"][order1], atol=1e-5)
+    assert "noise" not in two  # regenerated from (seed, frame index)
+    assert torch.allclose(two["action"][order2].float(), one["action"][order1].float(), rtol=2**-7, atol=1e-5)
 
 
 def test_accelerate_launch_two_cpu_processes_resume_the_run(runs):

@@ -188,6 +188,48 @@ def test_pusht_smoke_and_lerobot_loader_parity(tiny_vlm, tiny_policy, tmp_path):
     assert theirs["mean_return"] == pytest.approx(ours["mean_return"], abs=1e-6)
 
 
+def test_a_policy_is_rolled_out_only_where_its_features_fit():
+    """LeRobot's rule: at least one of the policy's cameras, the same state and action dimensions."""
+    from reflow_exp.architectures import SHIPPED, make_smolvla_config
+
+    def config(cameras, state=2, action=2):
+        features = {key: PolicyFeature(FeatureType.VISUAL, (3, 64, 64)) for key in cameras}
+        features |= {"observation.state": PolicyFeature(FeatureType.STATE, (state,))}
+        features |= {"action": PolicyFeature(FeatureType.ACTION, (action,))}
+        return make_smolvla_config(next(iter(SHIPPED.values())), features)
+
+    sandbox = Evaluator(episodes=1)
+    assert sandbox.mismatch(config(["observation.image"])) is None
+    assert sandbox.mismatch(config(["observation.image", "observation.images.wrist"])) is None  # one is enough
+    so100 = config([f"observation.images.camera{i}" for i in (1, 2, 3)], state=6, action=6)
+    assert sandbox.mismatch(so100) == (
+        "reflow_exp/Sandbox-v0 does not fit: the policy reads the cameras ['observation.images.camera1', "
+        "'observation.images.camera2', 'observation.images.camera3'], the env gives ['observation.image', "
+        "'observation.state']"
+    )
+    assert "reads observation.state (6,), the env gives (2,)" in sandbox.mismatch(config(["observation.image"], 6))
+    assert "acts with 3 action values, the env takes 2" in sandbox.mismatch(config(["observation.image"], 2, 3))
+
+
+def test_evaluating_where_the_env_does_not_fit_skips_the_rollouts_and_succeeds(cli, tiny_teacher, tmp_path):
+    """A real evaluation job of a sandbox policy in MetaWorld (4-D actions): one line, exit 0, and
+    summary.json says why nothing was rolled out."""
+    import json
+
+    result = cli(
+        "gin/sandbox/eval.gin",
+        f'run.runs_dir = "{tmp_path}"',
+        'run.name = "misfit"',
+        f'evaluate_policies.policies = {{"teacher": ("{tiny_teacher}", [1])}}',
+        'Evaluator.env_id = "metaworld"',
+        "Tracker.enabled = False",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("[Eval] Skipping the rollouts: metaworld does not fit:") == 1
+    summary = json.loads((tmp_path / "misfit" / "summary.json").read_text())
+    assert summary["eval_skipped"].startswith("metaworld does not fit") and "eval" not in summary
+
+
 def test_unknown_env_and_policy_are_named():
     with pytest.raises(ValueError, match=r"unknown env_id 'CartPole-v1'.*pusht"):
         Evaluator(env_id="CartPole-v1")

@@ -91,17 +91,19 @@ def _small_disk(folder: Path, megabytes: int):
 
 
 def test_a_full_disk_fails_the_run_within_a_minute_naming_the_disk(cli, tiny_teacher, tmp_path):
-    """Issue 26 item 1: the runs folder on a 24 MB tmpfs fills up while the reflow job builds its
-    image embeddings; the process exits (no hang in Aim's RocksDB flush), status.json says failed
-    and names the full filesystem, and the run lock is released."""
+    """Issue 26 item 1: the runs folder (run folder + Aim repo) on a 24 MB tmpfs fills up with
+    checkpoints (a save every step, none pruned); the process exits (no hang in Aim's RocksDB
+    flush), status.json says failed and names the full filesystem, and the run lock is released."""
     with _small_disk(tmp_path / "disk", 24) as disk:
         console = tmp_path / "console.txt"
         argv = [sys.executable, "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny_reflow.gin"]
         for binding in (
             f'run.runs_dir = "{disk}"',
-            f'sandbox_source.root = "{tmp_path / "sandbox"}"',  # outside: only the run fills the disk
-            "sandbox_source.episodes = 150",
+            f'sandbox_source.root = "{tiny_teacher.parent / "sandbox"}"',  # outside: only the run fills the disk
+            f'ImageEmbeddingCache.folder = "{tmp_path / "cache"}"',
             f'reflow.teacher = "{tiny_teacher}"',
+            "Trainer.steps = 100000",
+            "Trainer.save_every = 1",
         ):
             argv += ["--gin_param", binding]
         env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -125,8 +127,16 @@ def test_a_full_disk_fails_the_run_within_a_minute_naming_the_disk(cli, tiny_tea
         assert "the disk is full" in status["message"] and f"mounted at {disk}" in status["message"], status
         assert runs.run_status(disk / "tiny-reflow").status == "failed"
         lock = os.open(disk / "tiny-reflow" / ".lock", os.O_RDWR)
+
+        def lock_is_free() -> bool:  # once the run and the workers it forked are gone
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the process is gone
+            _wait_for(lock_is_free, 10, "the run lock to be released")
         finally:
             os.close(lock)
 
@@ -898,7 +908,7 @@ def test_damaged_pair_files_are_regenerated(tiny_teacher, tmp_path, capsys):
 
     file = tmp_path / coupling.CachedCoupling.FILE
     assert "Generating" in prepare()
-    good = load_file(file)
+    good = {name: tensor.clone() for name, tensor in load_file(file).items()}  # load_file maps the file
     assert "Reusing cached pairs" in prepare()
 
     file.write_bytes(file.read_bytes()[:-64])  # truncated
@@ -1061,3 +1071,43 @@ def test_dry_run_fails_for_a_missing_teacher_folder(tmp_path, capsys):
         assert run_cli.main(argv) == run_cli.EXIT_JOB_FAILED, teacher
         assert f"Cannot find the teacher folder '{teacher}'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def _refused_before_the_run_folder(result, runs) -> str:
+    """A refusal as a config error: exit 2, the message alone, no run folder, no weight read."""
+    assert result.returncode == run_cli.EXIT_CONFIG_ERROR, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Loading" not in result.stdout
+    assert not (runs / "tiny-reflow").exists()
+    return result.stderr
+
+
+def test_a_dataset_with_none_of_the_teachers_cameras_exits_2_before_the_run_folder(cli, tiny_teacher, tmp_path):
+    runs = tmp_path / "runs"
+    result = cli(
+        "gin/sandbox/tiny_reflow.gin",
+        f'reflow.teacher = "{tiny_teacher}"',
+        f'run.runs_dir = "{runs}"',
+        f'sandbox_source.root = "{tiny_teacher.parent / "sandbox"}"',
+        'sandbox_source.rename_map = {"observation.image": "observation.images.top"}',
+    )
+    err = _refused_before_the_run_folder(result, runs)
+    assert "the policy reads the cameras ['observation.image'], and the dataset has none of them" in err
+    assert "Dataset features: observation.images.top (3, 64, 64)" in err
+    assert 'sandbox_source.rename_map = {"observation.images.top": "observation.image"}' in err
+
+
+def test_a_teacher_without_processor_files_exits_2_saying_how_to_make_them(cli, tiny_teacher, tmp_path):
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher / "checkpoints" / "last" / "pretrained_model", folder)
+    for file in folder.glob("policy_*processor*"):
+        file.unlink()
+    runs = tmp_path / "runs"
+    result = cli(
+        "gin/sandbox/tiny_reflow.gin",
+        f'reflow.teacher = "{folder}"',
+        f'run.runs_dir = "{runs}"',
+        f'sandbox_source.root = "{tiny_teacher.parent / "sandbox"}"',
+    )
+    err = _refused_before_the_run_folder(result, runs)
+    assert f"{folder} holds model.safetensors but not LeRobot's processor files" in err
+    assert "policy_preprocessor.json" in err and "migrate_policy_normalization" in err

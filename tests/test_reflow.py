@@ -264,11 +264,27 @@ def test_legacy_flags_warn(runs, tmp_path):
         )
 
 
-def test_real_architecture_dry_run_numbers(capsys):
+SEED_LINES = ["[Reflow] Total parameters: 450,046,176", "[Reflow] Trainable parameters: 99,880,992 (22.19%)"]
+
+
+def test_real_architecture_dry_run_numbers(capsys, tmp_path):
+    """The seed's counts on the placeholder features, and on a real saved smolvla_base-shaped config
+    (three cameras, 6-D state and action: the rehearsal's teacher) read back as LeRobot reads it."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    from reflow_exp.architectures import SHIPPED
+    from reflow_exp.jobs.reflow_job import report_start_up
+    from reflow_exp.rehearsal import TEACHER_CAMERAS, VLM_ID, teacher_config
+
     assert run.main(["--gin_file", "gin/smolvla/reflow.gin", "--dry_run"]) == 0
-    out = capsys.readouterr().out
-    assert "[Reflow] Total parameters: 450,046,176" in out
-    assert "[Reflow] Trainable parameters: 99,880,992 (22.19%)" in out
+    assert capsys.readouterr().out.splitlines()[-2:] == SEED_LINES
+
+    teacher_config(SHIPPED[VLM_ID]).save_pretrained(tmp_path)
+    config = PreTrainedConfig.from_pretrained(tmp_path)
+    assert list(config.image_features) == TEACHER_CAMERAS and config.action_feature.shape == (6,)
+    counts = report_start_up(config)
+    assert capsys.readouterr().out.splitlines() == SEED_LINES
+    assert counts["total"] == 450_046_176 and counts["trainable"] == counts["student_head"] == 99_880_992
 
 
 def _tiny_reflow(teacher: Policy, pairs=None, **options) -> Reflow:
@@ -331,11 +347,17 @@ def test_cached_pairs_are_teacher_solutions_reused_until_the_fingerprint_changes
 
     cached.prepare(model, loader, teacher.preprocessor, tmp_path, {"teacher": "a"})
     file = tmp_path / coupling.CachedCoupling.FILE
-    assert cached.noise.shape == (len(loader.dataset), 2, teacher.config.chunk_size, teacher.config.max_action_dim)
+    chunk, dim = teacher.config.chunk_size, teacher.config.action_feature.shape[0]
+    assert cached.action.shape == (len(loader.dataset), 2, chunk, dim) and cached.action.dtype == torch.bfloat16
+    pair_bytes = file.stat().st_size / (len(loader.dataset) * 2)
+    assert pair_bytes <= 2 * chunk * dim + 16, pair_bytes  # real action dims, bfloat16, no noise stored
     batch = teacher.preprocessor(next(iter(loader)))
     noise, action = cached.pairs(model, batch, None)
-    expected = model.teacher_actions(batch, noise, 3, None)
-    assert torch.allclose(action, expected, atol=1e-5)  # the stored x is the teacher's ODE solution from z
+    assert noise.shape == action.shape == (8, chunk, teacher.config.max_action_dim)
+    assert not action[..., dim:].any()  # padded dims are zeros, as in SmolVLA's training data
+    expected = model.teacher_actions(batch, noise, 3, None)[..., :dim]  # from the regenerated noise
+    # the stored x is the teacher's ODE solution from z, rounded to bfloat16
+    assert torch.allclose(action[..., :dim], expected, rtol=2**-8, atol=1e-5)
 
     stamp = file.stat().st_mtime_ns
     cached.prepare(model, loader, teacher.preprocessor, tmp_path, {"teacher": "a"})
@@ -354,3 +376,37 @@ def test_a_finished_teacher_run_resumes_from_its_last_checkpoint(runs, tmp_path)
     assert "Resuming training from" in log and "(step 6 of 8)" in log
     summary = json.loads((tmp_path / "runs" / "tiny-teacher" / "summary.json").read_text())
     assert summary["train"]["steps"] == 8
+
+
+def test_intermediate_reflow_checkpoints_are_slim_and_resume_bit_identically(runs, tmp_path):
+    """Checkpoint 2 of 4 holds the student's training state and the teacher's digest, no
+    pretrained_model; the last is full. Resuming from the slim one ends on the same student."""
+    import shutil
+
+    from reflow_exp.files import file_digest
+    from reflow_exp.policy import resolve_policy_folder
+
+    checkpoints = runs / "tiny-reflow" / "checkpoints"
+    assert not (checkpoints / "000002" / "pretrained_model").exists()
+    assert (checkpoints / "000004" / "pretrained_model" / "model.safetensors").is_file()
+    reference = json.loads((checkpoints / "000002" / "training_state" / "frozen_reference.json").read_text())
+    teacher_weights = resolve_policy_folder(runs / "tiny-teacher") / "model.safetensors"
+    assert reference == {"teacher_sha256": file_digest(teacher_weights)}
+
+    copy = tmp_path / "runs" / "tiny-reflow"
+    shutil.copytree(runs / "tiny-reflow", copy, symlinks=True)
+    shutil.rmtree(copy / "checkpoints" / "000004")
+    (copy / "checkpoints" / "last").unlink()
+    teacher = runs / "tiny-teacher"
+    run_job(
+        tmp_path,
+        f'reflow.teacher = "{teacher}"',
+        f'sandbox_source.root = "{runs.parent / "sandbox"}"',
+        gin_file="gin/sandbox/tiny_reflow.gin",
+    )
+    assert "Resuming training from" in (copy / "log.txt").read_text()
+    params = "training_state/trainable_params.safetensors"
+    resumed, uninterrupted = (load_file(folder / "000004" / params) for folder in (copy / "checkpoints", checkpoints))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name

@@ -102,6 +102,15 @@ def test_seed_script_runs_one_process_per_gpu():
     assert "torch.distributed.run" not in one.stdout and " -m reflow_exp.run --gin_file " in one.stdout
 
 
+def test_seed_script_passes_the_dataset_folder_and_rename_map_as_lerobot_train_does():
+    rename = '{"observation.images.top": "observation.images.camera1"}'
+    flags = ["--policy.teacher_model_path=t", "--dataset.root=data/so100", f"--rename_map={rename}"]
+    result = sh(SEED_SCRIPT, *flags, "--print_command", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert r"lerobot_source.root\ =\ \"data/so100\"" in result.stdout
+    assert r"lerobot_source.rename_map\ =\ \{\"observation.images.top\":" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

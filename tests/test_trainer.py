@@ -3,17 +3,20 @@ exactly where it left off and ends with the same parameters as an uninterrupted 
 
 Also runnable as a script (the process the resume test kills)::
 
-    python tests/test_trainer.py RUN_DIR STEPS
+    python tests/test_trainer.py RUN_DIR STEPS [slim]
 """
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -52,6 +55,14 @@ class ToyRegression(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
 
 
+class SlimToy(ToyRegression):
+    """ToyRegression naming its frozen layer by a digest: intermediate checkpoints are slim."""
+
+    def frozen_reference(self) -> dict:
+        weights = torch.cat([p.detach().reshape(-1) for p in self.frozen.parameters()])
+        return {"frozen_sha256": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
+
+
 class ToyData(Dataset):
     def __init__(self, n: int = 48, dim: int = 4):
         g = torch.Generator().manual_seed(123)
@@ -65,10 +76,12 @@ class ToyData(Dataset):
         return {"x": self.x[i], "y": self.y[i]}
 
 
-def train(run_dir: Path, steps: int, tracker: bool = False, evaluated: list | None = None) -> dict:
-    """A whole toy job: seed, build, fit. Same seed → same run."""
+def train(
+    run_dir: Path, steps: int, tracker: bool = False, evaluated: list | None = None, slim: bool = False, model=None
+) -> dict:
+    """A whole toy job: seed, build, fit. Same seed → same run. `slim`: a `SlimToy`."""
     seed_everything(0)
-    model = ToyRegression()
+    model = model or (SlimToy() if slim else ToyRegression())
     loader = DataLoader(ToyData(), batch_size=8, shuffle=True)  # 6 batches per epoch
     trainer = Trainer(steps=steps, lr=0.2, warmup_steps=3, decay_lr=1e-3, log_every=5, save_every=10, eval_every=20)
 
@@ -133,11 +146,12 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path):
     assert again["steps"] == 40 and again["checkpoint"] == ckpt and again["first_loss"] == result["first_loss"]
 
 
-def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
+@pytest.mark.parametrize("slim", [False, True])
+def test_sigkilled_run_resumes_to_identical_parameters(tmp_path, slim):
     steps = 30
     killed = tmp_path / "runs" / "killed"
     child = subprocess.Popen(
-        [sys.executable, __file__, str(killed), str(steps)],
+        [sys.executable, __file__, str(killed), str(steps), *(["slim"] if slim else [])],
         cwd=REPO,
         env=os.environ | {"TOY_SLOW": "1", "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.DEVNULL,
@@ -157,8 +171,9 @@ def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
     saved = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] != f"{steps:06d}", "the child finished before it was killed"
     saved_step = int(saved[-1])
+    assert (killed / "checkpoints" / saved[-1] / "pretrained_model").is_dir() != slim
 
-    resumed = train(killed, steps, tracker=True)  # reopens the killed process's Aim run too
+    resumed = train(killed, steps, tracker=True, slim=slim)  # reopens the killed process's Aim run too
     reference = train(tmp_path / "runs" / "reference", steps)
 
     assert resumed["steps"] == reference["steps"] == steps
@@ -175,5 +190,24 @@ def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
         assert torch.equal(final[name], expected[name]), name
 
 
+def test_slim_checkpoints_hold_the_training_state_and_refuse_another_frozen_part(tmp_path):
+    run_dir = tmp_path / "runs" / "slim"
+    result = train(run_dir, steps=20, slim=True)
+    middle, last = run_dir / "checkpoints" / "000010", result["checkpoint"]
+    assert sorted(p.name for p in middle.iterdir()) == ["operative_config.gin", "training_state"]
+    assert (last / "pretrained_model" / "model.safetensors").is_file()  # the last save is full
+    reference = json.loads((middle / "training_state" / "frozen_reference.json").read_text())
+    assert reference == SlimToy().frozen_reference()
+
+    shutil.rmtree(last)  # resume from the slim one, with another frozen layer
+    (run_dir / "checkpoints" / "last").unlink()
+    changed = SlimToy()
+    with torch.no_grad():
+        changed.frozen.bias.add_(1.0)
+    with pytest.raises(ValueError, match="the frozen part .* changed"):
+        train(run_dir, steps=20, model=changed)
+    assert train(run_dir, steps=20, slim=True)["checkpoint"] == last  # the same frozen part resumes
+
+
 if __name__ == "__main__":
-    train(Path(sys.argv[1]), int(sys.argv[2]), tracker=True)
+    train(Path(sys.argv[1]), int(sys.argv[2]), tracker=True, slim=sys.argv[3:] == ["slim"])

@@ -1,8 +1,9 @@
-"""Command line: `python -m reflow_exp.bench {startup,train_step,latency,gpu,data,metaworld} [options]`."""
+"""Command line: `python -m reflow_exp.bench {startup,train_step,latency,gpu,data,metaworld,footprint} [options]`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ DEFAULT_SIZES = {
     "gpu": ["real"],
     "data": [],
     "metaworld": [],
+    "footprint": ["real"],
 }  # metaworld: the whole pipeline once (bench/metaworld.py), no sizes
 DEFAULT_REPEATS = {"startup": 3, "train_step": 7, "latency": 9, "gpu": 5, "data": 1}
 # ratio fields copied to the top of <name>.json from the largest size that ran
@@ -88,7 +90,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="EPISODES=FOLDER",
         help="data: use this existing dataset for that episode count instead of recording one",
     )
+    parser.add_argument("--frames", type=int, default=1_000_000, help="footprint: frames to project to")
+    parser.add_argument("--cameras", type=int, default=3, help="footprint: cameras per frame")
+    parser.add_argument("--processes", type=int, default=1, help="footprint: ranks sharing the build")
     args = parser.parse_args(argv)
+    if min(args.frames, args.cameras, args.processes) < 1:
+        parser.error("--frames, --cameras and --processes must be >= 1")
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.size = args.size or DEFAULT_SIZES[args.name]
@@ -116,6 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    if args.name == "footprint":
+        from reflow_exp.bench import footprint
+
+        report = footprint.run(args.size[-1], args.frames, args.cameras, args.processes, args.cache)
+        path = common.write_result(
+            args.out, "footprint", {"bench": "footprint", "command": common.command_line(), **report}
+        )
+        print(json.dumps({k: v for k, v in report.items() if k != "tiny_measured"}, indent=2))
+        print(f"\nwrote {path}")
+        return 0
 
     if args.name == "data":
         from reflow_exp.bench import data

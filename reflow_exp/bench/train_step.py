@@ -172,7 +172,7 @@ def _reflow_models(teacher, student, teacher_steps: int, frames: dict, folder: P
 
     per_frame = [{k: v[i] for k, v in frames.items()} for i in range(len(frames["index"]))]
     loader = torch.utils.data.DataLoader(per_frame, batch_size=len(per_frame))
-    image_cache = ImageEmbeddingCache(folder=str(folder), required=True)
+    image_cache = ImageEmbeddingCache(folder=str(folder), required=True, dtype="float32")  # exact: _check_same_cache
     image_cache.prepare(teacher.head, loader, lambda b: b, folder, {"bench": "train_step"})
     pairs = CachedCoupling(pairs_per_sample=1, teacher_steps=teacher_steps)
     models = {

@@ -21,11 +21,22 @@ def evaluate_rollouts(run: RunDir, step: int, policies: dict) -> dict:
     """Roll out each `name: (policy, step_counts)` with the gin-configured Evaluator; log to
     metrics.jsonl/Aim (contexts head, steps), write `eval`, `eval_protocol` and `paired` into
     summary.json and each episode's outcome into eval_episodes.json, the success/latency plot and
-    the rollout videos into the run folder, and print the tables."""
+    the rollout videos into the run folder, and print the tables. When the env does not fit a policy
+    (`Evaluator.mismatch`), nothing is rolled out: one line says why and summary.json keeps it as
+    `eval_skipped`."""
     policies = {name: value for name, value in policies.items() if value[1]}
     if not policies:
         return {}
     evaluator = Evaluator()
+    for name, (policy, _) in policies.items():
+        problem = evaluator.mismatch(policy.config) if hasattr(policy, "config") else None  # scripted: none
+        if problem:  # e.g. an SO-100 teacher and the default sandbox env: say so once, fail nothing
+            print(
+                f"[Eval] Skipping the rollouts: {problem} (the {name} policy). Set Evaluator.env_id to an env "
+                "with the policy's cameras, state and action, or the *_eval_steps bindings to () to skip them."
+            )
+            run.update_summary({"eval_skipped": problem})
+            return {}
     results = {
         name: evaluator.run(policy, steps, out_dir=run.path, tag=name) for name, (policy, steps) in policies.items()
     }

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import torch
 from lerobot.configs.policies import PreTrainedConfig
+from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
 import gin
 from reflow_exp import coupling as coupling_module
@@ -20,6 +21,7 @@ from reflow_exp.architectures import architecture_config
 from reflow_exp.backbone import Backbone, vlm_load_count
 from reflow_exp.config_types import AtLeast
 from reflow_exp.data import (
+    DataSource,
     check_features,
     dataset_digest,
     default_workers,
@@ -37,10 +39,10 @@ from reflow_exp.jobs.builders import student_head
 from reflow_exp.jobs.evaluate import evaluate_rollouts
 from reflow_exp.jobs.teacher import data_split
 from reflow_exp.offline import offline_metrics
-from reflow_exp.policy import Policy, resolve_policy_folder
+from reflow_exp.policy import Policy, check_processors, check_smolvla_folder, resolve_policy_folder
 from reflow_exp.reflow import Reflow
 from reflow_exp.rundir import RunDir
-from reflow_exp.torch_utils import count_params
+from reflow_exp.torch_utils import count_params, cuda_inference_autocast, enable_tf32
 from reflow_exp.trainer import Trainer
 
 for _sampler, _name in [
@@ -83,6 +85,7 @@ def reflow(
     visited_episodes: int = 0,
     visited_teacher_steps: int = 10,
     dry_run: bool = False,
+    preflight: bool = False,
 ) -> None:
     """2-rectified flow: distil the teacher at `teacher` (a LeRobot SmolVLA folder, a run folder
     of ours, or a hub id) into a student sampled with `student_steps` steps.
@@ -100,12 +103,17 @@ def reflow(
 
     `image_embedding_cache`: the frozen vision encoder's output computed once per training frame and
     camera (`embedding_cache.ImageEmbeddingCache`, a file in the run folder) and fed to the shared
-    prefix. None (default): on when valid (shared prefix, no image augmentation, every teacher
-    camera in the data), else off with a message; True: required (an error when not valid); False: off.
+    prefix. None (default): on when valid (shared prefix, no image augmentation, no missing teacher
+    camera that SmolVLA fills with a blank image), else off with a message; True: required (an error
+    when not valid); False: off.
     While it is on, the training batches carry no camera frames: nothing decodes what it stands in for.
 
     `visited_episodes` > 0: also train on the states the teacher itself visits, from that many of
     its rollouts at `visited_teacher_steps` steps, recorded once into `<run>/visited/` (`visited.py`).
+
+    `preflight=True` (`reflow_exp.run` calls it so before the run folder exists): check the settings,
+    the teacher folder and the data's features against the teacher's, then return; no weight is read.
+    Teacher cameras the data lack are left out, as LeRobot's SmolVLA does (`data.check_features`).
     """
     if image_embedding_cache and not shared_prefix:
         raise ValueError(
@@ -128,24 +136,16 @@ def reflow(
     trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
     if dry_run:
         return _reflow_dry_run(teacher, student_steps, freeze_vision_encoder)
+    teacher_path, data, meta, cameras = _inputs(teacher, source, quiet=preflight)  # the job's lines reach log.txt
+    if preflight:
+        return None
 
+    enable_tf32()  # CUDA only
     loads_before = vlm_load_count()  # the count is process-wide; a run reports its own loads
-    teacher_path = resolve_policy_folder(teacher)
-    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
-        data = source()
-        meta = open_metadata(data)
-    check_features(
-        PreTrainedConfig.from_pretrained(teacher_path),
-        policy_features(meta, data.rename_map),
-        f"{source.__name__}.rename_map",
+    teacher_policy, student = load_teacher_and_student(
+        teacher, teacher_path, distributed.device(), student_steps, freeze_vision_encoder
     )
-    print(f"[Reflow] Loading teacher model from {teacher}")
-    teacher_policy = Policy.from_pretrained(teacher_path, device=distributed.device())
-    teacher_policy.head.requires_grad_(False)
-    print("[Reflow] ✓ Teacher loaded and frozen")
-    print("[Reflow] Creating student model (copying weights from teacher)")
-    student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
-    print("[Reflow] ✓ Student initialized from teacher")
+    teacher_digest = file_digest(teacher_path / "model.safetensors")
     image_cache = None
     if shared_prefix and image_embedding_cache is not False:
         image_cache = ImageEmbeddingCache(required=bool(image_embedding_cache))
@@ -160,8 +160,9 @@ def reflow(
         teacher_policy.preprocessor,
         teacher_policy.postprocessor,
         image_cache,
+        teacher_reference={"teacher_sha256": teacher_digest},  # a moved teacher folder still resumes
     )
-    params = _report_params(model)
+    params = report_params(model)
     loads = vlm_load_count() - loads_before
     print(f"[Reflow] VLM load count: {loads}")
     run.update_summary({"vlm_load_count": loads, "params": params})
@@ -174,14 +175,12 @@ def reflow(
     split["teacher_saw_holdout"] = teacher_saw(teacher_path, split)
     run.update_summary({"data_split": split})
     config = teacher_policy.config
-    cameras = list(config.image_features)
     with distributed.main_first():
         train_set = load_dataset(data, meta, config.chunk_size, train_eps, cameras)
         holdout_set = load_dataset(data, meta, config.chunk_size, holdout_eps, cameras)
     num_workers = default_workers(num_workers)
     preprocess = teacher_policy.preprocessor
     data_key = {"data": dataset_digest(meta), "episodes": train_eps}
-    teacher_digest = file_digest(teacher_path / "model.safetensors")
     if visited_episodes:  # the teacher's own rollouts join the training frames (and the caches' keys)
         train_set, data_key["visited"] = visited.add_frames(
             run,
@@ -200,20 +199,24 @@ def reflow(
         # Rank 0 builds the file over every training frame; the other ranks then only open it.
         with distributed.main_first():
             frames = make_dataloader(train_set, batch_size, run.seed, num_workers, shuffle=False)
-            if image_cache.prepare(model.teacher, frames, preprocess, run.path, data_key):
+            with cuda_inference_autocast(distributed.device()):
+                prepared = image_cache.prepare(model.teacher, frames, preprocess, run.path, data_key)
+            if prepared:
                 run.update_summary({"image_embedding_cache": image_cache.report})
         if image_cache.active:  # the cache stands in for the camera frames
             train_set = without_cameras(train_set)
     # Each process makes the pairs of its own share of the frames (a cached coupling merges them).
     pair_loader = make_dataloader(distributed.shard(train_set), batch_size, run.seed, num_workers, shuffle=False)
-    coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
+    with cuda_inference_autocast(distributed.device()):
+        coupling.prepare(model, pair_loader, preprocess, run.path, fingerprint)
     holdout_loader = make_dataloader(holdout_set, batch_size, run.seed, shuffle=False)
     holdout = [preprocess(batch) for batch, _ in zip(holdout_loader, range(offline_batches))]
 
     def evaluate(step: int) -> dict:
         if not run.is_main:  # rank 0 measures and logs; the others go on to the next step
             return {}
-        metrics = offline_metrics(model, holdout, reference_steps=coupling.teacher_steps, seed=run.seed)
+        with cuda_inference_autocast(distributed.device()):
+            metrics = offline_metrics(model, holdout, reference_steps=coupling.teacher_steps, seed=run.seed)
         _log_offline(run, step, metrics)
         return metrics
 
@@ -238,6 +241,39 @@ def reflow(
     }
     evaluate_rollouts(run, result["steps"], policies)
     run.save_operative_config()
+
+
+def _inputs(teacher: str, source, quiet: bool = False) -> tuple[Path, DataSource, LeRobotDatasetMetadata, list[str]]:
+    """The teacher's folder, the data, its metadata and the teacher's cameras the data feed, each
+    checked (`check_smolvla_folder`, `check_processors`, `check_features`) before any weight loads."""
+    teacher_path = resolve_policy_folder(teacher)
+    check_smolvla_folder(teacher_path)
+    check_processors(teacher_path)
+    with distributed.main_first():  # rank 0 makes or downloads the data; the others then read it
+        data = source()
+        meta = open_metadata(data)
+    cameras = check_features(
+        PreTrainedConfig.from_pretrained(teacher_path),
+        policy_features(meta, data.rename_map),
+        f"{source.__name__}.rename_map",
+        quiet,
+    )
+    return teacher_path, data, meta, cameras
+
+
+def load_teacher_and_student(
+    teacher: str, teacher_path: Path, device, student_steps: int, freeze_vision_encoder: bool | None
+) -> tuple[Policy, ActionHead]:
+    """The frozen teacher (the VLM read once, from its file) and a student head copied from it, with
+    the seed system's start-up lines. Shared by this job and the LeRobot plugin (plugins/)."""
+    print(f"[Reflow] Loading teacher model from {teacher}")
+    teacher_policy = Policy.from_pretrained(teacher_path, device=device)
+    teacher_policy.head.requires_grad_(False)
+    print("[Reflow] ✓ Teacher loaded and frozen")
+    print("[Reflow] Creating student model (copying weights from teacher)")
+    student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
+    print("[Reflow] ✓ Student initialized from teacher")
+    return teacher_policy, student
 
 
 def teacher_saw(teacher_path: Path, split: dict) -> bool | None:
@@ -268,7 +304,7 @@ def teacher_saw(teacher_path: Path, split: dict) -> bool | None:
     return saw
 
 
-def _report_params(model: Reflow) -> dict[str, int]:
+def report_params(model: Reflow) -> dict[str, int]:
     """Print the start-up parameter lines of the student policy; return summary.json's counts."""
     student = model.student_policy()
     total, trainable = count_params(student), count_params(student, trainable_only=True)
@@ -287,11 +323,17 @@ def _reflow_dry_run(teacher: str, student_steps: int, freeze_vision_encoder: boo
     """The start-up report on the meta device: the teacher's architecture, no weights read or allocated."""
     config = architecture_config(teacher)
     print(f"[Reflow] Dry run: teacher architecture from {config.vlm_model_name} (no weights loaded)")
+    report_start_up(config, student_steps, freeze_vision_encoder)
+
+
+def report_start_up(config, student_steps: int = 1, freeze_vision_encoder: bool | None = None) -> dict[str, int]:
+    """Print the start-up parameter lines of a reflow of a teacher with SmolVLA `config` (its VLM a
+    local folder), built on the meta device; returns summary.json's counts."""
     backbone = Backbone.on_meta(config.vlm_model_name, config.num_vlm_layers)
     with torch.device("meta"):
         teacher_policy = Policy(backbone, ActionHead(config, backbone))
     student = student_head(teacher_policy, student_steps, freeze_vision_encoder)
-    _report_params(Reflow(backbone, teacher_policy.head, student, coupling=None))
+    return report_params(Reflow(backbone, teacher_policy.head, student, coupling=None))
 
 
 def _log_offline(run: RunDir, step: int, metrics: dict) -> None:

@@ -26,6 +26,7 @@ from reflow_exp.heads import ActionHead
 from reflow_exp.jobs.builders import param_summary, smolvla_config
 from reflow_exp.policy import Policy
 from reflow_exp.rundir import RunDir
+from reflow_exp.torch_utils import enable_tf32
 from reflow_exp.trainer import Trainer
 
 
@@ -85,6 +86,7 @@ def train_teacher(
     run.update_summary({"vlm_load_count": vlm_load_count() - loads_before, "params": params})
     run.save_operative_config()
 
+    enable_tf32()  # CUDA only
     loader = make_dataloader(dataset, batch_size, seed=run.seed, num_workers=default_workers(num_workers))
     result = trainer.fit(policy, loader, run, preprocess=preprocessor, context={"head": "teacher"})
     run.update_summary({"train": result, "teacher_checkpoint": str(result["checkpoint"] / "pretrained_model")})
