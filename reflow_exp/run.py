@@ -94,7 +94,7 @@ def _open_and_run(settings: rundir.RunSettings, config: Config) -> int:
     except rundir.RunLocked as e:  # another process has this run folder open; nothing was written
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUN_LOCKED
-    with run:
+    with _sigterm_ignored(), run:
         print(f"Job {_name(settings.job)} in {run.path} on {distributed.describe()}")
         run.save_operative_config()
         run.update_summary({"run": distributed.device_record()})
@@ -195,6 +195,21 @@ def _accepts_dry_run(job: Any) -> bool:
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__name__", repr(fn))
+
+
+@contextlib.contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    """Ignore SIGTERM around the job (which turns it into KeyboardInterrupt itself): one arriving
+    while a failed or stopped job's exit is recorded would otherwise kill the process before
+    status.json says why (torchrun sends it to rank 0 just after a collective with a dead rank failed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
