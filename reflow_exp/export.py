@@ -196,6 +196,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes are fixed by the config; parity is tested
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)  # chosen
         graph = ChunkGraph(lerobot_policy, steps).eval()
         example = tuple(example_inputs(spec))
         vision = lerobot_policy.model.vlm_with_expert.get_vlm_model().vision_model.embeddings
