@@ -288,7 +288,7 @@ def run_onnx(
                 med[f"torch@{k}"],
                 med[f"onnx@{k}"],
                 result["onnx_over_torch"][str(k)],
-                max_abs_diff[str(k)],
+                f"{max_abs_diff[str(k)]:.1e}",
             ]
             for k in steps
         ],
