@@ -79,6 +79,17 @@ def test_latency_splits_prefix_and_steps_and_plots(dirs):
     assert plot.stat().st_size > 0
 
 
+def test_latency_onnx_times_onnx_runtime_against_pytorch(dirs):
+    out, cache = dirs
+    argv = ["latency", "--runtime", "onnx", "--onnx_steps", "1", "2", "--size", "tiny", "--repeats", "1"]
+    assert main([*argv, "--out", str(out), "--cache", str(cache)]) == 0
+    result = json.loads((out / "latency_onnx.json").read_text())["sizes"]["tiny"]
+    assert set(result["median_s"]) == {"onnx@1", "torch@1", "onnx@2", "torch@2"}
+    assert set(result["onnx_over_torch"]) == {"1", "2"} and min(result["onnx_over_torch"].values()) > 0
+    assert max(result["max_abs_diff"].values()) <= 1e-4
+    assert len(list((cache / "onnx").iterdir())) == 2  # one graph per step count, reused by the next run
+
+
 def test_gpu_says_it_skipped_without_cuda(dirs, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = run_bench(dirs, "gpu")

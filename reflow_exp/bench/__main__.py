@@ -66,6 +66,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (train_step, latency)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own, all cores)")
+    parser.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="latency: onnx times the exported graph under ONNX Runtime against PyTorch (writes latency_onnx.json)",
+    )
+    parser.add_argument("--policy", type=Path, help="latency --runtime onnx: a SmolVLA folder instead of --size's")
+    parser.add_argument(
+        "--onnx_steps", type=int, nargs="+", default=[1, 10], help="latency --runtime onnx: Euler steps (default 1 10)"
+    )
     parser.add_argument("--plot", type=Path, help="latency/gpu: write the latency-vs-steps PNG here")
     parser.add_argument(
         "--gin_param",
@@ -159,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             results[size] = train_step.run(
                 size, args.repeats, args.cache, batch=args.batch, budget_s=args.budget, warmup=args.warmup
             )
+        elif args.name == "latency" and args.runtime == "onnx":
+            results[size] = latency.run_onnx(
+                size, args.repeats, args.cache, args.budget, args.warmup, args.policy, tuple(args.onnx_steps)
+            )
         elif args.name == "latency":
             results[size] = latency.run(
                 size,
@@ -181,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         summary |= last
     else:
         summary["sizes"] = results
-    path = common.write_result(args.out, args.name, summary)
+    name = "latency_onnx" if args.name == "latency" and args.runtime == "onnx" else args.name
+    path = common.write_result(args.out, name, summary)
     print(f"\nwrote {path}")
     return 0
 

@@ -219,3 +219,96 @@ def plot_latency(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- ONNX Runtime against PyTorch (`--runtime onnx`) ---------------------------------------------
+
+ONNX_STEPS = (1, TEACHER_STEPS)
+
+
+def run_onnx(
+    size: str,
+    repeats: int,
+    cache: Path,
+    budget_s: float | None = None,
+    warmup: int = 1,
+    policy: Path | None = None,
+    steps: tuple[int, ...] = ONNX_STEPS,
+) -> dict:
+    """Chunk latency at batch 1 of the exported graph (`reflow_exp.export`) under ONNX Runtime
+    against the same function in PyTorch (`export.ChunkGraph`, same weights, same inputs), for each
+    Euler step count in `steps`; alternating, medians. Processors (tokeniser, normalisation) are
+    outside both. `policy`: a SmolVLA folder to export (default: the bench's teacher at `size`);
+    graphs are cached under `<cache>/onnx/<config digest>-steps<k>`."""
+    import torch
+
+    from reflow_exp.bench.models import get_size, teacher_checkpoint
+    from reflow_exp.export import ChunkGraph, example_inputs
+    from reflow_exp.policy import Policy
+
+    folder = Path(policy) if policy else teacher_checkpoint(get_size(size), cache)
+    model = Policy.from_pretrained(folder).eval()
+    fns, max_abs_diff = {}, {}
+    with model.head.with_vlm_registered() as lerobot_policy, torch.inference_mode():
+        for k in steps:
+            session, spec = _onnx_session(folder, Path(cache) / "onnx", k)
+            inputs = example_inputs(spec, batch=1)
+            feeds = {entry["name"]: x.numpy() for entry, x in zip(spec.inputs, inputs)}
+            graph = ChunkGraph(lerobot_policy, k).eval()
+            fns[f"onnx@{k}"] = lambda s=session, f=feeds: s.run(["actions"], f)
+            fns[f"torch@{k}"] = lambda g=graph, x=inputs: g(*x)
+            onnx_actions = torch.from_numpy(session.run(["actions"], feeds)[0])
+            max_abs_diff[str(k)] = (onnx_actions - graph(*inputs)).abs().max().item()
+        for _ in range(warmup):
+            common.alternate(fns, 1)
+        times, cpu = common.alternate(fns, repeats, budget_s=budget_s)
+    med = {name: common.median(t) for name, t in times.items()}
+    result = {
+        "bench": "latency",
+        "runtime": "onnx",
+        "size": size if policy is None else "policy",
+        "policy": str(folder),
+        "repeats": len(next(iter(times.values()))),
+        "threads": torch.get_num_threads(),
+        "median_s": med,
+        "onnx_over_torch": {str(k): med[f"onnx@{k}"] / med[f"torch@{k}"] for k in steps},
+        "max_abs_diff": max_abs_diff,  # |ONNX - PyTorch| over the chunk, same inputs (normalised actions)
+        "times": times,
+        "cpu_times": cpu,
+        "machine": common.machine_info(),
+        "command": common.command_line(),
+    }
+    common.print_table(
+        f"ONNX Runtime vs PyTorch, whole chunk ({result['size']}, batch 1, CPU, {result['threads']} threads, "
+        f"median of {result['repeats']}; seconds)",
+        ["", "PyTorch", "ONNX Runtime", "ONNX / PyTorch", "max |Δ action|"],
+        [
+            [
+                f"@{k} steps",
+                med[f"torch@{k}"],
+                med[f"onnx@{k}"],
+                result["onnx_over_torch"][str(k)],
+                f"{max_abs_diff[str(k)]:.1e}",
+            ]
+            for k in steps
+        ],
+    )
+    return result
+
+
+def _onnx_session(folder: Path, root: Path, num_steps: int):
+    """An ONNX Runtime session (as many threads as torch uses) of `folder` exported at `num_steps`,
+    exported now unless `root` holds one of the same config.json; and its spec."""
+    import torch
+
+    from reflow_exp.export import ONNX_FILE, SPEC_FILE, Spec, export_onnx, file_sha256
+    from reflow_exp.onnx_policy import onnxruntime
+
+    ort = onnxruntime()
+    out = root / f"{file_sha256(folder / 'config.json')[:16]}-steps{num_steps}"
+    if not (out / SPEC_FILE).is_file():
+        export_onnx(folder, out, num_steps=num_steps)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(out / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+    return session, Spec.load(out / SPEC_FILE)
