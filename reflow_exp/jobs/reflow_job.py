@@ -136,7 +136,8 @@ def reflow(
     trainer = Trainer()  # checks the trainer's settings (e.g. bf16 on this device) before any work
     if dry_run:
         return _reflow_dry_run(teacher, student_steps, freeze_vision_encoder)
-    teacher_path, data, meta, cameras = _inputs(teacher, source, quiet=preflight)  # the job's lines reach log.txt
+    # in preflight quietly: the job's own call prints its lines into log.txt
+    teacher_path, data, meta, cameras = _inputs(teacher, source, allow_fps_mismatch, quiet=preflight)
     if preflight:
         return None
 
@@ -169,7 +170,6 @@ def reflow(
     run.log_metrics(0, {"vlm_load_count": loads, **params}, subset="setup")
     run.save_operative_config()
 
-    check_fps(teacher_fps(teacher_path), meta.fps, allow_fps_mismatch)  # before any data is read
     train_eps, holdout_eps = split_episodes(meta.total_episodes, holdout_episodes)
     split = data_split(meta, train_eps, holdout_eps)
     split["teacher_saw_holdout"] = teacher_saw(teacher_path, split)
@@ -243,9 +243,12 @@ def reflow(
     run.save_operative_config()
 
 
-def _inputs(teacher: str, source, quiet: bool = False) -> tuple[Path, DataSource, LeRobotDatasetMetadata, list[str]]:
+def _inputs(
+    teacher: str, source, allow_fps_mismatch: bool, quiet: bool = False
+) -> tuple[Path, DataSource, LeRobotDatasetMetadata, list[str]]:
     """The teacher's folder, the data, its metadata and the teacher's cameras the data feed, each
-    checked (`check_smolvla_folder`, `check_processors`, `check_features`) before any weight loads."""
+    checked (`check_smolvla_folder`, `check_processors`, `check_features`, `check_fps`) before any
+    weight loads."""
     teacher_path = resolve_policy_folder(teacher)
     check_smolvla_folder(teacher_path)
     check_processors(teacher_path)
@@ -258,6 +261,7 @@ def _inputs(teacher: str, source, quiet: bool = False) -> tuple[Path, DataSource
         f"{source.__name__}.rename_map",
         quiet,
     )
+    check_fps(teacher_fps(teacher_path), meta.fps, allow_fps_mismatch and not quiet)
     return teacher_path, data, meta, cameras
 
 
