@@ -254,8 +254,9 @@ def test_success_latency_plot(tmp_path):
 
 
 def test_write_mp4_is_lerobots_writer_and_round_trips(tmp_path):
-    """Videos are LeRobot's `write_video` (H.264, yuv420p, odd sizes cropped): same bytes, and the
-    decoded frames are the written ones up to the codec's loss."""
+    """Videos are LeRobot's `write_video` (H.264, yuv420p, odd sizes cropped): the same stream as
+    LeRobot's own call, and the decoded frames are the written ones up to the codec's loss. (Not
+    byte for byte: x264 here has been seen to encode two identical calls a few bytes apart.)"""
     import av
     from lerobot.utils.io_utils import write_video
 
@@ -268,11 +269,12 @@ def test_write_mp4_is_lerobots_writer_and_round_trips(tmp_path):
     ]  # smooth, moving, odd size
     ours = write_mp4(frames, tmp_path / "sub" / "ours.mp4", fps=10)
     write_video(tmp_path / "theirs.mp4", frames, fps=10)
-    assert ours.read_bytes() == (tmp_path / "theirs.mp4").read_bytes()
-    codec, pix_fmt, count = probe_mp4(ours)
-    assert (codec, pix_fmt, count) == ("h264", "yuv420p", 12)
-    with av.open(str(ours)) as container:
-        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert decoded[0].shape == (32, 46, 3)
-    error = np.mean([np.abs(d.astype(int) - f[:32, :46].astype(int)).mean() for d, f in zip(decoded, frames)])
+    decoded = {}
+    for name, path in (("ours", ours), ("theirs", tmp_path / "theirs.mp4")):
+        assert probe_mp4(path) == ("h264", "yuv420p", 12)
+        with av.open(str(path)) as container:
+            decoded[name] = [f.to_ndarray(format="rgb24").astype(int) for f in container.decode(video=0)]
+    assert decoded["ours"][0].shape == (32, 46, 3)
+    assert np.mean([np.abs(a - b).mean() for a, b in zip(decoded["ours"], decoded["theirs"])]) < 1
+    error = np.mean([np.abs(d - f[:32, :46].astype(int)).mean() for d, f in zip(decoded["ours"], frames)])
     assert error < 8, error
