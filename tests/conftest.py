@@ -122,6 +122,21 @@ def cli():
 
 
 @pytest.fixture(scope="session")
+def torchrun():
+    """``torchrun(n=2)``: the launcher argv for ``n`` processes on a free port (a ``cli`` launcher)."""
+    import sys
+    from pathlib import Path
+
+    from reflow_exp.files import free_port
+
+    def launcher(n: int = 2) -> list[str]:
+        binary = str(Path(sys.executable).parent / "torchrun")
+        return [binary, "--nproc_per_node", str(n), "--master_port", str(free_port())]
+
+    return launcher
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, cli):
     """A finished tiny teacher run folder (gin/sandbox/tiny.gin: checkpoints at steps 3 and 6),
     trained by a real process once per session; its sandbox cache is ``<its runs dir>/sandbox``.

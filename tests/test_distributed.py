@@ -44,10 +44,6 @@ def launch(launcher: list[str], gin_file: str, params: list[str], env: dict | No
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun(n: int = 2) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port())]
-
-
 def train_losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["context"].get("subset") == "train"]
@@ -58,7 +54,7 @@ def aim_runs(runs_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, torchrun):
     """A tiny teacher and a tiny reflow (cached pairs), each with 2 processes (torchrun, 4 frames
     per process) and with 1 process (in-process, 8 frames)."""
     tmp = tmp_path_factory.mktemp("dist")

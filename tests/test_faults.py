@@ -209,21 +209,14 @@ def test_a_copied_cli_run_folder_is_not_running(cli, tiny_teacher, tmp_path):
         proc.wait(60)
 
 
-def test_a_resume_with_another_process_count_is_refused(cli, teacher_copy):
+def test_a_resume_with_another_process_count_is_refused(cli, teacher_copy, torchrun):
     """Issue 26 item 2: a run trained with 1 process, resumed with `torchrun --nproc_per_node 2`,
     exits 1 naming both counts (its data position counts per-process batches); nothing trains."""
-    torchrun = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
     before = (teacher_copy / "metrics.jsonl").read_text()
     result = cli(
         "gin/sandbox/tiny.gin",
         *_bindings(teacher_copy.parent, "Trainer.steps = 8", "Tracker.enabled = False"),
-        launcher=torchrun,
+        launcher=torchrun(),
     )
     assert result.returncode != 0, result.stdout[-2000:]
     expected = "was trained with 1 process(es), this run has 2; a run resumes only with the same number"
@@ -464,20 +457,8 @@ def _login(url: str, password: str) -> int:
 def test_login_failures_slow_down_then_lock_out_the_client(tmp_path, caplog):
     """Each failed login makes the client's next attempt wait longer, N failures lock it out (429,
     even with the right password), and every failure is logged with the client's address."""
-    from app.ui import build_demo, launch_kwargs
-
-    runs_dir = tmp_path / "runs"
-    demo = build_demo(runs_dir, login=True)
     throttle = {"base_delay_s": 0.25, "max_delay_s": 0.5, "max_failures": 4, "lockout_s": 60}
-    _, url, _ = demo.queue().launch(
-        prevent_thread_lock=True,
-        server_name="127.0.0.1",
-        server_port=free_port(),
-        quiet=True,
-        auth=("user", "secret"),
-        **launch_kwargs(runs_dir, login_throttle=throttle),
-    )
-    try:
+    with _dashboard_with_login(tmp_path / "runs", login_throttle=throttle) as (url, _):
         caplog.set_level("WARNING", logger="app.login_throttle")
         assert _login(url, "secret") == 200
         start = time.monotonic()
@@ -486,6 +467,24 @@ def test_login_failures_slow_down_then_lock_out_the_client(tmp_path, caplog):
         assert _login(url, "secret") == 429 and _login(url, "guess") == 429
         failures = [r.getMessage() for r in caplog.records if "login failed from 127.0.0.1" in r.getMessage()]
         assert len(failures) == 4 and "locked out for 60 s" in failures[-1], failures
+
+
+@contextlib.contextmanager
+def _dashboard_with_login(runs_dir, **launch_options):
+    """The dashboard with the login user/secret on a free port: yields (url, demo)."""
+    from app.ui import build_demo, launch_kwargs
+
+    demo = build_demo(runs_dir, login=True)
+    _, url, _ = demo.queue().launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        auth=("user", "secret"),
+        **launch_kwargs(runs_dir, **launch_options),
+    )
+    try:
+        yield url, demo
     finally:
         demo.dashboard.aim.stop()
         demo.close()
@@ -506,7 +505,7 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_a_dead_rank_is_named_and_other_ranks_print_only_errors(tiny_teacher, tmp_path):
+def test_a_dead_rank_is_named_and_other_ranks_print_only_errors(tiny_teacher, tmp_path, torchrun):
     """Two processes (torchrun): rank 1 prints no warnings (only rank 0 does); when rank 1 is
     SIGKILLed, rank 0's status.json names rank 1 and its pid, says the run resumes, and the
     launcher ends within a minute."""
@@ -514,8 +513,8 @@ def test_a_dead_rank_is_named_and_other_ranks_print_only_errors(tiny_teacher, tm
     runs_dir.mkdir()
     (runs_dir / "sandbox").symlink_to(tiny_teacher.parent / "sandbox")
     run_dir, logs = runs_dir / "two", tmp_path / "rank-logs"
-    argv = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    argv += ["--log-dir", str(logs), "--redirects", "3", "-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
+    argv = [*torchrun(), "--log-dir", str(logs), "--redirects", "3"]
+    argv += ["-m", "reflow_exp.run", "--gin_file", "gin/sandbox/tiny.gin"]
     for binding in _bindings(runs_dir, 'run.name = "two"', "Trainer.steps = 100000", "Tracker.enabled = False"):
         argv += ["--gin_param", binding]
     argv += ["--gin_param", "train_teacher.batch_size = 4"]
@@ -685,26 +684,11 @@ def test_aim_explorer_is_not_started_when_the_dashboard_has_a_login(tmp_path):
     """Issue item 5: the Aim explorer has no login, so a dashboard with one does not start it."""
     from gradio_client import Client
 
-    from app.ui import build_demo, launch_kwargs
-
-    runs_dir = tmp_path / "runs"
-    demo = build_demo(runs_dir, login=True)
-    _, url, _ = demo.queue().launch(
-        prevent_thread_lock=True,
-        server_name="127.0.0.1",
-        server_port=free_port(),
-        quiet=True,
-        auth=("user", "secret"),
-        **launch_kwargs(runs_dir),
-    )
-    try:
+    with _dashboard_with_login(tmp_path / "runs") as (url, demo):
         assert _request(url + "gradio_api/info", {})[0] in (401, 403)  # the login covers the API
         message = Client(url, auth=("user", "secret"), verbose=False).predict(api_name="/aim")
         assert "msg-error" in message and "no login" in message and "aim-link" not in message
         assert demo.dashboard.aim.url is None
-    finally:
-        demo.dashboard.aim.stop()
-        demo.close()
 
 
 # -- 2: NaN ------------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 frames with unique indices, the held-out set untouched, bad settings refused before any weights."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reflow_exp import jobs, run, visited
-from reflow_exp.files import free_port
 from reflow_exp.sandbox.task import (
     EVAL_SEED_OFFSETS,
     HELDOUT_LAYOUTS,
@@ -211,7 +208,7 @@ def test_visited_frames_are_the_teachers_executed_steps(runs):
     assert {dataset[0]["task"], dataset[len(dataset) - 1]["task"]} <= set(INSTRUCTIONS)
 
 
-def test_two_processes_record_once_and_train_on_the_same_frames(runs, cli):
+def test_two_processes_record_once_and_train_on_the_same_frames(runs, cli, torchrun):
     """torchrun with 2 gloo ranks: rank 0 records while rank 1 waits, then both read the recording;
     the merged pair file covers the same frames as the 1-process run's."""
     params = [
@@ -228,14 +225,7 @@ def test_two_processes_record_once_and_train_on_the_same_frames(runs, cli):
         f"reflow.visited_episodes = {EPISODES}",
         "reflow.visited_teacher_steps = 2",
     ]
-    torchrun = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    result = cli("gin/sandbox/tiny_reflow.gin", *params, launcher=torchrun)
+    result = cli("gin/sandbox/tiny_reflow.gin", *params, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     folder = runs["dir"] / "two-ranks"
     assert summary(folder)["visited"] == summary(runs["visited"])["visited"]  # same seeds, same teacher
